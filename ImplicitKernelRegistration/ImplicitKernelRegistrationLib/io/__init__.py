@@ -1,0 +1,1 @@
+"""Reading and writing images, DICOM series, segmentations, point sets and transforms (atomically)."""
