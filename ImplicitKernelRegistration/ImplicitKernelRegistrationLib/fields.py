@@ -99,3 +99,36 @@ def warp_image(
     if interpolation != "nearest":
         arr = arr.astype(np.float32)
     return Image(arr, field.geometry, dict(moving.meta))
+
+
+def _sample_field_on_points_grid(field: Field, points_lps: np.ndarray) -> np.ndarray:
+    """Displacement of `field` at an (..., 3) array of LPS points (trilinear, edge-clamped)."""
+    shape = points_lps.shape[:-1]
+    idx = field.geometry.lps_to_index(points_lps.reshape(-1, 3))
+    coords = idx[:, ::-1].T
+    out = np.empty((idx.shape[0], 3), dtype=np.float32)
+    for c in range(3):
+        out[:, c] = ndimage.map_coordinates(field.displacement_mm[..., c], coords, order=1, mode="nearest")
+    return out.reshape(*shape, 3)
+
+
+def compose(inner: Field, outer: Field) -> Field:
+    """The field of x -> y = x + inner(x) -> y + outer(y), on inner's grid (apply inner, then outer)."""
+    pts = inner.geometry.grid_points_lps() + inner.displacement_mm
+    total = inner.displacement_mm + _sample_field_on_points_grid(outer, pts)
+    return Field(total.astype(np.float32), inner.geometry)
+
+
+def invert(field: Field, iterations: int = 30, tolerance_mm: float = 1e-3) -> tuple[Field, float]:
+    """Inverse field by fixed-point iteration v(y) = -d(y + v(y)); returns it and the max residual (mm)."""
+    grid = field.geometry.grid_points_lps()
+    inv = -field.displacement_mm.astype(np.float32).copy()
+    residual = np.inf
+    for _ in range(iterations):
+        new = -_sample_field_on_points_grid(field, grid + inv)
+        residual = float(np.max(np.linalg.norm(new - inv, axis=-1)))
+        inv = new
+        if residual < tolerance_mm:
+            break
+    check = inv + _sample_field_on_points_grid(field, grid + inv)
+    return Field(inv, field.geometry), float(np.max(np.linalg.norm(check, axis=-1)))
