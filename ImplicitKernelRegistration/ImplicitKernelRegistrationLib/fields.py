@@ -26,9 +26,7 @@ class Field:
     def __post_init__(self) -> None:
         d = self.displacement_mm
         if d.ndim != 4 or d.shape[-1] != 3 or tuple(d.shape[:3]) != self.geometry.shape_zyx:
-            raise IkrError(
-                f"displacement of shape {d.shape} does not fit grid (z, y, x) {self.geometry.shape_zyx} x 3"
-            )
+            raise IkrError(f"displacement of shape {d.shape} does not fit grid (z, y, x) {self.geometry.shape_zyx} x 3")
 
     @staticmethod
     def identity(geometry: Geometry) -> Field:
@@ -58,7 +56,10 @@ def sample_field(field: Field, points_lps: np.ndarray) -> np.ndarray:
     pts = np.atleast_2d(np.asarray(points_lps, dtype=np.float64))
     idx = field.geometry.lps_to_index(pts)  # (N, 3) x, y, z
     coords = idx[:, ::-1].T  # z, y, x rows for map_coordinates
-    inside = field.geometry.contains_lps(pts, margin_voxels=0.0)
+    # ITK's DisplacementFieldTransform interpolates (edge-clamped) up to half a voxel beyond the
+    # outer voxel centres, and returns zero displacement only beyond that.
+    size = np.asarray(field.geometry.size, dtype=np.float64)
+    inside = np.all((idx >= -0.5) & (idx < size - 0.5), axis=-1)
     out = np.zeros((pts.shape[0], 3), dtype=np.float64)
     for c in range(3):
         out[:, c] = ndimage.map_coordinates(
@@ -74,9 +75,7 @@ def transform_points(field: Field, fixed_points_lps: np.ndarray) -> np.ndarray:
     return pts + sample_field(field, pts)
 
 
-def warp_image(
-    moving: Image, field: Field, interpolation: str = "linear", default_value: float | None = None
-) -> Image:
+def warp_image(moving: Image, field: Field, interpolation: str = "linear", default_value: float | None = None) -> Image:
     """Resample `moving` into the field's (fixed) grid: out(p) = moving(p + d(p))."""
     interpolators = {
         "linear": sitk.sitkLinear,
@@ -93,7 +92,7 @@ def warp_image(
         field.to_sitk_transform(),
         interpolators[interpolation],
         float(default_value),
-        sitk.GetPixelIDValueFromString("64-bit float") if interpolation != "nearest" else sitk.sitkUnknown,
+        sitk.sitkFloat64 if interpolation != "nearest" else sitk.sitkUnknown,
     )
     arr = sitk.GetArrayFromImage(out)
     if interpolation != "nearest":
@@ -112,23 +111,160 @@ def _sample_field_on_points_grid(field: Field, points_lps: np.ndarray) -> np.nda
     return out.reshape(*shape, 3)
 
 
+def _offset_coords(geometry: Geometry, offset_mm: np.ndarray) -> np.ndarray:
+    """map_coordinates rows (z, y, x) of every voxel centre moved by `offset_mm` (z, y, x, 3), float32."""
+    to_index = np.linalg.inv(geometry.index_to_lps_matrix()[:3, :3])
+    shift = (offset_mm.reshape(-1, 3) @ to_index.T.astype(np.float32)).reshape(offset_mm.shape)
+    coords = np.indices(geometry.shape_zyx, dtype=np.float32)
+    for row, axis in enumerate((2, 1, 0)):
+        coords[row] += shift[..., axis]
+    return coords
+
+
+def _sample_at_offsets(field: Field, coords: np.ndarray) -> np.ndarray:
+    """Displacement of `field` (trilinear, edge-clamped) at map_coordinates rows `coords` (3, z, y, x)."""
+    out = np.empty((*coords.shape[1:], 3), dtype=np.float32)
+    for c in range(3):
+        out[..., c] = ndimage.map_coordinates(field.displacement_mm[..., c], coords, order=1, mode="nearest")
+    return out
+
+
 def compose(inner: Field, outer: Field) -> Field:
-    """The field of x -> y = x + inner(x) -> y + outer(y), on inner's grid (apply inner, then outer)."""
+    """The field of x -> y = x + inner(x) -> y + outer(y), on inner's grid (apply inner, then outer).
+
+    `outer` is sampled trilinearly and edge-clamped (not zeroed) beyond its grid.
+    """
+    if inner.geometry == outer.geometry:
+        coords = _offset_coords(inner.geometry, inner.displacement_mm.astype(np.float32))
+        return Field(inner.displacement_mm + _sample_at_offsets(outer, coords), inner.geometry)
     pts = inner.geometry.grid_points_lps() + inner.displacement_mm
     total = inner.displacement_mm + _sample_field_on_points_grid(outer, pts)
     return Field(total.astype(np.float32), inner.geometry)
 
 
+def _inverse_residual_mm(field: Field, inverse_mm: np.ndarray) -> float:
+    """Max |x + d(x) - y| for x = y + v(y), over the voxels y whose x lies inside the field's grid."""
+    coords = _offset_coords(field.geometry, inverse_mm)
+    error = np.linalg.norm(inverse_mm + _sample_at_offsets(field, coords), axis=-1)
+    upper = np.asarray(field.geometry.shape_zyx, dtype=np.float32)[:, None, None, None] - 1
+    inside = np.all((coords >= 0) & (coords <= upper), axis=0)
+    return float(np.max(error[inside])) if np.any(inside) else 0.0
+
+
 def invert(field: Field, iterations: int = 30, tolerance_mm: float = 1e-3) -> tuple[Field, float]:
-    """Inverse field by fixed-point iteration v(y) = -d(y + v(y)); returns it and the max residual (mm)."""
-    grid = field.geometry.grid_points_lps()
-    inv = -field.displacement_mm.astype(np.float32).copy()
-    residual = np.inf
+    """Inverse field by fixed-point iteration v(y) = -d(y + v(y)); returns it and the max residual (mm).
+
+    The residual is max |x + d(x) - y| with x = y + v(y), taken over the voxels y whose preimage x
+    lies inside the field's grid (outside it the forward field is only edge-extrapolated). It is near
+    zero where the inverse is exact and large where the field folds or the iteration diverged.
+    Works in index space on the field's own grid (about 2-3 s per iteration for 320 x 233 x 188).
+    """
+    inv = -field.displacement_mm.astype(np.float32)
     for _ in range(iterations):
-        new = -_sample_field_on_points_grid(field, grid + inv)
-        residual = float(np.max(np.linalg.norm(new - inv, axis=-1)))
+        new = -_sample_at_offsets(field, _offset_coords(field.geometry, inv))
+        change = float(np.max(np.linalg.norm(new - inv, axis=-1)))
         inv = new
-        if residual < tolerance_mm:
+        if change < tolerance_mm:
             break
-    check = inv + _sample_field_on_points_grid(field, grid + inv)
-    return Field(inv, field.geometry), float(np.max(np.linalg.norm(check, axis=-1)))
+    return Field(inv, field.geometry), _inverse_residual_mm(field, inv)
+
+
+def _gradient_along(block: np.ndarray, axis: int, step_mm: float) -> np.ndarray:
+    """Central differences of `block` along `axis` (one-sided at the ends, zero for a single sample)."""
+    if block.shape[axis] < 2:
+        return np.zeros_like(block)
+    return np.gradient(block, step_mm, axis=axis)
+
+
+def jacobian_determinant(field: Field, slab: int = 16) -> np.ndarray:
+    """det(I + dD/dx) of x -> x + d(x), derivatives in physical LPS mm; float32 array (z, y, x).
+
+    Central differences along the index axes (numpy.gradient with the spacing) give dD/du, the
+    derivative along each axis direction; dD/dx = dD/du @ inv(direction). Computed in z slabs
+    with a one-voxel halo to bound memory.
+    """
+    d = field.displacement_mm
+    sx, sy, sz = field.geometry.spacing_mm
+    to_physical = np.linalg.inv(field.geometry.direction_matrix)
+    out = np.empty(d.shape[:3], dtype=np.float32)
+    nz = d.shape[0]
+    for z0 in range(0, nz, slab):
+        z1 = min(z0 + slab, nz)
+        lo, hi = max(z0 - 1, 0), min(z1 + 1, nz)
+        block = d[lo:hi].astype(np.float64)
+        # du[..., c, k]: derivative of component c along index axis k (x, y, z order).
+        du = np.stack(
+            [_gradient_along(block, 2, sx), _gradient_along(block, 1, sy), _gradient_along(block, 0, sz)],
+            axis=-1,
+        )[z0 - lo : z0 - lo + (z1 - z0)]
+        out[z0:z1] = np.linalg.det(np.eye(3) + du @ to_physical)
+    return out
+
+
+def _resample_onehot(
+    mask: np.ndarray, grid: Geometry, reference: sitk.Image, transform: sitk.Transform, outside: float
+) -> np.ndarray:
+    """Linearly resample a 0/1 mask on `grid` onto `reference` through `transform` (float32)."""
+    image = grid.apply_to_sitk(sitk.GetImageFromArray(mask.astype(np.float32)))
+    out = sitk.Resample(image, reference, transform, sitk.sitkLinear, outside, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out)
+
+
+def warp_labels(labels: Image, field: Field, method: str = "onehot_linear") -> Image:
+    """Warp a label map into the field's grid: "onehot_linear" (default) or "nearest".
+
+    "onehot_linear" interpolates each label's one-hot mask linearly and takes the argmax, ties going
+    to the foreground label (labels are tried in ascending order, background 0 last; outside the
+    moving grid counts as background). Unlike interpolating label values it never invents labels;
+    unlike nearest it follows sub-voxel motion smoothly instead of jumping by whole voxels, and a
+    one-voxel sheet survives any shift along its normal (its nearest sample has weight >= 0.5, and
+    ties go to the label). Limits, as for any point sampling: where the field compresses by more
+    than a voxel per sample, or a one-voxel line is shifted by half a voxel along two axes at once
+    (weight 0.25), a structure that thin can still be lost.
+    """
+    if method == "nearest":
+        return warp_image(labels, field, interpolation="nearest", default_value=0)
+    if method != "onehot_linear":
+        raise IkrError(f"unknown label interpolation {method!r}; choose 'onehot_linear' or 'nearest'")
+    values = [int(v) for v in np.unique(labels.array) if v != 0]
+    best = np.full(field.geometry.shape_zyx, -1.0, dtype=np.float32)
+    out = np.zeros(field.geometry.shape_zyx, dtype=labels.array.dtype)
+    reference, transform = field.geometry.reference_image(), field.to_sitk_transform()
+    for value in [*values, 0]:
+        outside = 1.0 if value == 0 else 0.0
+        weight = _resample_onehot(labels.array == value, labels.geometry, reference, transform, outside)
+        take = weight > best
+        best[take] = weight[take]
+        out[take] = value
+    return Image(out, field.geometry, dict(labels.meta))
+
+
+def resample_field(field: Field, geometry: Geometry, extrapolate: bool = True) -> Field:
+    """The field on another grid, each LPS component interpolated linearly.
+
+    Outside the source grid the edge value is repeated (`extrapolate=True`, no jump at the border
+    of a smaller working grid) or the displacement is zero (`extrapolate=False`, ITK's convention).
+    """
+    out = sitk.Resample(
+        field.to_sitk(),
+        geometry.reference_image(),
+        sitk.Transform(3, sitk.sitkIdentity),
+        sitk.sitkLinear,
+        0.0,
+        sitk.sitkVectorFloat64,
+        extrapolate,
+    )
+    return Field(sitk.GetArrayFromImage(out).astype(np.float32), geometry)
+
+
+def field_from_transform(transform: sitk.Transform, geometry: Geometry) -> Field:
+    """Evaluate any ITK transform (affine, Euler, B-spline, displacement, composite) on a grid."""
+    out = sitk.TransformToDisplacementField(
+        transform,
+        sitk.sitkVectorFloat64,
+        list(geometry.size),
+        geometry.origin_lps,
+        geometry.spacing_mm,
+        geometry.direction,
+    )
+    return Field(sitk.GetArrayFromImage(out).astype(np.float32), geometry)

@@ -1,0 +1,319 @@
+"""The `ikr` command line: argument parsing, progress display and exit codes; no algorithms here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import __version__
+from .errors import IkrError
+
+if TYPE_CHECKING:
+    from .geometry import Image
+    from .pipeline import RegistrationConfig
+
+EXIT_BAD_INPUT = 2
+EXIT_CANCELLED = 130
+
+Progress = Callable[[float, str], None]
+
+
+def _print_json(data: dict) -> None:
+    """Print a dict as indented JSON on stdout."""
+    print(json.dumps(data, indent=2, default=str))
+
+
+class _ProgressBar:
+    """A rich progress bar driven by the library's (fraction, message) callback."""
+
+    def __init__(self, title: str, enabled: bool = True) -> None:
+        self.title = title
+        self.enabled = enabled and sys.stderr.isatty()
+        self._progress = None
+        self._task = None
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), transient=True
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self.title, total=1.0)
+        return self.update
+
+    def update(self, fraction: float, message: str) -> None:
+        """Move the bar (or print a line when not on a terminal)."""
+        if self._progress is not None:
+            self._progress.update(self._task, completed=fraction, description=f"{self.title}: {message}")
+        else:
+            print(f"[{fraction * 100:5.1f}%] {message}", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Describe an image file or DICOM folder: geometry, modality, value range, series."""
+    from .io.images import describe_image, format_description
+
+    desc = describe_image(Path(args.path), series_uid=args.series)
+    if args.json:
+        _print_json(desc)
+    else:
+        print(format_description(desc))
+    return 0
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    """Write a procedural CT phantom and its label map."""
+    from .io.atomic import atomic_directory
+    from .io.images import write_image
+    from .io.segmentations import write_labels
+    from .phantom import make_phantom
+
+    ct, labels, names = make_phantom(seed=args.seed)
+    out = Path(args.output)
+    with atomic_directory(out) as tmp:
+        write_image(ct, tmp / "phantom_ct.nii.gz")
+        write_labels(labels, names, tmp / "phantom_labels.seg.nrrd")
+    print(f"wrote {out / 'phantom_ct.nii.gz'} and {out / 'phantom_labels.seg.nrrd'}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Deform a CT with a known synthetic field and write the case."""
+    from .io.images import read_image
+    from .io.segmentations import read_labels
+    from .synth import make_case, write_case
+
+    ct = read_image(Path(args.ct))
+    labels = read_labels(Path(args.labels), reference=ct)[0] if args.labels else None
+    case = make_case(ct, args.family, args.seed, labels=labels, magnitude_mm=args.magnitude)
+    write_case(case, Path(args.output))
+    print(f"wrote a {args.family} case (seed {args.seed}) to {args.output}")
+    return 0
+
+
+def _registration_config(args: argparse.Namespace) -> RegistrationConfig:
+    """The RegistrationConfig named by the command-line flags."""
+    from .pipeline import RegistrationConfig
+
+    return RegistrationConfig(
+        spacing_mm=args.spacing,
+        kernel=args.kernel,
+        heads=args.heads,
+        weights=args.weights,
+        max_keypoints=args.max_keypoints,
+        device=args.device,
+        seed=args.seed,
+    )
+
+
+def _run_registration(
+    fixed: Image,
+    moving: Image,
+    outdir: Path,
+    config: RegistrationConfig,
+    inputs: dict,
+    fixed_mask: Image | None = None,
+    moving_mask: Image | None = None,
+    landmarks: tuple | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Register, evaluate and write every output; return the report."""
+    from .fields import warp_image
+    from .io.outputs import write_registration
+    from .pipeline import register
+    from .report import field_quality, landmark_errors
+
+    with _ProgressBar("registering", enabled=not quiet) as progress:
+        result = register(fixed, moving, config, fixed_mask, moving_mask, progress)
+    report = dict(result.report)
+    report.update(field_quality(result.field))
+    if landmarks is not None:
+        report.update(landmark_errors(result.field, *landmarks))
+    report["inputs"] = inputs
+    warped = warp_image(moving, result.field)
+    session = {"inputs": inputs, "config": config.to_dict(), "working_geometry": result.working_geometry}
+    write_registration(outdir, result.field, warped, result.correspondences, report, session)
+    return report
+
+
+def _print_summary(report: dict, outdir: Path) -> None:
+    """Print the report's key figures for a person."""
+    if "tre_mm" in report:
+        b, a = report["tre_before_mm"], report["tre_mm"]
+        print(f"TRE before: {b['mean']:.2f} +- {b['sd']:.2f} mm (p90 {b['p90']:.2f}, n={b['n']})")
+        print(f"TRE after:  {a['mean']:.2f} +- {a['sd']:.2f} mm (p90 {a['p90']:.2f}, max {a['max']:.2f})")
+    print(f"SDlogJ {report['sdlogj']:.4f}, folding {report['folding_percent']:.4f} %")
+    print(
+        f"runtime {report['runtime_s']:.1f} s on {report['device']}, peak memory {report['peak_memory_mb']:.0f} MB,"
+        f" {report['n_keypoints']} keypoints"
+    )
+    print(f"outputs in {outdir}/")
+
+
+def _read_landmark_pair(
+    fixed_path: str | None, moving_path: str | None, fixed: Image, moving: Image
+) -> tuple | None:
+    """Fixed and moving landmark arrays (LPS mm) when both files are given."""
+    if not fixed_path and not moving_path:
+        return None
+    if not (fixed_path and moving_path):
+        raise IkrError("give both --fixed-landmarks and --moving-landmarks, or neither")
+    from .io.points import pair_points, read_points
+
+    f = read_points(Path(fixed_path), fixed.geometry)
+    m = read_points(Path(moving_path), moving.geometry)
+    fixed_lps, moving_lps, _ = pair_points(f, m, by="order")
+    return fixed_lps, moving_lps
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    """Register MOVING to FIXED and write the outputs."""
+    from .io.images import read_image
+
+    fixed = read_image(Path(args.fixed))
+    moving = read_image(Path(args.moving))
+    fixed_mask = read_image(Path(args.fixed_mask)) if args.fixed_mask else None
+    moving_mask = read_image(Path(args.moving_mask)) if args.moving_mask else None
+    landmarks = _read_landmark_pair(args.fixed_landmarks, args.moving_landmarks, fixed, moving)
+    inputs = {"fixed": str(args.fixed), "moving": str(args.moving)}
+    outdir = Path(args.output)
+    report = _run_registration(
+        fixed,
+        moving,
+        outdir,
+        _registration_config(args),
+        inputs,
+        fixed_mask,
+        moving_mask,
+        landmarks,
+        args.quiet,
+    )
+    _print_summary(report, outdir)
+    return 0
+
+
+def default_demo_ct() -> Path | None:
+    """The shared thorax CT beside the checkout (or under $IKR_SHARED_DATA), when present."""
+    root = Path(os.environ.get("IKR_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+    path = root / "ct" / "thorax_popi_T00_1p5mm.nii.gz"
+    return path if path.is_file() else None
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build a breathing-like case from a real CT (or the phantom), register it, print the figures."""
+    from .io.images import read_image
+    from .synth import make_case, write_case
+
+    ct_path = Path(args.ct) if args.ct else default_demo_ct()
+    if ct_path is not None:
+        ct, source = read_image(ct_path), ct_path.name
+    else:
+        from .phantom import make_phantom
+
+        ct, source = make_phantom(seed=args.seed)[0], "procedural phantom"
+    print(f"demo: a breathing-like deformation (seed {args.seed}) of {source}")
+    case = make_case(ct, "breathing", args.seed, magnitude_mm=args.magnitude)
+    outdir = Path(args.output)
+    outdir.mkdir(parents=True, exist_ok=True)
+    write_case(case, outdir / "case")
+    inputs = {
+        "fixed": str(outdir / "case" / "fixed.nii.gz"),
+        "moving": str(outdir / "case" / "moving.nii.gz"),
+    }
+    landmarks = (case.landmarks_fixed_lps, case.landmarks_moving_lps)
+    report = _run_registration(
+        case.fixed, case.moving, outdir / "registration", _registration_config(args), inputs,
+        landmarks=landmarks, quiet=args.quiet,
+    )  # fmt: skip
+    _print_summary(report, outdir / "registration")
+    return 0
+
+
+def _add_registration_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `register` and `demo`."""
+    p.add_argument("--spacing", type=float, default=2.0, help="working grid spacing in mm (default 2)")
+    p.add_argument("--kernel", default="learned", choices=["learned", "tps", "gaussian"])
+    p.add_argument("--heads", default="both", choices=["both", "spatial", "semantic"])
+    p.add_argument("--weights", default=None, help="learned kernel weights (default: the shipped ones)")
+    p.add_argument("--max-keypoints", type=int, default=2048)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every `ikr` subcommand."""
+    parser = argparse.ArgumentParser(prog="ikr", description="Implicit kernel deformable CT registration")
+    parser.add_argument("--version", action="version", version=f"ikr {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="describe an image file or a DICOM folder")
+    p.add_argument("path")
+    p.add_argument("--series", help="SeriesInstanceUID to describe in a folder with several series")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("phantom", help="write a procedural CT phantom with labels")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("synth", help="make a synthetic registration case from a CT")
+    p.add_argument("ct")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--family", default="breathing", choices=["breathing", "bspline", "local", "sliding"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--magnitude", type=float, default=None, help="mean displacement in mm")
+    p.add_argument("--labels", default=None, help="label map carried along with the CT")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("register", help="register MOVING to FIXED (image files or DICOM folders)")
+    p.add_argument("fixed")
+    p.add_argument("moving")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--fixed-mask")
+    p.add_argument("--moving-mask")
+    p.add_argument(
+        "--fixed-landmarks", help="landmarks in the fixed image (CSV, .mrk.json, .fcsv, DIR-Lab .txt)"
+    )
+    p.add_argument("--moving-landmarks", help="the matching landmarks in the moving image, same order")
+    _add_registration_flags(p)
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("demo", help="register a synthetic breathing-like case and print the figures")
+    p.add_argument("-o", "--output", default="ikr-demo")
+    p.add_argument(
+        "--ct", default=None, help="CT to deform (default: the shared thorax CT, else the phantom)"
+    )
+    p.add_argument("--magnitude", type=float, default=None, help="mean displacement in mm")
+    _add_registration_flags(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `ikr`; bad input ends with a one-line error and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except IkrError as err:
+        print(f"ikr {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"ikr {args.command}: cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Read, check, write and describe 3D images: NIfTI, NRRD, MetaImage (SimpleITK) and DICOM folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import IkrError
+from ..geometry import Image
+from . import dicom
+from .atomic import atomic_path
+
+READ_SUFFIXES = {
+    ".nii": "NIfTI",
+    ".nii.gz": "NIfTI",
+    ".nrrd": "NRRD",
+    ".nhdr": "NRRD",
+    ".mha": "MetaImage",
+    ".mhd": "MetaImage",
+}
+WRITE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+def image_format(path: str | os.PathLike) -> str | None:
+    """The format name for a file's suffix ('NIfTI', 'NRRD', 'MetaImage'), or None."""
+    name = Path(path).name.lower()
+    for suffix, fmt in READ_SUFFIXES.items():
+        if name.endswith(suffix):
+            return fmt
+    return None
+
+
+def read_image(path: str | os.PathLike, series_uid: str | None = None, include_phi: bool = False) -> Image:
+    """Read a 3D scalar image from a NIfTI/NRRD/MetaImage file or a DICOM folder (or file), and check it."""
+    path = Path(path)
+    if not path.exists():
+        raise IkrError("no such file or folder", path)
+    if path.is_dir():
+        image = dicom.read_series(path, series_uid, include_phi=include_phi)
+    elif image_format(path) is None and _is_dicom_file(path):
+        uid = series_uid or _series_uid_of(path)
+        image = dicom.read_series(path.parent, uid, include_phi=include_phi)
+    else:
+        image = _read_sitk(path)
+    check_image(image, path)
+    return image
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """Whether a file is DICOM (by suffix or by the 'DICM' preamble marker)."""
+    if path.name.lower().endswith(DICOM_SUFFIXES):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _series_uid_of(path: Path) -> str:
+    """The SeriesInstanceUID of one DICOM file."""
+    header = dicom.read_header(path)
+    if header is None or "SeriesInstanceUID" not in header:
+        raise IkrError("not a readable DICOM image file", path)
+    return str(header.SeriesInstanceUID)
+
+
+def _read_sitk(path: Path) -> Image:
+    """Read a NIfTI/NRRD/MetaImage file with SimpleITK as a 3D scalar Image."""
+    fmt = image_format(path)
+    if fmt is None:
+        raise IkrError("unsupported image format; use .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or a DICOM folder", path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise IkrError(f"cannot read {fmt} image: {_first_line(err)}", path) from err
+    if image.GetDimension() != 3:
+        raise IkrError(f"is a {image.GetDimension()}D image; a 3D volume is needed", path)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        n = image.GetNumberOfComponentsPerPixel()
+        raise IkrError(f"is a vector image ({n} components per voxel) where a scalar image is expected", path)
+    if 0 in image.GetSize():
+        raise IkrError(f"is empty (size {tuple(image.GetSize())})", path)
+    return Image.from_sitk(image, {"format": fmt})
+
+
+def _first_line(err: Exception) -> str:
+    """The most informative single line of a (multi-line) ITK error message."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.lower().startswith(("itk::error", "description:")) or "could not" in ln.lower():
+            return ln.split(":", 1)[-1].strip() if ln.lower().startswith("description:") else ln
+    return lines[-1] if lines else type(err).__name__
+
+
+def check_image(image: Image, path: str | os.PathLike | None = None) -> None:
+    """Refuse images that cannot be registered: empty, non-finite, constant, or a degenerate grid."""
+    arr = image.array
+    if arr.size == 0:
+        raise IkrError(f"is empty (size {image.geometry.size})", path)
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:
+            raise IkrError(f"contains {bad} NaN or infinite voxels", path)
+    elif not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+        raise IkrError(f"has an unsupported voxel type {arr.dtype}", path)
+    lo, hi = arr.min(), arr.max()
+    if lo == hi:
+        raise IkrError(f"is a constant image (every voxel is {lo}); there is nothing to register", path)
+    spacing = np.asarray(image.geometry.spacing_mm)
+    if np.any(~np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise IkrError(f"has an invalid voxel spacing {tuple(spacing)}", path)
+    if abs(np.linalg.det(image.geometry.direction_matrix)) < 1e-6:
+        raise IkrError("has a degenerate direction matrix", path)
+
+
+def write_image(image: Image, path: str | os.PathLike) -> Path:
+    """Write an Image atomically to .nii, .nii.gz, .nrrd or .mha (single-file formats) and return the path."""
+    path = Path(path)
+    if not path.name.lower().endswith(WRITE_SUFFIXES):
+        raise IkrError(f"cannot write this format; use one of {', '.join(WRITE_SUFFIXES)}", path)
+    with atomic_path(path) as tmp:
+        try:
+            sitk.WriteImage(image.to_sitk(), str(tmp), useCompression=True)
+        except RuntimeError as err:
+            raise IkrError(f"cannot write image: {_first_line(err)}", path) from err
+    return path
+
+
+def describe_image(path: str | os.PathLike, series_uid: str | None = None) -> dict:
+    """A JSON-friendly description for `ikr info` (geometry, modality, values; series for DICOM), no PHI."""
+    path = Path(path)
+    if not path.exists():
+        raise IkrError("no such file or folder", path)
+    desc: dict = {"path": str(path)}
+    if path.is_dir():
+        series = dicom.list_series(path)
+        desc["format"] = "DICOM"
+        desc["series"] = [s.summary() for s in series]
+        try:
+            image = read_image(path, series_uid)
+        except IkrError as err:
+            desc["volume_problem"] = err.problem
+            return desc
+    else:
+        image = read_image(path, series_uid)
+        desc["format"] = image.meta.get("format", "DICOM")
+    desc.update(_describe_volume(image))
+    return desc
+
+
+def _describe_volume(image: Image) -> dict:
+    """Geometry, pixel type, value range, extent and modality of a loaded image."""
+    g = image.geometry
+    corners = g.corners_lps()
+    extent = [float(n * s) for n, s in zip(g.size, g.spacing_mm, strict=True)]
+    modality, how = _modality(image)
+    out = {
+        "size": list(g.size),
+        "spacing_mm": list(g.spacing_mm),
+        "origin_lps": list(g.origin_lps),
+        "direction": list(g.direction),
+        "pixel_type": str(image.array.dtype),
+        "value_range": [_number(image.array.min()), _number(image.array.max())],
+        "extent_mm": extent,
+        "bounds_lps": [corners.min(axis=0).tolist(), corners.max(axis=0).tolist()],
+        "modality": modality,
+        "modality_source": how,
+    }
+    for key in ("series_instance_uid", "series_description", "study_date", "resampled", "n_source_slices"):
+        if image.meta.get(key):
+            out[key] = image.meta[key]
+    return out
+
+
+def _number(value: np.generic) -> float | int:
+    """A numpy scalar as a plain int or float."""
+    return int(value) if np.issubdtype(type(value), np.integer) else float(value)
+
+
+def _modality(image: Image) -> tuple[str, str]:
+    """The modality and how it was found (DICOM attribute, or a guess from the intensities)."""
+    if image.meta.get("modality") and image.meta.get("format") == "DICOM":
+        return image.meta["modality"], "DICOM Modality attribute"
+    arr = image.array
+    integral = np.issubdtype(arr.dtype, np.integer)
+    lo, hi = float(arr.min()), float(arr.max())
+    if integral and lo >= 0 and hi <= 255 and len(np.unique(arr)) <= 256:
+        return "unknown", "not stored in this format; integer values 0-255 suggest a label map or mask"
+    if lo <= -900 and 0 < hi <= 10000:
+        return "CT", f"guessed: not stored in this format; minimum {lo:g} and maximum {hi:g} look like HU"
+    return "unknown", "not stored in this format"
+
+
+def format_description(desc: dict) -> str:
+    """Human-readable text of a `describe_image` result for the terminal."""
+    lines = [f"{desc['path']}  ({desc.get('format', '?')})"]
+    if "size" in desc:
+        lines += [
+            f"  size (x, y, z):      {' x '.join(str(v) for v in desc['size'])}",
+            f"  spacing (mm):        {_fmt(desc['spacing_mm'])}",
+            f"  origin (LPS mm):     {_fmt(desc['origin_lps'])}",
+            f"  direction:           {_fmt(desc['direction'])}",
+            f"  extent (mm):         {_fmt(desc['extent_mm'])}",
+            f"  pixel type:          {desc['pixel_type']}",
+            f"  value range:         {desc['value_range'][0]:g} .. {desc['value_range'][1]:g}",
+            f"  modality:            {desc['modality']} ({desc['modality_source']})",
+        ]
+        if desc.get("resampled"):
+            lines.append(f"  resampled:           {desc['resampled']}")
+    for s in desc.get("series", []):
+        mark = "ok" if s["consistent"] else "NOT A VOLUME"
+        lines.append(
+            f"  series {s['series_uid']}: {s['modality']} '{s['description']}', {s['n_files']} files, "
+            f"{mark}: {s['reason']}"
+        )
+    if desc.get("volume_problem"):
+        lines.append(f"  no volume read: {desc['volume_problem']}")
+    return "\n".join(lines)
+
+
+def _fmt(values: list) -> str:
+    """Numbers with up to 4 decimals, comma separated."""
+    return ", ".join(
+        f"{float(v):.4g}" if abs(float(v)) >= 1e4 else f"{float(v):.4f}".rstrip("0").rstrip(".") for v in values
+    )

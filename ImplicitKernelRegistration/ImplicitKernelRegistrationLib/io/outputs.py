@@ -1,0 +1,92 @@
+"""The output folder of `ikr register`: field, transform, warped image, correspondences, session, report."""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..correspondences import Correspondences
+from ..errors import IkrError
+from ..fields import Field
+from ..geometry import Image
+from .atomic import atomic_directory, write_text_atomic
+from .images import write_image
+from .transforms import write_field, write_transform
+
+SESSION_VERSION = 1
+CORRESPONDENCE_HEADER = [
+    "fixed_x",
+    "fixed_y",
+    "fixed_z",
+    "moving_x",
+    "moving_y",
+    "moving_z",
+    "confidence",
+    "source",
+]
+OUTPUT_FILES = {
+    "displacement": "displacement.nii.gz",
+    "transform": "transform.h5",
+    "warped": "warped.nii.gz",
+    "correspondences": "correspondences.csv",
+    "session": "session.json",
+    "report": "report.json",
+}
+
+
+def correspondences_csv(corr: Correspondences) -> str:
+    """Correspondences as CSV text in LPS mm (fixed point, moving point, confidence, source)."""
+    buf = _io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CORRESPONDENCE_HEADER)
+    moving = corr.moving_lps
+    for i in range(len(corr)):
+        source = "user" if corr.source[i] else "auto"
+        row = [f"{v:.4f}" for v in (*corr.fixed_lps[i], *moving[i])]
+        writer.writerow([*row, f"{corr.confidence[i]:.4f}", source])
+    return buf.getvalue()
+
+
+def read_correspondences_csv(path: str | os.PathLike) -> Correspondences:
+    """Read a correspondences.csv written by `correspondences_csv`."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        fixed = np.array([[float(r[k]) for k in CORRESPONDENCE_HEADER[:3]] for r in rows]).reshape(-1, 3)
+        moving = np.array([[float(r[k]) for k in CORRESPONDENCE_HEADER[3:6]] for r in rows]).reshape(-1, 3)
+        conf = np.array([float(r["confidence"]) for r in rows])
+        source = np.array([1 if r["source"] == "user" else 0 for r in rows], dtype=np.int8)
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        raise IkrError(f"not a readable correspondences CSV ({err})", path) from err
+    return Correspondences(fixed, moving - fixed, conf, source)
+
+
+def write_registration(
+    outdir: str | os.PathLike,
+    field: Field,
+    warped: Image,
+    correspondences: Correspondences,
+    report: dict,
+    session: dict,
+) -> Path:
+    """Write every output of a registration into `outdir`, all or nothing (a temporary folder, renamed)."""
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise IkrError("the output path exists and is not a folder", outdir)
+    if outdir.is_dir() and any(outdir.iterdir()) and not (outdir / OUTPUT_FILES["session"]).is_file():
+        raise IkrError("the output folder exists and holds other files; choose a new or empty folder", outdir)
+    with atomic_directory(outdir) as tmp:
+        write_field(field, tmp / OUTPUT_FILES["displacement"])
+        write_transform(field, tmp / OUTPUT_FILES["transform"])
+        write_image(warped, tmp / OUTPUT_FILES["warped"])
+        write_text_atomic(tmp / OUTPUT_FILES["correspondences"], correspondences_csv(correspondences))
+        session = {"version": SESSION_VERSION, **session, "files": OUTPUT_FILES}
+        write_text_atomic(tmp / OUTPUT_FILES["session"], json.dumps(session, indent=2, default=str))
+        write_text_atomic(tmp / OUTPUT_FILES["report"], json.dumps(report, indent=2, default=str))
+    return outdir

@@ -1,0 +1,506 @@
+"""Sparse -> dense: the learned attention kernel, its thin-plate-spline and Gaussian peers, weights files.
+
+Every kernel has one interface::
+
+    kernel(query_xyz (B,Q,3), query_feat (B,Q,C) | None,
+           key_xyz (B,N,3), key_disp (B,N,3), key_feat (B,N,C) | None, key_conf (B,N) | None) -> (B,Q,3)
+
+Points are continuous voxel indices (x, y, z) on the isotropic working grid, displacements are in
+working voxels (x, y, z), distances are therefore in working-voxel units. Tensors follow the device
+of their inputs (CPU, or CUDA when the inputs live there).
+
+The learned kernel (METHOD.md section 2) computes, for each query x and its K nearest keys y,
+
+    d(x) = sum_y w(x, y) d(y),   w = softmax_K( Hs(x, y) + Hf(x, y) + g * log b(x, y) + a * log(c_y + eps) )
+
+with b(x, y) = 1 / (1 + |x - y|^2 / s^2). The *log* of the bias goes into the logits because the
+softmax then turns it back into a product: at initialisation (both heads zero, g = a = 1) the weights
+are exactly proportional to b(x, y) * c_y, i.e. Shepard's inverse-distance weighting (power 2,
+smoothed below s voxels) times the key confidence, which is already a sensible interpolator and is
+independent of the keypoint density (only distance ratios matter). Adding b itself (a number in
+[0, 1]) would change logits by at most 1 and start from a nearly uniform average over K keys.
+Because the weights sum to one, any constant field is reproduced exactly, trained or not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import IkrError
+from .features import sample_features
+from .io.atomic import atomic_path
+
+WEIGHTS_FORMAT = "ikr-kernel-v1"
+HEADS = ("both", "spatial", "semantic")
+KERNEL_NAMES = ("learned", "tps", "gaussian")
+ARCH_FIELDS = ("feat_dim", "heads", "dim", "n_heads", "n_freq", "hidden", "pair_hidden", "consistency")
+_KNN_PAIRS_PER_CHUNK = 1 << 23  # bounds the (queries x keys) distance matrix of one kNN chunk
+
+
+@dataclass
+class KernelConfig:
+    """Kernel settings; the architecture fields (ARCH_FIELDS) must match a weights file's.
+
+    feat_dim: image-feature channels (12 for MIND-SSC); k: neighbours per query; heads: which attention
+    streams to use; dim: attention width; n_heads: attention heads; n_freq: Fourier frequencies of the
+    positional encoding; hidden: width of the per-query and per-key MLPs; pair_hidden: width of the
+    per-(query, neighbour) MLP of the spatial key (the costly one, kept narrow); bias_scale: s of the
+    distance bias, working voxels;
+    consistency: feed each key's deviation from its neighbourhood median displacement to the spatial
+    key (lets the kernel learn to down-weight outlier matches); conf_eps: eps in log(conf + eps);
+    tps_smoothing: regularisation of the TPS peer; gaussian_sigma: width of the Gaussian peer, voxels.
+    """
+
+    feat_dim: int = 12
+    k: int = 30
+    heads: str = "both"
+    dim: int = 64
+    n_heads: int = 4
+    n_freq: int = 6
+    hidden: int = 176
+    pair_hidden: int = 64
+    bias_scale: float = 1.0
+    consistency: bool = True
+    conf_eps: float = 1e-3
+    tps_smoothing: float = 0.1
+    gaussian_sigma: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.heads not in HEADS:
+            raise IkrError(f"unknown heads {self.heads!r}; choose one of {', '.join(HEADS)}")
+        if self.dim % self.n_heads:
+            raise IkrError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
+        if self.k < 1 or self.feat_dim < 1 or self.bias_scale <= 0:
+            raise IkrError("k and feat_dim must be positive, bias_scale greater than 0")
+
+    def to_dict(self) -> dict:
+        """A plain dict (JSON- and weights_only-safe)."""
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(values: dict) -> KernelConfig:
+        """Build from a dict; unknown keys are refused, missing keys take defaults."""
+        known = {f.name for f in fields(KernelConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise IkrError(f"unknown kernel settings {unknown}")
+        return KernelConfig(**values)
+
+    def architecture(self) -> dict:
+        """The fields that decide the learned kernel's parameter shapes."""
+        return {name: getattr(self, name) for name in ARCH_FIELDS}
+
+
+# ----------------------------------------------------------------------------------------- neighbours
+
+
+def knn(query_xyz: torch.Tensor, key_xyz: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (B,Q,k) of the k nearest keys of each query (torch.cdist + topk, chunked over queries)."""
+    b, q, _ = query_xyz.shape
+    n = key_xyz.shape[1]
+    k = min(k, n)
+    step = max(1, _KNN_PAIRS_PER_CHUNK // max(1, n * b))
+    out = []
+    for start in range(0, q, step):
+        dist = torch.cdist(query_xyz[:, start : start + step], key_xyz)
+        out.append(dist.topk(k, dim=-1, largest=False, sorted=True).indices)
+        del dist
+    return torch.cat(out, dim=1) if out else query_xyz.new_zeros((b, 0, k), dtype=torch.long)
+
+
+def gather_neighbours(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values (B,N,...) gathered at index (B,Q,K) -> (B,Q,K,...)."""
+    batch = torch.arange(values.shape[0], device=values.device).view(-1, 1, 1)
+    return values[batch, index]
+
+
+def _check_inputs(query_xyz: torch.Tensor, key_xyz: torch.Tensor, key_disp: torch.Tensor) -> None:
+    """Refuse inputs of the wrong shape with a clear message."""
+    if query_xyz.ndim != 3 or query_xyz.shape[-1] != 3:
+        raise IkrError(f"query_xyz must be (B, Q, 3), got {tuple(query_xyz.shape)}")
+    if key_xyz.ndim != 3 or key_xyz.shape != key_disp.shape or key_xyz.shape[-1] != 3:
+        raise IkrError(
+            f"key_xyz and key_disp must both be (B, N, 3), got {tuple(key_xyz.shape)}, {tuple(key_disp.shape)}"
+        )
+    if key_xyz.shape[1] == 0:
+        raise IkrError("no keypoints to interpolate from")
+
+
+def _log_conf(key_conf: torch.Tensor | None, like: torch.Tensor, eps: float) -> torch.Tensor:
+    """log(conf + eps) per key (B,N); zeros when no confidence is given."""
+    if key_conf is None:
+        return like.new_zeros(like.shape[:2])
+    return torch.log(key_conf.to(like.dtype).clamp(min=0.0) + eps)
+
+
+# -------------------------------------------------------------------------------------- the learned one
+
+
+def fourier_encode(v: torch.Tensor, n_freq: int) -> torch.Tensor:
+    """Fourier features [v, sin(2^i pi v), cos(2^i pi v)] of (..., 3) vectors -> (..., 3 + 6 n_freq)."""
+    freqs = (2.0 ** torch.arange(n_freq, device=v.device, dtype=v.dtype)) * math.pi
+    angles = (v.unsqueeze(-1) * freqs).flatten(-2)
+    return torch.cat([v, torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+def _mlp(n_in: int, hidden: int, n_out: int, layers: int = 2, act: type[nn.Module] = nn.GELU) -> nn.Sequential:
+    """A small MLP with `layers` hidden layers of activation `act`."""
+    mods: list[nn.Module] = []
+    width = n_in
+    for _ in range(layers):
+        mods += [nn.Linear(width, hidden), act()]
+        width = hidden
+    mods.append(nn.Linear(width, n_out))
+    return nn.Sequential(*mods)
+
+
+class LearnedKernel(nn.Module):
+    """Dual-stream attention kernel over the K nearest keypoints (METHOD.md section 2)."""
+
+    def __init__(self, config: KernelConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or KernelConfig()
+        c = self.config
+        self.query_chunk = 8192
+        enc = 3 + 6 * c.n_freq
+        self.use_spatial = c.heads in ("both", "spatial")
+        self.use_semantic = c.heads in ("both", "semantic")
+        if self.use_spatial:
+            # query: encoding of x relative to the neighbourhood centroid (scaled by its radius) + log radius
+            self.spatial_query = _mlp(enc + 1, c.hidden, c.dim, layers=2)
+            # key: encoding of y - x (scaled by the radius), |y - x| and the displacement consistency
+            n_key = enc + 1 + (4 if c.consistency else 0)
+            self.spatial_key = _mlp(n_key, c.pair_hidden, c.dim, layers=1, act=nn.ReLU)  # per pair: cheap
+            self.spatial_out = nn.Linear(c.n_heads, 1, bias=False)
+        if self.use_semantic:
+            self.semantic_query = _mlp(c.feat_dim, c.hidden, c.dim, layers=2)
+            self.semantic_key = _mlp(c.feat_dim, c.hidden, c.dim, layers=2)
+            self.semantic_out = nn.Linear(c.n_heads, 1, bias=False)
+            # a learned trust of each key from its own features (e.g. flat regions match poorly)
+            self.semantic_prior = nn.Linear(c.dim, 1, bias=False)
+        self.bias_gain = nn.Parameter(torch.tensor(1.0))
+        self.conf_gain = nn.Parameter(torch.tensor(1.0))
+        for name in ("spatial_out", "semantic_out", "semantic_prior"):
+            out = getattr(self, name, None)
+            if out is not None:
+                nn.init.zeros_(out.weight)  # untrained: logits = log bias + log confidence
+
+    def forward(
+        self,
+        query_xyz: torch.Tensor,
+        query_feat: torch.Tensor | None,
+        key_xyz: torch.Tensor,
+        key_disp: torch.Tensor,
+        key_feat: torch.Tensor | None,
+        key_conf: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Displacements (B,Q,3) at the queries, interpolated from the keys."""
+        _check_inputs(query_xyz, key_xyz, key_disp)
+        if self.use_semantic and (query_feat is None or key_feat is None):
+            raise IkrError(f"the {self.config.heads!r} kernel needs image features at queries and keys")
+        key_xyz, key_disp = key_xyz.float(), key_disp.float()
+        log_conf = _log_conf(key_conf, key_xyz, self.config.conf_eps)
+        sem_keys = self.semantic_key(key_feat.float()) if self.use_semantic else None
+        out = []
+        for start in range(0, query_xyz.shape[1], self.query_chunk):
+            sl = slice(start, start + self.query_chunk)
+            qf = query_feat[:, sl].float() if self.use_semantic else None
+            out.append(self._chunk(query_xyz[:, sl].float(), qf, key_xyz, key_disp, sem_keys, log_conf))
+        return torch.cat(out, dim=1)
+
+    def _chunk(
+        self,
+        x: torch.Tensor,
+        x_feat: torch.Tensor | None,
+        key_xyz: torch.Tensor,
+        key_disp: torch.Tensor,
+        sem_keys: torch.Tensor | None,
+        log_conf: torch.Tensor,
+    ) -> torch.Tensor:
+        """One chunk of queries: neighbours, logits, softmax, weighted sum."""
+        idx = knn(x, key_xyz, self.config.k)
+        y = gather_neighbours(key_xyz, idx)  # (B,Q,K,3)
+        d = gather_neighbours(key_disp, idx)
+        rel = y - x.unsqueeze(2)
+        dist2 = (rel * rel).sum(-1)
+        log_bias = -torch.log1p(dist2 / self.config.bias_scale**2)
+        logits = self.bias_gain * log_bias + self.conf_gain * gather_neighbours(log_conf, idx)
+        if self.use_spatial:
+            logits = logits + self._spatial_logits(x, y, d, rel, dist2)
+        if self.use_semantic:
+            emb = gather_neighbours(sem_keys, idx)
+            logits = logits + self._semantic_logits(x_feat, emb, self.semantic_prior(emb).squeeze(-1))
+        w = torch.softmax(logits, dim=-1)
+        return (w.unsqueeze(-1) * d).sum(dim=2)
+
+    def _heads(self, q: torch.Tensor, k: torch.Tensor, mix: nn.Linear) -> torch.Tensor:
+        """Multi-head scaled dot products of q (B,Q,dim) with k (B,Q,K,dim), mixed by `mix` -> (B,Q,K).
+
+        sum_h m_h <q_h, k_h> / sqrt(c) equals one dot product of k with the head-weighted q, which is
+        computed as a single batched matmul (no per-pair copies).
+        """
+        h = self.config.n_heads
+        qh = q.unflatten(-1, (h, -1))
+        q_mixed = (qh * mix.weight.view(h, 1)).flatten(-2) / math.sqrt(qh.shape[-1])
+        return torch.matmul(k, q_mixed.unsqueeze(-1)).squeeze(-1)
+
+    def _spatial_logits(
+        self, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor, rel: torch.Tensor, dist2: torch.Tensor
+    ) -> torch.Tensor:
+        """Spatial head Hs: geometry of the query within its neighbourhood, (B,Q,K)."""
+        n_freq = self.config.n_freq
+        centroid = y.mean(dim=2)
+        radius = (y - centroid.unsqueeze(2)).norm(dim=-1).mean(dim=-1).clamp(min=0.5)  # (B,Q)
+        scale = radius.unsqueeze(-1)
+        q_in = torch.cat([fourier_encode((x - centroid) / scale, n_freq), torch.log(radius).unsqueeze(-1)], -1)
+        scale_k = scale.unsqueeze(-1)
+        parts = [fourier_encode(rel / scale_k, n_freq), torch.sqrt(dist2 + 1e-12).unsqueeze(-1) / scale_k]
+        if self.config.consistency:
+            dev = d - d.median(dim=2, keepdim=True).values
+            dev_norm = dev.norm(dim=-1, keepdim=True)
+            parts += [dev / (1.0 + dev_norm), torch.log1p(dev_norm)]
+        k = self.spatial_key(torch.cat(parts, dim=-1))
+        return self._heads(self.spatial_query(q_in), k, self.spatial_out)
+
+    def _semantic_logits(self, x_feat: torch.Tensor, key_emb: torch.Tensor, key_prior: torch.Tensor) -> torch.Tensor:
+        """Semantic head Hf: image features at x against those at y, plus a per-key prior, (B,Q,K)."""
+        return self._heads(self.semantic_query(x_feat), key_emb, self.semantic_out) + key_prior
+
+
+# ------------------------------------------------------------------------------------------- the peers
+
+
+class GaussianKernel(nn.Module):
+    """Nadaraya-Watson over the K nearest keys with weight conf * exp(-r^2 / (2 sigma^2)), sigma in voxels."""
+
+    def __init__(self, sigma: float = 3.0, k: int = 30, conf_eps: float = 1e-3) -> None:
+        super().__init__()
+        self.sigma, self.k, self.conf_eps = float(sigma), int(k), float(conf_eps)
+        self.query_chunk = 65536
+
+    def forward(
+        self,
+        query_xyz: torch.Tensor,
+        query_feat: torch.Tensor | None,
+        key_xyz: torch.Tensor,
+        key_disp: torch.Tensor,
+        key_feat: torch.Tensor | None,
+        key_conf: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Displacements (B,Q,3); log-domain weights so far queries still get their nearest keys."""
+        _check_inputs(query_xyz, key_xyz, key_disp)
+        key_xyz, key_disp = key_xyz.float(), key_disp.float()
+        log_conf = _log_conf(key_conf, key_xyz, self.conf_eps)
+        out = []
+        for start in range(0, query_xyz.shape[1], self.query_chunk):
+            x = query_xyz[:, start : start + self.query_chunk].float()
+            idx = knn(x, key_xyz, self.k)
+            rel = gather_neighbours(key_xyz, idx) - x.unsqueeze(2)
+            logits = -(rel * rel).sum(-1) / (2.0 * self.sigma**2) + gather_neighbours(log_conf, idx)
+            w = torch.softmax(logits, dim=-1)
+            out.append((w.unsqueeze(-1) * gather_neighbours(key_disp, idx)).sum(dim=2))
+        return torch.cat(out, dim=1)
+
+
+class TPSKernel(nn.Module):
+    """Thin-plate spline (3D polyharmonic kernel r plus an affine part) fitted on all keys.
+
+    Uses scipy's RBFInterpolator (kernel "linear", i.e. -r, the 3D biharmonic spline, degree 1)
+    with per-key smoothing `smoothing / conf`: confident keys are followed closely. K and the image
+    features are ignored; the interface is the common one.
+    """
+
+    def __init__(self, smoothing: float = 0.1, conf_eps: float = 1e-3) -> None:
+        super().__init__()
+        self.smoothing, self.conf_eps = float(smoothing), float(conf_eps)
+
+    def forward(
+        self,
+        query_xyz: torch.Tensor,
+        query_feat: torch.Tensor | None,
+        key_xyz: torch.Tensor,
+        key_disp: torch.Tensor,
+        key_feat: torch.Tensor | None,
+        key_conf: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Displacements (B,Q,3) from a spline fitted per batch item (float64 on the CPU)."""
+        _check_inputs(query_xyz, key_xyz, key_disp)
+        outs = []
+        for b in range(query_xyz.shape[0]):
+            conf = None if key_conf is None else key_conf[b].detach().cpu().double().numpy()
+            values = self._fit_eval(
+                key_xyz[b].detach().cpu().double().numpy(),
+                key_disp[b].detach().cpu().double().numpy(),
+                conf,
+                query_xyz[b].detach().cpu().double().numpy(),
+            )
+            outs.append(torch.from_numpy(values))
+        return torch.stack(outs).to(device=query_xyz.device, dtype=torch.float32)
+
+    def _fit_eval(self, keys: np.ndarray, disp: np.ndarray, conf: np.ndarray | None, queries: np.ndarray) -> np.ndarray:
+        """Fit the spline on (keys, disp) and evaluate it at queries; degrade gracefully for few keys."""
+        from scipy.interpolate import RBFInterpolator
+
+        keys, keep = np.unique(keys, axis=0, return_index=True)
+        disp = disp[keep]
+        smoothing = self.smoothing if conf is None else self.smoothing / (conf[keep] + self.conf_eps)
+        if len(keys) < 5:  # too few for an affine part plus a spline: use the mean
+            return np.repeat(disp.mean(axis=0, keepdims=True), len(queries), axis=0)
+        try:
+            rbf = RBFInterpolator(keys, disp, kernel="linear", degree=1, smoothing=smoothing)
+        except np.linalg.LinAlgError:  # coplanar keys: the affine part is not determined
+            rbf = RBFInterpolator(keys, disp, kernel="linear", degree=0, smoothing=smoothing)
+        return rbf(queries)
+
+
+# ------------------------------------------------------------------------------------------ factories
+
+
+def make_kernel(name: str, config: KernelConfig | None = None, weights_path: Path | None = None) -> nn.Module:
+    """The kernel for `--kernel learned|tps|gaussian` (learned: from `weights_path` when given), in eval mode."""
+    config = config or KernelConfig()
+    if name == "tps":
+        return TPSKernel(config.tps_smoothing, config.conf_eps).eval()
+    if name == "gaussian":
+        return GaussianKernel(config.gaussian_sigma, config.k, config.conf_eps).eval()
+    if name != "learned":
+        raise IkrError(f"unknown kernel {name!r}; choose one of {', '.join(KERNEL_NAMES)}")
+    if weights_path is None:
+        return LearnedKernel(config).eval()
+    kernel, _ = load_weights(weights_path)
+    if kernel.config.architecture() != config.architecture():
+        wanted = {k: v for k, v in config.architecture().items() if kernel.config.architecture()[k] != v}
+        have = {k: kernel.config.architecture()[k] for k in wanted}
+        raise IkrError(f"these weights were trained with {have}, not {wanted}", weights_path)
+    return kernel.eval()
+
+
+def count_parameters(module: nn.Module) -> int:
+    """The number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------- dense evaluation
+
+
+def control_axes(shape_zyx: tuple[int, int, int], step: int) -> list[torch.Tensor]:
+    """Evenly spaced control coordinates per axis (z, y, x), spanning first to last voxel, spacing <= step."""
+    axes = []
+    for n in shape_zyx:
+        m = max(2, math.ceil((n - 1) / step) + 1) if n > 1 else 1
+        axes.append(torch.linspace(0.0, n - 1, m, dtype=torch.float64).float())
+    return axes
+
+
+def control_points(shape_zyx: tuple[int, int, int], step: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Control-grid points (P,3) in (x, y, z), z-major like the grid, and the control grid shape (z, y, x)."""
+    az, ay, ax = control_axes(shape_zyx, step)
+    zz, yy, xx = torch.meshgrid(az, ay, ax, indexing="ij")
+    pts = torch.stack([xx, yy, zz], dim=-1).reshape(-1, 3)
+    return pts, (len(az), len(ay), len(ax))
+
+
+def reconstruct_dense(
+    kernel: nn.Module,
+    shape_zyx: tuple[int, int, int],
+    key_xyz: torch.Tensor,
+    key_disp: torch.Tensor,
+    key_conf: torch.Tensor | None,
+    feature_volume: torch.Tensor | None,
+    control_step_vox: int = 2,
+    chunk: int = 32768,
+) -> torch.Tensor:
+    """Dense displacement (1,3,D,H,W) in working voxels (x, y, z): kernel on a control grid, then trilinear.
+
+    The control grid spans the first to the last voxel of each axis with spacing <= control_step_vox,
+    so F.interpolate(align_corners=True) maps it exactly onto the working grid. Queries are evaluated
+    in chunks of `chunk` points (bounds memory); features are sampled at the control points.
+    """
+    device = key_xyz.device
+    pts, cshape = control_points(tuple(int(s) for s in shape_zyx), max(1, int(control_step_vox)))
+    pts = pts.to(device)
+    keys, disp = key_xyz.reshape(1, -1, 3).float(), key_disp.reshape(1, -1, 3).float()
+    conf = None if key_conf is None else key_conf.reshape(1, -1).float()
+    key_feat = None
+    if feature_volume is not None:
+        key_feat = sample_features(feature_volume, keys[0]).unsqueeze(0)
+    grad = kernel.training and torch.is_grad_enabled()
+    out = []
+    with torch.set_grad_enabled(grad):
+        for start in range(0, pts.shape[0], chunk):
+            q = pts[start : start + chunk]
+            q_feat = None if feature_volume is None else sample_features(feature_volume, q).unsqueeze(0)
+            out.append(kernel(q.unsqueeze(0), q_feat, keys, disp, key_feat, conf)[0])
+        ctrl = torch.cat(out, dim=0).t().reshape(1, 3, *cshape)
+        if tuple(cshape) == tuple(shape_zyx):
+            return ctrl
+        return F.interpolate(ctrl, size=tuple(shape_zyx), mode="trilinear", align_corners=True)
+
+
+# --------------------------------------------------------------------------------------- weights files
+
+
+def save_weights(kernel: LearnedKernel, config: KernelConfig, path: Path, metadata: dict) -> Path:
+    """Write an ikr-kernel-v1 weights file atomically: format, config, state_dict (CPU), metadata (JSON-able)."""
+    state = {k: v.detach().cpu().clone() for k, v in kernel.state_dict().items()}
+    payload = {
+        "format": WEIGHTS_FORMAT,
+        "config": config.to_dict(),
+        "state_dict": state,
+        "metadata": json.loads(json.dumps(metadata, default=str)),  # plain types: loadable weights_only
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_weights(path: Path) -> tuple[LearnedKernel, dict]:
+    """Read an ikr-kernel-v1 file (weights_only) into a LearnedKernel in eval mode; refuse anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise IkrError("kernel weights file not found", path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated/corrupt/unsafe files
+        raise IkrError(
+            f"not a readable kernel weights file (corrupt or not a torch file): {type(exc).__name__}", path
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise IkrError(f"not an {WEIGHTS_FORMAT} weights file (format: {found!r})", path)
+    try:
+        config = KernelConfig.from_dict(dict(payload["config"]))
+    except (IkrError, TypeError, KeyError) as exc:
+        raise IkrError(f"bad kernel config in weights file: {exc}", path) from exc
+    kernel = LearnedKernel(config)
+    _check_state_dict(kernel, payload.get("state_dict"), path)
+    kernel.load_state_dict(payload["state_dict"])
+    return kernel.eval(), dict(payload.get("metadata") or {})
+
+
+def _check_state_dict(kernel: LearnedKernel, state: object, path: Path) -> None:
+    """Refuse a state dict whose keys or shapes do not fit the kernel built from the file's config."""
+    if not isinstance(state, dict):
+        raise IkrError("weights file has no state_dict", path)
+    expected = {k: tuple(v.shape) for k, v in kernel.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    if missing or extra or wrong:
+        details = []
+        if missing:
+            details.append(f"missing {missing[:3]}")
+        if extra:
+            details.append(f"unexpected {extra[:3]}")
+        if wrong:
+            details.append(f"shape of {wrong[0]} is {found[wrong[0]]}, expected {expected[wrong[0]]}")
+        raise IkrError("architecture mismatch between weights and config: " + "; ".join(details), path)
