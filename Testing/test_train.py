@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from ImplicitKernelRegistrationLib.errors import IkrError
 from ImplicitKernelRegistrationLib.kernel import LearnedKernel, load_weights
 from ImplicitKernelRegistrationLib.train import (
@@ -30,13 +29,11 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, lis
 
 
 def test_quick_training_runs_end_to_end_and_lowers_the_loss(quick_run: tuple) -> None:
-    """The training loss at the end is below the loss at the start; progress goes 0 -> 1."""
+    """On one fixed draw of keys and queries the trained kernel beats the untrained one; progress goes 0 -> 1."""
     result, _, messages = quick_run
-    history = result["history"]
-    assert len(history) >= 10
-    first = sum(h["loss"] for h in history[:5]) / 5
-    last = sum(h["loss"] for h in history[-5:]) / 5
-    assert last < first
+    assert len(result["history"]) >= 10
+    epe = result["fixed_epe_vox"]
+    assert epe["end"] < epe["start"], epe
     fractions = [f for f, _ in messages]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
 

@@ -23,9 +23,14 @@ class FeatureExtractor(Protocol):
 # The six-neighbourhood as (z, y, x) unit offsets, and its 12 pairs at squared distance 2
 # (every pair except the 3 opposite ones): the self-similarity context of MIND-SSC.
 _SIX = ((-1, 0, 0), (1, 0, 0), (0, -1, 0), (0, 1, 0), (0, 0, -1), (0, 0, 1))
-SSC_PAIRS = tuple(
-    (a, b) for a, b in combinations(range(6), 2) if sum((p - q) ** 2 for p, q in zip(_SIX[a], _SIX[b])) == 2
-)
+
+
+def _squared_distance(a: int, b: int) -> int:
+    """Squared distance between two six-neighbourhood offsets."""
+    return sum((p - q) ** 2 for p, q in zip(_SIX[a], _SIX[b], strict=True))
+
+
+SSC_PAIRS = tuple((a, b) for a, b in combinations(range(6), 2) if _squared_distance(a, b) == 2)
 
 
 def _shifted(padded: torch.Tensor, offset: tuple[int, int, int], pad: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -57,14 +62,14 @@ def mind_ssc(
     if image.dim() != 5 or image.shape[:2] != (1, 1):
         raise ValueError(f"expected an image of shape (1, 1, D, H, W), got {tuple(image.shape)}")
     img = image.float()
+    img = img - img.mean()  # no-op for MIND, but keeps float32 differences exact under large offsets
     shape = tuple(img.shape[2:])
     padded = F.pad(img, (dilation,) * 6, mode="replicate")
     offsets = [tuple(dilation * o for o in off) for off in _SIX]
     dist = torch.cat(
         [
             _box_filter(
-                (_shifted(padded, offsets[a], dilation, shape) - _shifted(padded, offsets[b], dilation, shape))
-                ** 2,
+                (_shifted(padded, offsets[a], dilation, shape) - _shifted(padded, offsets[b], dilation, shape)) ** 2,
                 radius,
             )
             for a, b in SSC_PAIRS

@@ -94,7 +94,7 @@ def _erode(mask: torch.Tensor, radius: int) -> torch.Tensor:
         return mask
     eroded = _max_filter((~mask).float(), radius) < 0.5
     border = torch.zeros_like(mask)
-    border[..., radius:-radius or None, radius:-radius or None, radius:-radius or None] = True
+    border[..., radius : -radius or None, radius : -radius or None, radius : -radius or None] = True
     return eroded & border & mask
 
 

@@ -30,9 +30,7 @@ class MatchResult:
 
     def subset(self, keep: torch.Tensor) -> MatchResult:
         """The matches selected by a boolean mask or index tensor."""
-        return MatchResult(
-            self.displacement[keep], self.confidence[keep], self.cost_best[keep], self.cost_mean[keep]
-        )
+        return MatchResult(self.displacement[keep], self.confidence[keep], self.cost_best[keep], self.cost_mean[keep])
 
 
 @dataclass
@@ -61,13 +59,29 @@ def _chunk_size(per_item: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, per_item))
 
 
-def _sample_cubes(features: torch.Tensor, centres: torch.Tensor, radius: int, step: float, padding: str) -> torch.Tensor:
+def _sample_cubes(
+    features: torch.Tensor, centres: torch.Tensor, radius: int, step: float, padding: str
+) -> torch.Tensor:
     """Features on the lattice centre + step * {-r..r}^3 around each centre: (n, C, L, L, L), float32."""
     n, side = centres.shape[0], 2 * radius + 1
     pts = centres[:, None, :] + step * _lattice(radius, centres.device)[None]
     grid = points_to_grid(pts, tuple(features.shape[2:])).reshape(1, n * side**3, 1, 1, 3)
     out = F.grid_sample(features.float(), grid, mode="bilinear", padding_mode=padding, align_corners=True)
     return out.reshape(features.shape[1], n, side, side, side).transpose(0, 1)
+
+
+def _patch_ssd(cube: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Sum over channels and patch of (ref(o) - cube(v + o))^2 for every v: (n, side, side, side).
+
+    Expanded as |cube|^2 (box-summed) - 2 <cube, ref> (a grouped 3D correlation) + |ref|^2, which
+    needs no per-offset temporaries.
+    """
+    n, c, outer = cube.shape[0], cube.shape[1], cube.shape[2]
+    p = ref.shape[2]
+    cube_sq = F.avg_pool3d((cube**2).sum(dim=1, keepdim=True), p, stride=1) * p**3
+    cross = F.conv3d(cube.reshape(1, n * c, outer, outer, outer), ref, groups=n)[0]
+    ref_sq = (ref**2).sum(dim=(1, 2, 3, 4))
+    return (cube_sq[:, 0] - 2.0 * cross + ref_sq[:, None, None, None]).clamp_min(0.0)
 
 
 def cost_volume(
@@ -77,29 +91,26 @@ def cost_volume(
     search_radius_vox: int,
     step_vox: float = 1.0,
     patch_radius_vox: int = 1,
+    prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Patch SSD cost (N, V): mean over channels and a (2p+1)^3 patch of (F_fixed(p+o) - F_moving(p+v+o))^2.
+    """Patch SSD cost (N, V): mean over channels and a (2p+1)^3 patch of (F_fixed(p+o) - F_moving(p+u+v+o))^2.
 
     Candidates v and patch offsets o both lie on the search lattice (spacing `step_vox`), so one cube of
-    moving features per keypoint serves every candidate. Moving samples outside the volume read zero.
+    moving features per keypoint serves every candidate. The search cube is centred on p + u, with u the
+    keypoint's `prior` displacement (N, 3) (zero when None). Moving samples outside the volume read zero.
     """
     radius, patch = int(search_radius_vox), int(patch_radius_vox)
     side, outer = 2 * radius + 1, 2 * (radius + patch) + 1
     channels = feat_fixed.shape[1]
     kp = keypoints.float()
+    moved = kp if prior is None else kp + prior.float()
     chunk = _chunk_size(2 * channels * outer**3)
     costs = []
     for start in range(0, kp.shape[0], chunk):
         centres = kp[start : start + chunk]
-        cube = _sample_cubes(feat_moving, centres, radius + patch, step_vox, "zeros")
+        cube = _sample_cubes(feat_moving, moved[start : start + chunk], radius + patch, step_vox, "zeros")
         ref = _sample_cubes(feat_fixed, centres, patch, step_vox, "border")
-        cost = torch.zeros(centres.shape[0], side, side, side, device=kp.device)
-        for oz in range(2 * patch + 1):
-            for oy in range(2 * patch + 1):
-                for ox in range(2 * patch + 1):
-                    window = cube[:, :, oz : oz + side, oy : oy + side, ox : ox + side]
-                    value = ref[:, :, oz, oy, ox][:, :, None, None, None]
-                    cost += ((window - value) ** 2).sum(dim=1)
+        cost = _patch_ssd(cube, ref)
         costs.append(cost.reshape(centres.shape[0], -1) / (channels * (2 * patch + 1) ** 3))
     return torch.cat(costs) if costs else torch.zeros(0, side**3, device=kp.device)
 
@@ -164,17 +175,12 @@ def regularise_costs(
         msg = msg - msg.min(dim=1, keepdim=True).values
         chunk = _chunk_size(neighbours.shape[1] * cost.shape[1])
         belief = torch.cat(
-            [
-                cost[s : s + chunk] + msg[neighbours[s : s + chunk]].mean(dim=1)
-                for s in range(0, cost.shape[0], chunk)
-            ]
+            [cost[s : s + chunk] + msg[neighbours[s : s + chunk]].mean(dim=1) for s in range(0, cost.shape[0], chunk)]
         )
     return belief
 
 
-def soft_argmin(
-    cost: torch.Tensor, offsets: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def soft_argmin(cost: torch.Tensor, offsets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Displacement (N, 3) = E[v] under softmax(-cost / T), and confidence (N,) = 1 / (1 + E|v - E[v]|^2).
 
     The confidence measures how peaked the distribution is: a match spread over a standard deviation
@@ -199,10 +205,13 @@ def match_keypoints(
     alpha: float = 0.1,
     iterations: int = 3,
     temperature: float = 0.1,
+    prior: torch.Tensor | None = None,
 ) -> MatchResult:
     """Match keypoints (N, 3) xyz of the fixed features into the moving features within a search cube.
 
-    Data costs are divided by their global mean (so `alpha` and `temperature` do not depend on the
+    The cube is centred on each keypoint's `prior` displacement (N, 3) when given (the current
+    estimate from coarser scales); the result's displacement is the total, prior included. Data costs
+    are divided by their global mean (so `alpha` and `temperature` do not depend on the
     feature type), optionally regularised on the kNN graph (`regularise_costs`), then turned into a
     displacement by soft-argmin with a peakedness confidence (`soft_argmin`).
     """
@@ -213,18 +222,18 @@ def match_keypoints(
     if n == 0:
         empty = torch.zeros(0, device=device)
         return MatchResult(torch.zeros(0, 3, device=device), empty, empty, empty)
-    raw = cost_volume(feat_fixed, feat_moving, keypoints, search_radius_vox, step_vox, patch_radius_vox)
+    raw = cost_volume(feat_fixed, feat_moving, keypoints, search_radius_vox, step_vox, patch_radius_vox, prior)
     cost = raw / raw.mean().clamp_min(torch.finfo(torch.float32).tiny)
     if regularise:
         cost = regularise_costs(cost, keypoints, search_radius_vox, step_vox, knn, alpha, iterations)
     offsets = search_offsets(search_radius_vox, step_vox, device)
     displacement, confidence = soft_argmin(cost, offsets, temperature)
+    if prior is not None:
+        displacement = displacement + prior.float()
     return MatchResult(displacement, confidence, raw.min(dim=1).values, raw.mean(dim=1))
 
 
-def consistency_filter(
-    forward: MatchResult, backward: MatchResult, threshold_vox: float = 1.5
-) -> ConsistencyResult:
+def consistency_filter(forward: MatchResult, backward: MatchResult, threshold_vox: float = 1.5) -> ConsistencyResult:
     """Compare forward d(p) with the backward match b at q = p + d(p): round trip |d(p) + b(q)|.
 
     `backward` must come from matching moving -> fixed at the points keypoints + forward.displacement,
@@ -242,11 +251,22 @@ def match_consistent(
     keypoints: torch.Tensor,
     search_radius_vox: int,
     threshold_vox: float = 1.5,
+    prior: torch.Tensor | None = None,
     **match_kwargs: object,
 ) -> tuple[MatchResult, ConsistencyResult]:
-    """Match fixed -> moving, then moving -> fixed from the matched points, and check the round trip."""
-    forward = match_keypoints(feat_fixed, feat_moving, keypoints, search_radius_vox, **match_kwargs)
+    """Match fixed -> moving, then moving -> fixed from the matched points, and check the round trip.
+
+    With a `prior` u, the backward search starts from q = p + d(p) with prior -u, so both directions
+    search the same neighbourhood of the current estimate.
+    """
+    forward = match_keypoints(feat_fixed, feat_moving, keypoints, search_radius_vox, prior=prior, **match_kwargs)
+    backward_prior = None if prior is None else -prior.float()
     backward = match_keypoints(
-        feat_moving, feat_fixed, keypoints.float() + forward.displacement, search_radius_vox, **match_kwargs
+        feat_moving,
+        feat_fixed,
+        keypoints.float() + forward.displacement,
+        search_radius_vox,
+        prior=backward_prior,
+        **match_kwargs,
     )
     return forward, consistency_filter(forward, backward, threshold_vox)

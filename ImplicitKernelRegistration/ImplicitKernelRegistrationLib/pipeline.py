@@ -20,11 +20,11 @@ import torch.nn.functional as F
 
 from .correspondences import Correspondences
 from .errors import IkrError
-from .features import mind_ssc, points_to_grid, sample_features
+from .features import mind_ssc, sample_features
 from .fields import Field, resample_field
 from .geometry import Geometry, Image
 from .kernel import KernelConfig, make_kernel, reconstruct_dense
-from .keypoints import forstner_keypoints, gaussian_smooth
+from .keypoints import forstner_keypoints
 from .matching import match_consistent
 from .preprocess import make_working_pair
 
@@ -36,21 +36,21 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "Resources" / "weights" 
 
 @dataclass(frozen=True)
 class ScaleSettings:
-    """One level of the hierarchy, in working voxels: search cube radius and lattice step, smoothing."""
+    """One level of the hierarchy: image pooling factor, search cube radius and step (pooled voxels)."""
 
+    downsample: int
     search_radius_vox: int
     step_vox: float
-    smoothing_vox: float
-    mind_dilation: int
 
 
-# At a 2 mm working grid: searches of +-36, +-20, +-8, +-4 and +-2 mm, each finer than the last.
+# At a 2 mm working grid the five searches reach +-32, +-12, +-6, +-4 and +-2 mm around the
+# current estimate, on images pooled to 8, 4, 2, 2 and 2 mm.
 DEFAULT_SCALES: tuple[ScaleSettings, ...] = (
-    ScaleSettings(6, 3.0, 2.0, 3),
-    ScaleSettings(5, 2.0, 1.0, 2),
-    ScaleSettings(4, 1.0, 0.5, 2),
-    ScaleSettings(4, 0.5, 0.0, 2),
-    ScaleSettings(2, 0.5, 0.0, 1),
+    ScaleSettings(4, 4, 1.0),
+    ScaleSettings(2, 3, 1.0),
+    ScaleSettings(1, 3, 1.0),
+    ScaleSettings(1, 2, 1.0),
+    ScaleSettings(1, 2, 0.5),
 )
 
 
@@ -91,9 +91,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise IkrError(
-            "--device cuda was requested but no CUDA device is available (use --device auto or cpu)"
-        )
+        raise IkrError("--device cuda was requested but no CUDA device is available (use --device auto or cpu)")
     if name not in ("cpu", "cuda"):
         raise IkrError(f"unknown device {name!r}; choose auto, cpu or cuda")
     return torch.device(name)
@@ -116,16 +114,31 @@ def load_kernel(config: RegistrationConfig, device: torch.device) -> torch.nn.Mo
     return make_kernel(config.kernel, kernel_config, weights).to(device)
 
 
-def warp_volume(
-    volume: torch.Tensor, displacement_vox: torch.Tensor, padding: str = "border"
+def pool(volume: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average-pool a (1,C,D,H,W) volume by an integer factor (identity for 1)."""
+    return volume if factor == 1 else F.avg_pool3d(volume, factor, ceil_mode=True)
+
+
+def to_pooled(points_xyz: torch.Tensor, factor: int) -> torch.Tensor:
+    """Working-voxel coordinates -> coordinates on the grid pooled by `factor`."""
+    return (points_xyz - (factor - 1) / 2.0) / factor
+
+
+def kernel_at_points(
+    kernel: torch.nn.Module,
+    query_xyz: torch.Tensor,
+    key_xyz: torch.Tensor,
+    key_disp: torch.Tensor,
+    key_conf: torch.Tensor,
+    feature_volume: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Sample (1,C,D,H,W) at x + d(x), d given as (1,3,D,H,W) voxels (x, y, z); trilinear."""
-    shape = tuple(volume.shape[2:])
-    axes = [torch.arange(n, device=volume.device, dtype=torch.float32) for n in shape]
-    zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
-    pts = torch.stack([xx, yy, zz], dim=-1) + displacement_vox[0].permute(1, 2, 3, 0)
-    grid = points_to_grid(pts, shape).unsqueeze(0)
-    return F.grid_sample(volume.float(), grid, mode="bilinear", padding_mode=padding, align_corners=True)
+    """The kernel's displacement (Q, 3) at query points from keys, features sampled from the volume."""
+    q_feat = k_feat = None
+    if feature_volume is not None:
+        q_feat = sample_features(feature_volume, query_xyz)[None]
+        k_feat = sample_features(feature_volume, key_xyz)[None]
+    out = kernel(query_xyz[None].float(), q_feat, key_xyz[None].float(), key_disp[None].float(), k_feat, key_conf[None])
+    return out[0]
 
 
 def voxels_to_mm(displacement_vox: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -157,12 +170,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return float(rss_mb)
 
 
-def _features(image: torch.Tensor, scale: ScaleSettings) -> torch.Tensor:
-    """MIND-SSC of the image smoothed for this scale."""
-    smoothed = gaussian_smooth(image, scale.smoothing_vox) if scale.smoothing_vox > 0 else image
-    return mind_ssc(smoothed, radius=1, dilation=scale.mind_dilation)
-
-
 def register(
     fixed: Image,
     moving: Image,
@@ -185,44 +192,48 @@ def register(
     report_progress(0.05, "detecting keypoints")
     keypoints = forstner_keypoints(pair.fixed, pair.fixed_mask, config.max_keypoints, config.seed)
     if keypoints.shape[0] < 8:
-        raise IkrError(
-            f"only {keypoints.shape[0]} keypoints found in the fixed image's mask; too few to register"
-        )
+        raise IkrError(f"only {keypoints.shape[0]} keypoints found in the fixed image's mask; too few to register")
     kernel_features = mind_ssc(pair.fixed)
+    pyramid: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    dense = torch.zeros(1, 3, *shape, device=device)
     total = torch.zeros_like(keypoints)
     confidence = torch.ones(keypoints.shape[0], device=device)
     keep = torch.ones(keypoints.shape[0], dtype=torch.bool, device=device)
     n_scales = len(config.scales)
     with torch.no_grad():
         for s, scale in enumerate(config.scales):
+            f = scale.downsample
             report_progress(0.1 + 0.8 * s / n_scales, f"scale {s + 1}/{n_scales}: matching")
-            feat_fixed = _features(pair.fixed, scale)
-            feat_moving = _features(warp_volume(pair.moving, dense), scale)
+            if f not in pyramid:
+                fixed_features = kernel_features if f == 1 else mind_ssc(pool(pair.fixed, f))
+                pyramid[f] = (fixed_features, mind_ssc(pool(pair.moving, f)))
+            prior = total
+            if s > 0:
+                prior = kernel_at_points(
+                    kernel, keypoints, keypoints[keep], total[keep], confidence[keep], kernel_features
+                )
             forward, check = match_consistent(
-                feat_fixed,
-                feat_moving,
-                keypoints,
+                *pyramid[f],
+                to_pooled(keypoints, f),
                 scale.search_radius_vox,
-                threshold_vox=max(config.consistency_threshold_vox, scale.step_vox),
+                threshold_vox=config.consistency_threshold_vox,
                 step_vox=scale.step_vox,
+                prior=prior / f,
             )
-            residual = forward.displacement
-            total = residual + sample_features(dense, keypoints + residual)
+            total = forward.displacement * f
             confidence, keep = check.confidence, check.keep
             if int(keep.sum()) < 8:
                 keep = torch.ones_like(keep)
-            report_progress(0.1 + 0.8 * (s + 0.5) / n_scales, f"scale {s + 1}/{n_scales}: reconstructing")
-            dense = reconstruct_dense(
-                kernel,
-                shape,
-                keypoints[keep],
-                total[keep],
-                confidence[keep],
-                kernel_features,
-                config.control_step_vox,
-            )
+        report_progress(0.9, "reconstructing the dense field")
+        dense = reconstruct_dense(
+            kernel,
+            shape,
+            keypoints[keep],
+            total[keep],
+            confidence[keep],
+            kernel_features,
+            config.control_step_vox,
+        )
 
     report_progress(0.92, "writing the field on the fixed grid")
     field_fixed = dense_to_field(dense, pair.geometry, fixed.geometry)

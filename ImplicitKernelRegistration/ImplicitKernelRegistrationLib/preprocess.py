@@ -34,18 +34,15 @@ def working_geometry(fixed: Geometry, spacing_mm: float) -> Geometry:
     spacing = float(spacing_mm)
     if not (MIN_SPACING_MM <= spacing <= MAX_SPACING_MM) or not math.isfinite(spacing):
         raise IkrError(
-            f"working spacing {spacing_mm} mm is outside the sensible range "
-            f"[{MIN_SPACING_MM}, {MAX_SPACING_MM}] mm"
+            f"working spacing {spacing_mm} mm is outside the sensible range [{MIN_SPACING_MM}, {MAX_SPACING_MM}] mm"
         )
-    size = tuple(max(1, math.ceil(n * s / spacing - 1e-6)) for n, s in zip(fixed.size, fixed.spacing_mm))
+    size = tuple(max(1, math.ceil(n * s / spacing - 1e-6)) for n, s in zip(fixed.size, fixed.spacing_mm, strict=True))
     return Geometry(size=size, spacing_mm=(spacing,) * 3, origin_lps=fixed.origin_lps, direction=fixed.direction)
 
 
 def _antialias(image: sitk.Image, target_spacing: tuple[float, ...]) -> sitk.Image:
     """Gaussian pre-smoothing along axes that get coarser, so downsampling does not alias."""
-    sigmas = [
-        0.5 * math.sqrt(max(t * t - s * s, 0.0)) for t, s in zip(target_spacing, image.GetSpacing())
-    ]
+    sigmas = [0.5 * math.sqrt(max(t * t - s * s, 0.0)) for t, s in zip(target_spacing, image.GetSpacing(), strict=True)]
     if max(sigmas) <= 0.0:
         return image
     sigmas = [max(s, 1e-3) for s in sigmas]  # the recursive filter needs a positive sigma

@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 from scipy import ndimage
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
@@ -62,10 +63,8 @@ from .fields import (
     Field,
     invert,
     jacobian_determinant,
-    resample_field,
     sample_field,
     transform_points,
-    warp_image,
 )
 from .geometry import Geometry, Image
 from .io.atomic import atomic_directory
@@ -76,6 +75,9 @@ LANDMARK_SPACING_MM = 2.5
 LANDMARK_MIN_DISTANCE_MM = 10.0
 AIR_HU = -1000.0
 MIN_JACOBIAN = 0.25
+SLIDING_SIGMA_MM = 4.0
+SLIDING_TAPER_MM = 25.0
+POLISH_ITERATIONS = 2
 
 
 @dataclass
@@ -97,32 +99,59 @@ class SynthCase:
 # ----------------------------------------------------------------------------- grids and masks
 
 
-def _coarse_geometry(geometry: Geometry, target_mm: float) -> Geometry:
-    """A grid with the same origin and direction, an integer multiple of the spacing, covering the CT."""
-    factor = max(1, math.ceil(target_mm / min(geometry.spacing_mm) - 1e-6))
+def _coarse_geometry(geometry: Geometry, target_mm: float) -> tuple[Geometry, int]:
+    """A grid every `factor`-th voxel of `geometry` (same origin and direction) covering it, and the factor."""
+    factor = max(1, round(target_mm / min(geometry.spacing_mm)))
     size = tuple(max(2, math.ceil((n - 1) / factor) + 1) for n in geometry.size)
     spacing = tuple(s * factor for s in geometry.spacing_mm)
-    return Geometry(size, spacing, geometry.origin_lps, geometry.direction)
+    return Geometry(size, spacing, geometry.origin_lps, geometry.direction), factor
 
 
-def _resample_image(image: Image, geometry: Geometry, default: float = AIR_HU) -> np.ndarray:
-    """The image smoothed to the target spacing and resampled linearly onto `geometry` (float32)."""
-    src = image.to_sitk()
-    src = sitk.Cast(src, sitk.sitkFloat32)
-    ratio = np.asarray(geometry.spacing_mm) / np.asarray(image.geometry.spacing_mm)
-    if np.any(ratio > 1.01):
-        sigma = [0.5 * s * max(r - 1.0, 0.0) ** 0.5 for s, r in zip(image.geometry.spacing_mm, ratio, strict=True)]
-        src = sitk.SmoothingRecursiveGaussian(src, [max(v, 1e-3) for v in sigma])
-    out = sitk.Resample(src, geometry.reference_image(), sitk.Transform(), sitk.sitkLinear, default, sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(out)
+def _downsample(values: np.ndarray, factor: int, coarse: Geometry, smooth: bool = True) -> np.ndarray:
+    """Every `factor`-th voxel (box-smoothed first when `smooth`), edge-padded to the coarse grid."""
+    v = values
+    if smooth and factor > 1:
+        v = ndimage.uniform_filter(values.astype(np.float32), size=2 * (factor // 2) + 1, mode="nearest")
+    v = v[::factor, ::factor, ::factor]
+    return np.pad(v, [(0, n - m) for n, m in zip(coarse.shape_zyx, v.shape, strict=True)], mode="edge")
 
 
-def _resample_labels(labels: Image, geometry: Geometry) -> np.ndarray:
-    """The label map resampled by nearest neighbour onto `geometry`."""
-    out = sitk.Resample(
-        labels.to_sitk(), geometry.reference_image(), sitk.Transform(), sitk.sitkNearestNeighbor, 0
-    )
-    return sitk.GetArrayFromImage(out)
+def _sample_on_fine(
+    values: np.ndarray,
+    factor: int,
+    fine: Geometry,
+    displacement_mm: np.ndarray | None = None,
+    mode: str = "bilinear",
+    outside: float | None = None,
+) -> np.ndarray:
+    """Values (z, y, x[, c]) on a grid `factor` times coarser than `fine` (same origin and direction),
+    sampled at every fine voxel centre y moved to y + displacement(y); (z, y, x, c) float32.
+
+    Trilinear ("bilinear") or "nearest" via torch.grid_sample; beyond the grid the edge value is
+    repeated, or `outside` is used where the point lies over half a voxel outside.
+    """
+    vol = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    vol = (vol[None] if vol.ndim == 3 else vol.permute(3, 0, 1, 2))[None]
+    sizes = torch.tensor(values.shape[:3][::-1], dtype=torch.float32)
+    span = torch.clamp(sizes - 1.0, min=1.0)
+    to_index = np.linalg.inv(fine.direction_matrix * np.asarray(fine.spacing_mm)[None, :]).T
+    to_index = torch.from_numpy(to_index.astype(np.float32))
+    nz, ny, nx = fine.shape_zyx
+    out = np.empty((nz, ny, nx, vol.shape[1]), dtype=np.float32)
+    chunk = max(1, 2_000_000 // (ny * nx))
+    for z0 in range(0, nz, chunk):
+        z1 = min(nz, z0 + chunk)
+        zz, yy, xx = torch.meshgrid(torch.arange(z0, z1), torch.arange(ny), torch.arange(nx), indexing="ij")
+        idx = torch.stack([xx, yy, zz], dim=-1).to(torch.float32)
+        if displacement_mm is not None:
+            idx = idx + torch.from_numpy(np.ascontiguousarray(displacement_mm[z0:z1], dtype=np.float32)) @ to_index
+        idx = idx / factor
+        grid = (2.0 * idx / span - 1.0)[None]
+        sampled = torch.nn.functional.grid_sample(vol, grid, mode=mode, padding_mode="border", align_corners=True)[0]
+        if outside is not None:
+            sampled[:, ((idx < -0.5) | (idx > sizes - 0.5)).any(dim=-1)] = outside
+        out[z0:z1] = sampled.permute(1, 2, 3, 0).numpy()
+    return out
 
 
 def _superior_axis(geometry: Geometry) -> tuple[int, int]:
@@ -282,12 +311,12 @@ def _bspline(ctx: _Context, magnitude: float | None) -> tuple[np.ndarray, dict]:
     """A smooth random cubic B-spline displacement."""
     control = ctx.rng.uniform(35.0, 50.0)
     target = float(magnitude) if magnitude is not None else ctx.rng.uniform(3.0, 8.0)
-    for draw in range(1, 9):  # redraw the coefficients until the field is comfortably invertible
-        d = _bspline_field(ctx.geometry, control, ctx.rng, 3)
+    d, draws = np.zeros((*ctx.geometry.shape_zyx, 3), np.float32), 0
+    while draws == 0 or (draws < 8 and _min_jacobian(d, ctx.geometry) < MIN_JACOBIAN):
+        d = _bspline_field(ctx.geometry, control, ctx.rng, 3)  # redraw until comfortably invertible
         d *= target / max(_mean_norm(d, ctx.body), 1e-6)
-        if _min_jacobian(d, ctx.geometry) >= MIN_JACOBIAN:
-            break
-    return d, {"mean_displacement_mm": target, "control_spacing_mm": control, "draws": draw, "region": "body"}
+        draws += 1
+    return d, {"mean_displacement_mm": target, "control_spacing_mm": control, "draws": draws, "region": "body"}
 
 
 def _local_centre(ctx: _Context, radius: float) -> np.ndarray:
@@ -367,7 +396,10 @@ def _sliding(ctx: _Context, magnitude: float | None) -> tuple[np.ndarray, dict]:
     """Lungs (and what lies below them) slide cranio-caudally along a still chest wall."""
     rng, pts = ctx.rng, ctx.points
     columns, kind = _sliding_columns(ctx.lungs, ctx.body, ctx.geometry)
-    weight = ndimage.gaussian_filter(columns.astype(np.float32), 4.0 / np.asarray(ctx.geometry.spacing_mm)[::-1])
+    axis, _ = _superior_axis(ctx.geometry)
+    sigma_mm = np.full(3, SLIDING_SIGMA_MM)
+    sigma_mm[axis] = SLIDING_TAPER_MM  # tapers the motion at the columns' tops; the side walls stay sharp
+    weight = ndimage.gaussian_filter(columns.astype(np.float32), sigma_mm / np.asarray(ctx.geometry.spacing_mm)[::-1])
     z_base = _lung_base_z(pts[..., 2], ctx.lungs, ctx.body)
     sigma_up, sigma_down = rng.uniform(90.0, 130.0), rng.uniform(70.0, 110.0)
     d = np.zeros((*ctx.geometry.shape_zyx, 3), dtype=np.float32)
@@ -424,23 +456,23 @@ def _noise(shape: tuple[int, ...], sigma_hu: float, rng: np.random.Generator) ->
     return smooth * (sigma_hu / max(float(smooth.std()), 1e-6))
 
 
-def _smooth_scalar(fine: Geometry, coarse: Geometry, control_mm: float, rng: np.random.Generator) -> np.ndarray:
+def _smooth_scalar(
+    fine: Geometry, coarse: Geometry, factor: int, control_mm: float, rng: np.random.Generator
+) -> np.ndarray:
     """A smooth random scalar field in about [-1, 1], drawn on `coarse` and interpolated onto `fine`."""
     values = _bspline_field(coarse, control_mm, rng, 1)[..., 0]
     values = values / max(float(np.abs(values).max()), 1e-6)
-    image = coarse.apply_to_sitk(sitk.GetImageFromArray(values))
-    out = sitk.Resample(image, fine.reference_image(), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, True)
-    return sitk.GetArrayFromImage(out)
+    return _sample_on_fine(values, factor, fine)[..., 0]
 
 
 def _intensity_change(
-    moving: np.ndarray, fine: Geometry, coarse: Geometry, rng: np.random.Generator, ablation: dict | None
+    moving: np.ndarray, fine: Geometry, coarse: Geometry, factor: int, rng: np.random.Generator, ablation: dict | None
 ) -> tuple[np.ndarray, dict]:
     """A smooth gain/offset change in tissue, plus a hypodense ball for an ablation-like case."""
     gain, offset = rng.uniform(0.01, 0.03), rng.uniform(3.0, 10.0)
     tissue = np.clip((moving + 900.0) / 100.0, 0.0, 1.0)
-    out = (moving - AIR_HU) * (1.0 + gain * _smooth_scalar(fine, coarse, 80.0, rng)) + AIR_HU
-    out += offset * _smooth_scalar(fine, coarse, 80.0, rng) * tissue
+    out = (moving - AIR_HU) * (1.0 + gain * _smooth_scalar(fine, coarse, factor, 80.0, rng)) + AIR_HU
+    out += offset * _smooth_scalar(fine, coarse, factor, 80.0, rng) * tissue
     params = {"gain_max": float(gain), "offset_max_hu": float(offset)}
     if ablation is not None:
         drop = rng.uniform(30.0, 60.0)
@@ -466,10 +498,11 @@ def _ball_weight(geometry: Geometry, centre: np.ndarray, radius: float) -> np.nd
     return out
 
 
-def _resample_through(image: Image, reference: Geometry, field: Field, interpolator: int, default: float) -> np.ndarray:
-    """out(y) = image(y + field(y)) on `reference`; the field (any grid covering it) is interpolated linearly."""
-    out = sitk.Resample(image.to_sitk(), reference.reference_image(), field.to_sitk_transform(), interpolator, default)
-    return sitk.GetArrayFromImage(out)
+def _polish_inverse(true_field: Field, inverse_mm: np.ndarray, iterations: int) -> np.ndarray:
+    """Refine an interpolated inverse on the true field's grid by fixed-point steps u <- -d(y + u(y))."""
+    for _ in range(iterations):
+        inverse_mm = -_sample_on_fine(true_field.displacement_mm, 1, true_field.geometry, inverse_mm)
+    return inverse_mm
 
 
 def _to_ct_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -506,9 +539,8 @@ def _harris_response(hu: np.ndarray, spacing_zyx: np.ndarray) -> np.ndarray:
     return det - 0.005 * trace**3
 
 
-def _landmark_candidates(ct: Image, body: np.ndarray, grid: Geometry, rng: np.random.Generator) -> np.ndarray:
+def _landmark_candidates(hu: np.ndarray, body: np.ndarray, grid: Geometry, rng: np.random.Generator) -> np.ndarray:
     """LPS points of local Harris maxima inside the body, away from the border, strongest first."""
-    hu = _resample_image(ct, grid)
     response = _harris_response(hu, np.asarray(grid.spacing_mm)[::-1])
     spacing = np.asarray(grid.spacing_mm)[::-1]
     inside = ndimage.binary_erosion(body, iterations=2)
@@ -537,11 +569,12 @@ def _spread(points: np.ndarray, min_distance: float, limit: int) -> np.ndarray:
     return points[chosen]
 
 
-def _landmarks(
-    ct: Image, body: np.ndarray, grid: Geometry, field: Field, n: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def _landmarks(ct: Image, field: Field, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Landmark pairs on corner-like anatomy whose fixed and moving points both lie well inside the image."""
-    candidates = _spread(_landmark_candidates(ct, body, grid, rng), LANDMARK_MIN_DISTANCE_MM, 4 * n + 20)
+    grid, factor = _coarse_geometry(ct.geometry, LANDMARK_SPACING_MM)
+    hu = _downsample(ct.array, factor, grid)
+    candidates = _landmark_candidates(hu, _body_mask(hu, grid), grid, rng)
+    candidates = _spread(candidates, LANDMARK_MIN_DISTANCE_MM, 4 * n + 20)
     if len(candidates) == 0:
         return np.zeros((0, 3)), np.zeros((0, 3))
     moving = transform_points(field, candidates)
@@ -599,10 +632,10 @@ def make_case(
     _check_inputs(ct, family, labels, n_landmarks, noise_hu)
     rng = np.random.default_rng([int(seed), FAMILIES.index(family)])
     fine = ct.geometry
-    coarse = _coarse_geometry(fine, WORKING_SPACING_MM)
-    hu_c = _resample_image(ct, coarse)
+    coarse, factor = _coarse_geometry(fine, WORKING_SPACING_MM)
+    hu_c = _downsample(ct.array, factor, coarse)
     body_c = _body_mask(hu_c, coarse)
-    labels_c = None if labels is None else _resample_labels(labels, coarse)
+    labels_c = None if labels is None else _downsample(labels.array, factor, coarse, smooth=False)
     lungs_c = _lung_mask(hu_c, body_c, labels_c, _named_labels(labels, "lung"))
     liver_values = _named_labels(labels, "liver")
     liver_c = np.isin(labels_c, liver_values) if labels_c is not None and liver_values else None
@@ -613,15 +646,18 @@ def make_case(
     deformation, family_params["shrink_factor"] = _ensure_invertible(deformation, coarse)
     rigid_params = _rigid(fine, rng) if rigid else None
     total = _apply_rigid(deformation, pts_c, rigid_params) if rigid_params else deformation
-    inverse, residual_c = invert(Field(total, coarse), iterations=60)
-    true_field = resample_field(Field(total, coarse), fine)
+    inverse_c, residual_c = invert(Field(total, coarse), iterations=100)
+    true_field = Field(_sample_on_fine(total, factor, fine), fine)
+    inverse = _sample_on_fine(inverse_c.displacement_mm, factor, fine)
+    inverse = _polish_inverse(true_field, inverse, POLISH_ITERATIONS)
 
     clean = ct.array.astype(np.float32)
     outside = float(min(clean.min(), AIR_HU))
-    moving_clean = _resample_through(Image(clean, fine), fine, inverse, sitk.sitkBSpline, outside)
+    moving_clean = _sample_on_fine(clean, 1, fine, inverse, outside=outside)[..., 0]
     moving_labels = None
     if labels is not None:
-        moving_labels = labels.with_array(_resample_through(labels, fine, inverse, sitk.sitkNearestNeighbor, 0))
+        warped = _sample_on_fine(labels.array, 1, fine, inverse, mode="nearest", outside=0.0)[..., 0]
+        moving_labels = labels.with_array(np.rint(warped).astype(labels.array.dtype))
     intensity_params = None
     if intensity_change:
         ablation = None
@@ -629,11 +665,8 @@ def make_case(
             moved_centre = transform_points(true_field, np.asarray(family_params["centre_lps"])[None])[0]
             ablation = {"centre_lps": [float(v) for v in moved_centre]}
             ablation["radius_mm"] = 0.9 * family_params["scale"] * family_params["radius_mm"]
-        moving_clean, intensity_params = _intensity_change(moving_clean, fine, coarse, rng, ablation)
-
-    body_grid = _coarse_geometry(fine, LANDMARK_SPACING_MM)
-    body_l = _body_mask(_resample_image(ct, body_grid), body_grid)
-    lm_fixed, lm_moving = _landmarks(ct, body_l, body_grid, true_field, n_landmarks, rng)
+        moving_clean, intensity_params = _intensity_change(moving_clean, fine, coarse, factor, rng, ablation)
+    lm_fixed, lm_moving = _landmarks(ct, true_field, n_landmarks, rng)
 
     fixed_arr = _to_ct_dtype(clean + _noise(clean.shape, noise_hu, rng), ct.array.dtype)
     moving_arr = _to_ct_dtype(moving_clean + _noise(clean.shape, noise_hu, rng), ct.array.dtype)
@@ -652,7 +685,7 @@ def make_case(
         "intensity_params": _jsonable(intensity_params),
         "working_spacing_mm": [float(v) for v in coarse.spacing_mm],
         "inverse_residual_working_mm": float(residual_c),
-        **_inverse_check(true_field, inverse, rng),
+        **_inverse_check(true_field, Field(inverse, fine), rng),
         "min_jacobian_working": float(jac.min()),
         "max_deformation_mm": float(deform_norm.max()),
         "landmarks_found": int(len(lm_fixed)),

@@ -1,0 +1,243 @@
+"""Benchmark this project against elastix, ConvexAdam, Greedy, demons and ANTs on synthetic CT cases.
+
+    .venv/bin/python bench/run.py --quick          # 2 cases on the 3 mm CTs, under 10 minutes on 2 cores
+    .venv/bin/python bench/run.py                  # the full set, under an hour on 2 cores
+    .venv/bin/python bench/run.py --device cuda    # this project and ConvexAdam on the GPU
+
+Steps: install the peers into bench/.venv-peers (setup_peers.sh, once), build the cases under
+bench/work/cases, check every method's displacement convention on a known translation, run every
+method on every case (each in a subprocess of its own), score the fields, and write
+bench/results/latest.{md,json,png}; the table is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from cases import FULL_CASES, QUICK_CASES, TRANSLATION_MM, CaseSpec, build_case, build_translation_case, load_case
+from methods import BENCH, METHODS, PEERS_PYTHON, get_method, method_names, run_method
+from report import convention_table, ratios_table, summary_table, values_table
+from scoring import convention_check, score
+
+from ImplicitKernelRegistrationLib.fields import Field
+from ImplicitKernelRegistrationLib.io.atomic import write_text_atomic
+from ImplicitKernelRegistrationLib.metrics import tre
+
+ROOT = BENCH.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 cases on the 3 mm CTs (under 10 minutes)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="for this project and ConvexAdam")
+    parser.add_argument("--methods", nargs="+", choices=method_names(), help="only these methods")
+    parser.add_argument("--cases", nargs="+", help="only the cases with these names")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of every method")
+    parser.add_argument("--timeout", type=float, help="seconds per run (default 600 quick, 1800 full)")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data", help="the shared data folder")
+    parser.add_argument("--work", type=Path, default=BENCH / "work", help="cases and fields")
+    parser.add_argument("--results", type=Path, default=BENCH / "results", help="where latest.{md,json,png} go")
+    parser.add_argument("--skip-check", action="store_true", help="skip the convention check (not advised)")
+    return parser.parse_args(argv)
+
+
+def setup_peers() -> None:
+    """Create or update the peers' venv (idempotent); on failure the peers are reported missing."""
+    log = BENCH / "work" / "setup_peers.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("setting up the peers' venv (bench/.venv-peers) ...", flush=True)
+    with open(log, "w", encoding="utf-8") as out:
+        code = subprocess.run(["bash", str(BENCH / "setup_peers.sh")], stdout=out, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        print(f"  setup_peers.sh failed (exit {code}); see {log}", flush=True)
+
+
+def peer_versions() -> dict[str, str]:
+    """Versions of the peers' packages, from the venv's pip freeze."""
+    freeze = PEERS_PYTHON.parent.parent / "freeze.txt"
+    if not freeze.exists():
+        return {}
+    wanted = {"itk-elastix", "convexadam", "picsl-greedy", "picsl_greedy", "antspyx", "simpleitk", "torch"}
+    pairs = (line.split("==", 1) for line in freeze.read_text(encoding="utf-8").splitlines() if "==" in line)
+    return {name: ver for name, ver in pairs if name.lower() in wanted}
+
+
+def run_checks(methods: list, args: argparse.Namespace) -> dict[str, dict]:
+    """The translation check of every method: a field that does not map p to p + t fails."""
+    folder = build_translation_case(args.data, args.work)
+    checks = {}
+    for method in methods:
+        print(f"convention check: {method.name} ...", flush=True)
+        out = args.work / "runs" / "check" / method.name
+        run = run_method(method, folder / "fixed.nii.gz", folder / "moving.nii.gz", out, args.device, args.threads, 600)
+        check = convention_check(Path(run["field"]), folder / "fixed.nii.gz") if run["status"] == "ok" else {}
+        checks[method.name] = {**run, **check}
+        print(f"  {check.get('verdict', run['status'] + ': ' + run.get('reason', ''))}", flush=True)
+    return checks
+
+
+def identity_row(spec: CaseSpec, case) -> dict:
+    """The 'no registration' row: TRE of the zero field (the initial misalignment)."""
+    zero = Field.identity(case.fixed.geometry)
+    return {
+        "case": spec.name,
+        "unseen": spec.unseen,
+        "method": "none",
+        "status": "ok",
+        "tre": tre(case.landmarks_fixed_lps, case.landmarks_moving_lps, zero),
+        "jacobian": {"sdlogj": 0.0, "sdlogj_l2r": 0.0, "folding_percent": 0.0},
+        "time_s": 0.0,
+        "memory_mb": None,
+        "device": "-",
+    }
+
+
+def result_row(spec: CaseSpec, case, run: dict) -> dict:
+    """A table row from a run record: its figures when it finished, else its status and reason."""
+    row = {"case": spec.name, "unseen": spec.unseen, **{k: v for k, v in run.items() if k != "field"}}
+    if run["status"] != "ok":
+        return row
+    row.update(score(Path(run["field"]), case))
+    row["time_s"] = run["registration_s"]
+    row["memory_mb"] = run["peak_rss_mb"] + run.get("cuda_peak_mb", 0.0)
+    return row
+
+
+def run_case(spec: CaseSpec, methods: list, args: argparse.Namespace, timeout: float) -> list[dict]:
+    """Build (or reuse) one case and run every method on it."""
+    print(f"case {spec.name}: building ...", flush=True)
+    folder = build_case(spec, args.data, args.work)
+    case = load_case(folder)
+    rows = [identity_row(spec, case)]
+    for method in methods:
+        print(f"case {spec.name}: {method.name} ...", flush=True)
+        out = args.work / "runs" / spec.name / method.name
+        run = run_method(method, folder / "fixed.nii.gz", folder / "moving.nii.gz", out, args.device, args.threads, timeout)
+        rows.append(result_row(spec, case, run))
+        last = rows[-1]
+        if last["status"] == "ok":
+            print(f"  TRE {last['tre']['mean']:.2f} mm, {last['time_s']:.1f} s, {last['memory_mb']:.0f} MB", flush=True)
+        else:
+            print(f"  {last['status']}: {last.get('reason', '')}", flush=True)
+    return rows
+
+
+def git_version() -> str:
+    """The checkout's commit (with '+dirty' when the tree has changes)."""
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def markdown(results: dict) -> str:
+    """The results page."""
+    rows, checks = results["rows"], results["checks"]
+    versions = ", ".join(f"{k} {v}" for k, v in results["peer_versions"].items()) or "none installed"
+    lines = [
+        f"# Benchmark: {results['mode']} run",
+        "",
+        f"{results['date']}; project {results['project_version']}; {results['machine']}; "
+        f"{results['threads']} threads; device {results['device']}.",
+        f"Peers: {versions}.",
+        "",
+        "Cases are synthetic deformations of the real CTs in shared/data/ct (`synth.make_case`), with"
+        " a small rigid offset, an intensity change and noise. TRE at the case's landmarks (mm);"
+        " SDlogJ (std of log J over J > 0) and folding (% of J <= 0) inside the fixed image's body"
+        " mask; time is the registration itself (each method in a process of its own, after reading"
+        " the images); peak memory is that process's peak resident set (+ CUDA peak on a GPU)."
+        " 'unseen': what of the case training never saw (the family 'sliding' and the liver slab"
+        " CT are held out by `train.default_config`).",
+        "",
+        summary_table(rows),
+        "",
+        "## Every run",
+        "",
+        values_table(rows),
+        "",
+        "## Ratios to this project's default (ikr-learned; ikr-tps while the learned weights are missing)",
+        "",
+        ratios_table(rows),
+        "",
+        "## Convention check (liver slab moved by t = "
+        f"({', '.join(f'{v:g}' for v in TRANSLATION_MM)}) mm, LPS; field must map p to p + t)",
+        "",
+        convention_table(checks) if checks else "skipped",
+        "",
+        "## Settings",
+        "",
+        *(f"- {m.name}: {m.note}; options {json.dumps(m.options)}" for m in METHODS),
+        "",
+        "![TRE against time](latest.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(results_json: Path, png: Path) -> None:
+    """Draw the TRE-against-time plot with the peers' venv (matplotlib lives there)."""
+    if not PEERS_PYTHON.exists():
+        print("no plot: the peers' venv (with matplotlib) is missing", flush=True)
+        return
+    code = subprocess.run([str(PEERS_PYTHON), str(BENCH / "plot.py"), str(results_json), str(png)]).returncode
+    if code != 0:
+        print(f"plotting failed (exit {code})", flush=True)
+
+
+def machine() -> str:
+    """A short description of this machine."""
+    return f"{platform.machine()} {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; 0 when every convention check passed."""
+    args = parse_args(argv)
+    specs = QUICK_CASES if args.quick else FULL_CASES
+    if args.cases:
+        specs = tuple(s for s in specs if s.name in args.cases)
+    methods = [get_method(n) for n in (args.methods or method_names())]
+    timeout = args.timeout or (600.0 if args.quick else 1800.0)
+    np.seterr(all="ignore")
+    if any(m.peer for m in methods):
+        setup_peers()
+    checks = {} if args.skip_check else run_checks(methods, args)
+    failed = {name for name, c in checks.items() if not c.get("verdict", "pass").startswith("pass")}
+    runnable = [m for m in methods if m.name not in failed]
+    rows = [row for spec in specs for row in run_case(spec, runnable, args, timeout)]
+    results = {
+        "mode": "quick" if args.quick else "full",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "project_version": git_version(),
+        "machine": machine(),
+        "threads": args.threads,
+        "device": args.device,
+        "peer_versions": peer_versions(),
+        "checks": {k: {kk: vv for kk, vv in v.items() if kk != "field"} for k, v in checks.items()},
+        "rows": rows,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    results_json = args.results / "latest.json"
+    write_text_atomic(results_json, json.dumps(results, indent=1, default=float) + "\n")
+    write_text_atomic(args.results / "latest.md", markdown(results))
+    plot(results_json, args.results / "latest.png")
+    print()
+    print(summary_table(rows))
+    print()
+    print(values_table(rows))
+    print(f"\nwritten: {args.results / 'latest.md'}, latest.json, latest.png")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Scoring a written field: the convention check on the translation case, and the case metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from cases import TRANSLATION_MM, body_mask
+from ImplicitKernelRegistrationLib.fields import transform_points
+from ImplicitKernelRegistrationLib.io.images import read_image
+from ImplicitKernelRegistrationLib.io.transforms import read_field
+from ImplicitKernelRegistrationLib.metrics import endpoint_error, sdlogj, tre
+from ImplicitKernelRegistrationLib.synth import SynthCase
+
+CONVENTION_TOLERANCE_MM = 1.0
+CHECK_POINTS = 500
+
+
+def _interior_points(fixed_path: Path, margin_vox: int = 3) -> np.ndarray:
+    """Up to CHECK_POINTS seeded LPS points inside the body, `margin_vox` voxels away from every edge."""
+    fixed = read_image(fixed_path)
+    mask = ndimage.binary_erosion(body_mask(fixed), iterations=margin_vox, border_value=0)
+    index_zyx = np.argwhere(mask)
+    chosen = np.random.default_rng(0).choice(len(index_zyx), min(CHECK_POINTS, len(index_zyx)), replace=False)
+    return fixed.geometry.index_to_lps(index_zyx[chosen][:, ::-1].astype(np.float64))
+
+
+def convention_check(field_path: Path, fixed_path: Path) -> dict:
+    """Does the field map fixed points p to p + t (pass), to p - t (read the wrong way round), or neither?"""
+    field = read_field(field_path)
+    points = _interior_points(fixed_path)
+    shift = np.asarray(TRANSLATION_MM)
+    mapped = transform_points(field, points) - points
+    error = float(np.median(np.linalg.norm(mapped - shift, axis=1)))
+    reversed_error = float(np.median(np.linalg.norm(mapped + shift, axis=1)))
+    if error < CONVENTION_TOLERANCE_MM:
+        verdict = "pass"
+    elif reversed_error < CONVENTION_TOLERANCE_MM:
+        verdict = "FAIL: reversed (moving -> fixed)"
+    else:
+        verdict = "FAIL: wrong"
+    return {
+        "expected_mm": [float(v) for v in shift],
+        "median_displacement_mm": [round(float(v), 3) for v in np.median(mapped, axis=0)],
+        "median_error_mm": round(error, 3),
+        "verdict": verdict,
+    }
+
+
+def score(field_path: Path, case: SynthCase) -> dict:
+    """TRE at the case's landmarks; Jacobian statistics and endpoint error inside the fixed body mask."""
+    field = read_field(field_path)
+    body = body_mask(case.fixed)
+    return {
+        "tre": tre(case.landmarks_fixed_lps, case.landmarks_moving_lps, field),
+        "jacobian": sdlogj(field, body),
+        "endpoint_error": endpoint_error(field, case.true_field, body),
+    }
