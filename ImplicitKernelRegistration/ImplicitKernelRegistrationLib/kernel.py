@@ -208,12 +208,16 @@ class LearnedKernel(nn.Module):
             raise IkrError(f"the {self.config.heads!r} kernel needs image features at queries and keys")
         key_xyz, key_disp = key_xyz.float(), key_disp.float()
         log_conf = _log_conf(key_conf, key_xyz, self.config.conf_eps)
-        sem_keys = self.semantic_key(key_feat.float()) if self.use_semantic else None
+        sem_keys = sem_prior = None
+        if self.use_semantic:
+            sem_keys = self.semantic_key(key_feat.float())  # (B,N,dim), once per key
+            sem_prior = self.semantic_prior(sem_keys).squeeze(-1)  # (B,N)
         out = []
         for start in range(0, query_xyz.shape[1], self.query_chunk):
             sl = slice(start, start + self.query_chunk)
             qf = query_feat[:, sl].float() if self.use_semantic else None
-            out.append(self._chunk(query_xyz[:, sl].float(), qf, key_xyz, key_disp, sem_keys, log_conf))
+            x = query_xyz[:, sl].float()
+            out.append(self._chunk(x, qf, key_xyz, key_disp, sem_keys, sem_prior, log_conf))
         return torch.cat(out, dim=1)
 
     def _chunk(
@@ -223,6 +227,7 @@ class LearnedKernel(nn.Module):
         key_xyz: torch.Tensor,
         key_disp: torch.Tensor,
         sem_keys: torch.Tensor | None,
+        sem_prior: torch.Tensor | None,
         log_conf: torch.Tensor,
     ) -> torch.Tensor:
         """One chunk of queries: neighbours, logits, softmax, weighted sum."""
@@ -237,7 +242,7 @@ class LearnedKernel(nn.Module):
             logits = logits + self._spatial_logits(x, y, d, rel, dist2)
         if self.use_semantic:
             emb = gather_neighbours(sem_keys, idx)
-            logits = logits + self._semantic_logits(x_feat, emb, self.semantic_prior(emb).squeeze(-1))
+            logits = logits + self._semantic_logits(x_feat, emb) + gather_neighbours(sem_prior, idx)
         w = torch.softmax(logits, dim=-1)
         return (w.unsqueeze(-1) * d).sum(dim=2)
 
@@ -270,9 +275,9 @@ class LearnedKernel(nn.Module):
         k = self.spatial_key(torch.cat(parts, dim=-1))
         return self._heads(self.spatial_query(q_in), k, self.spatial_out)
 
-    def _semantic_logits(self, x_feat: torch.Tensor, key_emb: torch.Tensor, key_prior: torch.Tensor) -> torch.Tensor:
-        """Semantic head Hf: image features at x against those at y, plus a per-key prior, (B,Q,K)."""
-        return self._heads(self.semantic_query(x_feat), key_emb, self.semantic_out) + key_prior
+    def _semantic_logits(self, x_feat: torch.Tensor, key_emb: torch.Tensor) -> torch.Tensor:
+        """Semantic head Hf: image features at x against the key embeddings of the features at y, (B,Q,K)."""
+        return self._heads(self.semantic_query(x_feat), key_emb, self.semantic_out)
 
 
 # ------------------------------------------------------------------------------------------- the peers

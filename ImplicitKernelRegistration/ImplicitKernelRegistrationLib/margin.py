@@ -30,8 +30,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from vtkmodules.util import numpy_support
 from vtkmodules.vtkCommonDataModel import vtkImageData, vtkPolyData
-from vtkmodules.vtkFiltersCore import vtkFlyingEdges3D, vtkWindowedSincPolyDataFilter
-from vtkmodules.vtkFiltersGeneral import vtkDistancePolyDataFilter
+from vtkmodules.vtkFiltersCore import vtkFlyingEdges3D, vtkImplicitPolyDataDistance, vtkWindowedSincPolyDataFilter
 
 from .errors import IkrError
 from .fields import Field, sample_field
@@ -265,7 +264,7 @@ def iso_surface(occ: Image, smoothing_iterations: int = 0) -> Surface:
     image = vtkImageData()
     nz, ny, nx = occ.array.shape
     image.SetDimensions(nx, ny, nz)
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(occ.array, np.float32).ravel()))
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(occ.array, np.float32).ravel(), deep=True))
     contour = vtkFlyingEdges3D()
     contour.SetInputData(image)
     contour.SetValue(0, LEVEL)
@@ -300,28 +299,15 @@ def _smooth(surface: Surface, iterations: int) -> Surface:
 
 
 def distances_to_surface(points_lps: np.ndarray, surface: Surface) -> np.ndarray:
-    """Unsigned distance (mm) of each point to the nearest point of a triangle mesh."""
-    from vtkmodules.vtkCommonCore import vtkPoints
-    from vtkmodules.vtkCommonDataModel import vtkCellArray
+    """Unsigned distance (mm) of each point to the nearest point of a triangle mesh (point-to-triangle).
 
-    pts = vtkPoints()
-    pts.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(points_lps, dtype=np.float64), deep=True))
-    verts = vtkCellArray()
-    n = len(points_lps)
-    verts.SetData(
-        numpy_support.numpy_to_vtkIdTypeArray(np.arange(n + 1, dtype=np.int64), deep=True),
-        numpy_support.numpy_to_vtkIdTypeArray(np.arange(n, dtype=np.int64), deep=True),
-    )
-    cloud = vtkPolyData()
-    cloud.SetPoints(pts)
-    cloud.SetVerts(verts)
-    distance = vtkDistancePolyDataFilter()
-    distance.SetInputData(0, cloud)
-    distance.SetInputData(1, surface.to_vtk())
-    distance.SignedDistanceOff()
-    distance.ComputeSecondDistanceOff()
-    distance.Update()
-    return numpy_support.vtk_to_numpy(distance.GetOutput().GetPointData().GetArray("Distance")).astype(np.float64)
+    Points are evaluated one by one: VTK's batch evaluation runs threads over a cell locator that is
+    not thread-safe (it crashes at random).
+    """
+    implicit = vtkImplicitPolyDataDistance()
+    implicit.SetInput(surface.to_vtk())
+    evaluate = implicit.EvaluateFunction
+    return np.abs(np.fromiter((evaluate(p) for p in points_lps.tolist()), dtype=np.float64, count=len(points_lps)))
 
 
 def sample_occupancy(occ: Image, points_lps: np.ndarray) -> np.ndarray:
@@ -411,20 +397,40 @@ def compute_margin(
 # ----------------------------------------------------------------------------- demo tumour and zone
 
 
-def _ball_occupancy(
-    geometry: Geometry, lo_zyx: np.ndarray, hi_zyx: np.ndarray, inside: callable, sub: int = 3
+def _supersampled_occupancy(
+    geometry: Geometry, lo_zyx: np.ndarray, hi_zyx: np.ndarray, inside: callable, step_mm: float = 0.25
 ) -> np.ndarray:
-    """Partial-volume occupancy of {p : inside(p)} on the index box [lo, hi) by sub^3 supersampling."""
-    shape = tuple(hi_zyx - lo_zyx)
-    offsets = (np.arange(sub) + 0.5) / sub - 0.5
+    """Partial-volume occupancy of {p : inside(p)} on the index box [lo, hi) (about `step_mm` sub-samples).
+
+    `inside(offsets_idx)` gets the continuous (x, y, z) indices of one sub-sample per voxel of the box,
+    shape (N, 3), and returns booleans; sub-samples are spread evenly inside each voxel.
+    """
+    subs = [max(2, int(np.ceil(s / step_mm))) for s in geometry.spacing_mm]
     z, y, x = np.meshgrid(*(np.arange(a, b, dtype=np.float64) for a, b in zip(lo_zyx, hi_zyx, strict=True)), indexing="ij")
     centres = np.stack([x, y, z], axis=-1).reshape(-1, 3)
     occ = np.zeros(len(centres), dtype=np.float32)
-    for ox in offsets:
-        for oy in offsets:
-            for oz in offsets:
-                occ += inside(geometry.index_to_lps(centres + [ox, oy, oz]))
-    return (occ / sub**3).reshape(shape)
+    grids = [(np.arange(n) + 0.5) / n - 0.5 for n in subs]
+    for ox in grids[0]:
+        for oy in grids[1]:
+            for oz in grids[2]:
+                occ += inside(centres + [ox, oy, oz])
+    return (occ / np.prod(subs)).reshape(tuple(hi_zyx - lo_zyx))
+
+
+def ball_occupancy(geometry: Geometry, centre_lps: np.ndarray, radius_mm: float) -> np.ndarray:
+    """Partial-volume occupancy (z, y, x) of a ball on a grid (supersampled, computed on a box around it)."""
+    c = np.asarray(centre_lps, dtype=np.float64)
+    corners = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=float)
+    idx = geometry.lps_to_index(c + radius_mm * corners)
+    lo = np.maximum(np.floor(idx.min(axis=0)).astype(int) - 1, 0)[::-1]
+    hi = np.minimum(np.ceil(idx.max(axis=0)).astype(int) + 2, np.asarray(geometry.size))[::-1]
+    out = np.zeros(geometry.shape_zyx, dtype=np.float32)
+    if np.any(hi <= lo):
+        return out
+    out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = _supersampled_occupancy(
+        geometry, lo, hi, lambda i: np.linalg.norm(geometry.index_to_lps(i) - c, axis=1) <= radius_mm
+    )
+    return out
 
 
 def _pull_back(field: Field, points_lps: np.ndarray, iterations: int = 40) -> np.ndarray:
@@ -465,9 +471,10 @@ def demo_tumour_and_zone(
     """A spherical tumour and an off-centre spherical ablation zone placed in the liver of `fixed`.
 
     Returns the tumour as a partial-volume mask on the MOVING grid (the fixed tumour pushed through
-    the field: moving voxel y is inside when its preimage is), the ablation zone on the fixed grid,
-    and the true minimal margin R_zone - R_tumour - |offset| (mm), exact in fixed space. The moving
-    grid is the field's grid (as for `synth` cases, where fixed and moving share one grid).
+    the field: a moving point y is inside when its preimage x, x + d(x) = y, is), the ablation zone
+    as a partial-volume mask on the fixed grid, and the true minimal margin R_zone - R_tumour -
+    |offset| (mm), exact in fixed space. The moving grid is the field's grid (as in `synth` cases,
+    where fixed and moving share one grid). Without a liver mask the pair goes into soft tissue.
     """
     rng = np.random.default_rng(seed)
     r_t = float(rng.uniform(8.0, 12.0))
@@ -477,31 +484,36 @@ def demo_tumour_and_zone(
     offset = (r_a - r_t - true_margin) * direction / np.linalg.norm(direction)
     centre_a = _place_centre(fixed, liver_mask, r_a + 3.0, rng)
     centre_t = centre_a + offset
-    g = fixed.geometry
-
-    def box_around(points: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
-        idx = geometry.lps_to_index(points)
-        lo = np.maximum(np.floor(idx.min(axis=0)).astype(int) - 2, 0)
-        hi = np.minimum(np.ceil(idx.max(axis=0)).astype(int) + 3, np.asarray(geometry.size))
-        return lo[::-1], hi[::-1]
-
-    sphere = rng.normal(size=(2000, 3))
-    sphere /= np.linalg.norm(sphere, axis=1, keepdims=True)
-    lo, hi = box_around(centre_a + r_a * sphere, g)
-    zone = np.zeros(g.shape_zyx, dtype=np.float32)
-    zone[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = _ball_occupancy(
-        g, lo, hi, lambda p: np.linalg.norm(p - centre_a, axis=1) <= r_a
-    )
-    moving_geometry = field.geometry
-    moved = centre_t + r_t * sphere
-    lo, hi = box_around(moved + sample_field(field, moved), moving_geometry)
-    tumour = np.zeros(moving_geometry.shape_zyx, dtype=np.float32)
-    tumour[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = _ball_occupancy(
-        moving_geometry, lo, hi, lambda y: np.linalg.norm(_pull_back(field, y) - centre_t, axis=1) <= r_t
-    )
+    zone = ball_occupancy(fixed.geometry, centre_a, r_a)
+    tumour = _moved_ball(field, centre_t, r_t)
     meta = {"source": "ikr demo margin", "seed": int(seed)}
     return (
-        Image(tumour, moving_geometry, {**meta, "role": "tumour (moving)"}),
-        Image(zone, g, {**meta, "role": "ablation zone (fixed)"}),
+        Image(tumour, field.geometry, {**meta, "role": "tumour (moving)"}),
+        Image(zone, fixed.geometry, {**meta, "role": "ablation zone (fixed)"}),
         true_margin,
     )
+
+
+def _moved_ball(field: Field, centre_lps: np.ndarray, radius_mm: float) -> np.ndarray:
+    """Partial-volume occupancy, on the field's grid, of the image of a fixed-space ball under x -> x + d(x)."""
+    g = field.geometry
+    dirs = np.random.default_rng(0).normal(size=(4000, 3))
+    rim = centre_lps + radius_mm * dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+    idx = g.lps_to_index(rim + sample_field(field, rim))
+    lo = np.maximum(np.floor(idx.min(axis=0)).astype(int) - 2, 0)[::-1]
+    hi = np.minimum(np.ceil(idx.max(axis=0)).astype(int) + 3, np.asarray(g.size))[::-1]
+    out = np.zeros(g.shape_zyx, dtype=np.float32)
+    if np.any(hi <= lo):
+        return out
+    # Preimages of the box's voxel centres, then trilinear interpolation of the pull-back for sub-samples.
+    z, y, x = np.meshgrid(*(np.arange(a, b, dtype=np.float64) for a, b in zip(lo, hi, strict=True)), indexing="ij")
+    centres = g.index_to_lps(np.stack([x, y, z], axis=-1).reshape(-1, 3))
+    back = (_pull_back(field, centres) - centres).reshape(*(hi - lo), 3)
+
+    def inside(index_xyz: np.ndarray) -> np.ndarray:
+        rel = (index_xyz[:, ::-1] - lo).T
+        v = np.stack([ndimage.map_coordinates(back[..., c], rel, order=1, mode="nearest") for c in range(3)], axis=1)
+        return np.linalg.norm(g.index_to_lps(index_xyz) + v - centre_lps, axis=1) <= radius_mm
+
+    out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = _supersampled_occupancy(g, lo, hi, inside)
+    return out

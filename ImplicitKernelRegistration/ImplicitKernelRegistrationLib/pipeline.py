@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from .correspondences import Correspondences
+from .dense import DenseModel
 from .errors import IkrError
 from .features import mind_ssc, sample_features
-from .fields import Field, resample_field
+from .fields import Field
 from .geometry import Geometry, Image
-from .kernel import KernelConfig, make_kernel, reconstruct_dense
+from .kernel import KernelConfig, make_kernel
 from .keypoints import forstner_keypoints
 from .matching import match_consistent
 from .preprocess import make_working_pair
@@ -84,6 +85,7 @@ class RegistrationResult:
     correspondences: Correspondences
     working_geometry: Geometry
     report: dict
+    model: DenseModel
 
 
 def resolve_device(name: str) -> torch.device:
@@ -153,15 +155,6 @@ def mm_to_voxels(displacement_mm: np.ndarray, geometry: Geometry) -> np.ndarray:
     return np.asarray(displacement_mm, dtype=np.float64) @ np.linalg.inv(m).T
 
 
-def dense_to_field(dense_vox: torch.Tensor, working: Geometry, target: Geometry) -> Field:
-    """A (1,3,D,H,W) voxel displacement on the working grid -> a Field in LPS mm on `target`."""
-    disp = dense_vox[0].permute(1, 2, 3, 0).detach().cpu().numpy()
-    field_working = Field(voxels_to_mm(disp, working).astype(np.float32), working)
-    if target == working:
-        return field_working
-    return resample_field(field_working, target)
-
-
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process (resident set; plus CUDA's peak allocation on a GPU), MB."""
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -188,7 +181,6 @@ def register(
 
     report_progress(0.0, "resampling onto the working grid")
     pair = make_working_pair(fixed, moving, config.spacing_mm, device, fixed_mask, moving_mask)
-    shape = tuple(pair.fixed.shape[2:])
     report_progress(0.05, "detecting keypoints")
     keypoints = forstner_keypoints(pair.fixed, pair.fixed_mask, config.max_keypoints, config.seed)
     if keypoints.shape[0] < 8:
@@ -225,18 +217,11 @@ def register(
             if int(keep.sum()) < 8:
                 keep = torch.ones_like(keep)
         report_progress(0.9, "reconstructing the dense field")
-        dense = reconstruct_dense(
-            kernel,
-            shape,
-            keypoints[keep],
-            total[keep],
-            confidence[keep],
-            kernel_features,
-            config.control_step_vox,
-        )
+        model = DenseModel(kernel, kernel_features, pair.geometry, config.control_step_vox)
+        model.set_keys(keypoints[keep], total[keep], confidence[keep])
+        report_progress(0.95, "sampling the field onto the fixed grid")
+        field_fixed = model.field_on(fixed.geometry)
 
-    report_progress(0.92, "writing the field on the fixed grid")
-    field_fixed = dense_to_field(dense, pair.geometry, fixed.geometry)
     kp = keypoints.cpu().numpy().astype(np.float64)
     correspondences = Correspondences(
         pair.geometry.index_to_lps(kp),
@@ -254,4 +239,4 @@ def register(
         "config": config.to_dict(),
     }
     report_progress(1.0, "done")
-    return RegistrationResult(field_fixed, correspondences, pair.geometry, report)
+    return RegistrationResult(field_fixed, correspondences, pair.geometry, report, model)

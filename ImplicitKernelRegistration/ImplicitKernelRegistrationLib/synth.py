@@ -132,24 +132,28 @@ def _sample_on_fine(
     """
     vol = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
     vol = (vol[None] if vol.ndim == 3 else vol.permute(3, 0, 1, 2))[None]
-    sizes = torch.tensor(values.shape[:3][::-1], dtype=torch.float32)
-    span = torch.clamp(sizes - 1.0, min=1.0)
-    to_index = np.linalg.inv(fine.direction_matrix * np.asarray(fine.spacing_mm)[None, :]).T
-    to_index = torch.from_numpy(to_index.astype(np.float32))
+    sizes = np.asarray(values.shape[:3][::-1], dtype=np.float64)  # x, y, z
+    scale = 2.0 / (np.maximum(sizes - 1.0, 1.0) * factor)  # fine index -> normalised coordinate
+    to_norm = np.linalg.inv(fine.direction_matrix * np.asarray(fine.spacing_mm)[None, :]).T * scale[None, :]
+    to_norm = torch.from_numpy(to_norm.astype(np.float32))
+    limit = torch.from_numpy((1.0 + scale * factor * 0.5).astype(np.float32))  # half a voxel beyond the edge
     nz, ny, nx = fine.shape_zyx
+    axes = [torch.from_numpy((np.arange(n) * scale[k] - 1.0).astype(np.float32)) for k, n in enumerate((nx, ny, nz))]
     out = np.empty((nz, ny, nx, vol.shape[1]), dtype=np.float32)
-    chunk = max(1, 2_000_000 // (ny * nx))
+    chunk = max(1, 1_000_000 // (ny * nx))
     for z0 in range(0, nz, chunk):
         z1 = min(nz, z0 + chunk)
-        zz, yy, xx = torch.meshgrid(torch.arange(z0, z1), torch.arange(ny), torch.arange(nx), indexing="ij")
-        idx = torch.stack([xx, yy, zz], dim=-1).to(torch.float32)
+        grid = torch.empty((z1 - z0, ny, nx, 3), dtype=torch.float32)
+        grid[..., 0] = axes[0][None, None, :]
+        grid[..., 1] = axes[1][None, :, None]
+        grid[..., 2] = axes[2][z0:z1, None, None]
         if displacement_mm is not None:
-            idx = idx + torch.from_numpy(np.ascontiguousarray(displacement_mm[z0:z1], dtype=np.float32)) @ to_index
-        idx = idx / factor
-        grid = (2.0 * idx / span - 1.0)[None]
-        sampled = torch.nn.functional.grid_sample(vol, grid, mode=mode, padding_mode="border", align_corners=True)[0]
+            grid += torch.from_numpy(np.ascontiguousarray(displacement_mm[z0:z1], dtype=np.float32)) @ to_norm
+        sampled = torch.nn.functional.grid_sample(
+            vol, grid[None], mode=mode, padding_mode="border", align_corners=True
+        )[0]
         if outside is not None:
-            sampled[:, ((idx < -0.5) | (idx > sizes - 0.5)).any(dim=-1)] = outside
+            sampled[:, (grid.abs() > limit).any(dim=-1)] = outside
         out[z0:z1] = sampled.permute(1, 2, 3, 0).numpy()
     return out
 
@@ -456,13 +460,13 @@ def _noise(shape: tuple[int, ...], sigma_hu: float, rng: np.random.Generator) ->
     return smooth * (sigma_hu / max(float(smooth.std()), 1e-6))
 
 
-def _smooth_scalar(
-    fine: Geometry, coarse: Geometry, factor: int, control_mm: float, rng: np.random.Generator
+def _smooth_scalars(
+    fine: Geometry, coarse: Geometry, factor: int, control_mm: float, count: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """A smooth random scalar field in about [-1, 1], drawn on `coarse` and interpolated onto `fine`."""
-    values = _bspline_field(coarse, control_mm, rng, 1)[..., 0]
-    values = values / max(float(np.abs(values).max()), 1e-6)
-    return _sample_on_fine(values, factor, fine)[..., 0]
+    """`count` smooth random scalar fields in about [-1, 1], drawn on `coarse`, on `fine` (z, y, x, count)."""
+    values = _bspline_field(coarse, control_mm, rng, count)
+    values /= np.maximum(np.abs(values).max(axis=(0, 1, 2)), 1e-6)
+    return _sample_on_fine(values, factor, fine)
 
 
 def _intensity_change(
@@ -471,8 +475,10 @@ def _intensity_change(
     """A smooth gain/offset change in tissue, plus a hypodense ball for an ablation-like case."""
     gain, offset = rng.uniform(0.01, 0.03), rng.uniform(3.0, 10.0)
     tissue = np.clip((moving + 900.0) / 100.0, 0.0, 1.0)
-    out = (moving - AIR_HU) * (1.0 + gain * _smooth_scalar(fine, coarse, factor, 80.0, rng)) + AIR_HU
-    out += offset * _smooth_scalar(fine, coarse, factor, 80.0, rng) * tissue
+    smooth = _smooth_scalars(fine, coarse, factor, 80.0, 2, rng)
+    out = (moving - AIR_HU) * (1.0 + gain * smooth[..., 0]) + AIR_HU
+    out += offset * smooth[..., 1] * tissue
+    del smooth
     params = {"gain_max": float(gain), "offset_max_hu": float(offset)}
     if ablation is not None:
         drop = rng.uniform(30.0, 60.0)
@@ -647,8 +653,9 @@ def make_case(
     rigid_params = _rigid(fine, rng) if rigid else None
     total = _apply_rigid(deformation, pts_c, rigid_params) if rigid_params else deformation
     inverse_c, residual_c = invert(Field(total, coarse), iterations=100)
-    true_field = Field(_sample_on_fine(total, factor, fine), fine)
-    inverse = _sample_on_fine(inverse_c.displacement_mm, factor, fine)
+    both = _sample_on_fine(np.concatenate([total, inverse_c.displacement_mm], axis=-1), factor, fine)
+    true_field, inverse = Field(np.ascontiguousarray(both[..., :3]), fine), np.ascontiguousarray(both[..., 3:])
+    del both
     inverse = _polish_inverse(true_field, inverse, POLISH_ITERATIONS)
 
     clean = ct.array.astype(np.float32)

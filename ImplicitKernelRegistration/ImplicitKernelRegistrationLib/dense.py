@@ -1,0 +1,184 @@
+"""The dense field of a key set: the kernel evaluated on a control grid, kept up to date locally.
+
+The kernel's value at a point depends only on its K nearest keys (their positions, displacements,
+confidences and features), so when keys are added, removed or re-weighted, only the control points
+whose K-neighbourhood contains a changed key need to be evaluated again; the rest are kept. The
+control grid is sampled trilinearly onto any target grid (the fixed image's own) in LPS mm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .features import points_to_grid, sample_features
+from .fields import Field
+from .geometry import Geometry
+from .kernel import TPSKernel, control_axes, knn
+
+
+class DenseModel:
+    """Kernel values on a control grid of the working grid, with each control point's K nearest keys."""
+
+    def __init__(
+        self,
+        kernel: torch.nn.Module,
+        features: torch.Tensor | None,
+        working: Geometry,
+        control_step_vox: int = 3,
+        k: int = 30,
+        chunk: int = 16384,
+    ) -> None:
+        self.kernel = kernel
+        # TPS is fitted on every key at once: any change moves the whole field, so it is not local.
+        self.local = not isinstance(kernel, TPSKernel)
+        self.features = features
+        self.working = working
+        self.k = k
+        self.chunk = chunk
+        self.device = features.device if features is not None else torch.device("cpu")
+        axes = control_axes(working.shape_zyx, max(1, int(control_step_vox)))
+        self.control_shape = tuple(len(a) for a in axes)
+        zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
+        self.points = torch.stack([xx, yy, zz], dim=-1).reshape(-1, 3).to(self.device)
+        self.point_features = None if features is None else sample_features(features, self.points)
+        self.values = torch.zeros(self.points.shape[0], 3, device=self.device)
+        self.neighbours = torch.zeros(self.points.shape[0], 0, dtype=torch.long, device=self.device)
+        self.kth_distance = torch.full((self.points.shape[0],), float("inf"), device=self.device)
+        self.keys = torch.zeros(0, 3, device=self.device)
+        self.disp = torch.zeros(0, 3, device=self.device)
+        self.conf = torch.zeros(0, device=self.device)
+        self.key_features: torch.Tensor | None = None
+
+    def set_keys(self, key_xyz: torch.Tensor, key_disp: torch.Tensor, key_conf: torch.Tensor) -> None:
+        """Replace the key set (working voxels, x y z) and evaluate every control point."""
+        self._store_keys(key_xyz, key_disp, key_conf)
+        self._evaluate(torch.arange(self.points.shape[0], device=self.device))
+
+    def update_keys(self, key_xyz: torch.Tensor, key_disp: torch.Tensor, key_conf: torch.Tensor) -> torch.Tensor:
+        """Replace the keys after a local change; re-evaluate only the affected control points.
+
+        Keys are compared index by index with the previous set: a control point is re-evaluated when
+        its K nearest keys included an old key that is gone or changed, or when a new or changed key
+        falls within its K-nearest distance. Returns the indices of the re-evaluated control points.
+        """
+        old_keys, old_disp, old_conf = self.keys, self.disp, self.conf
+        self._store_keys(key_xyz, key_disp, key_conf)
+        if not self.local:
+            everything = torch.arange(self.points.shape[0], device=self.device)
+            self._evaluate(everything)
+            return everything
+        affected = torch.zeros(self.points.shape[0], dtype=torch.bool, device=self.device)
+        changed_old = torch.nonzero(
+            _differing_keys(self.keys, self.disp, self.conf, old_keys, old_disp, old_conf)
+        ).reshape(-1)
+        if changed_old.numel() and self.neighbours.numel():
+            affected |= torch.isin(self.neighbours, changed_old).any(dim=1)
+        new_or_changed = _differing_keys(old_keys, old_disp, old_conf, self.keys, self.disp, self.conf)
+        for key in self.keys[new_or_changed]:
+            dist = torch.linalg.vector_norm(self.points - key, dim=1)
+            affected |= dist <= self.kth_distance
+        index = torch.nonzero(affected).reshape(-1)
+        self._evaluate(index)
+        return index
+
+    def _store_keys(self, key_xyz: torch.Tensor, key_disp: torch.Tensor, key_conf: torch.Tensor) -> None:
+        """Keep the keys and their sampled features."""
+        self.keys = key_xyz.float().to(self.device)
+        self.disp = key_disp.float().to(self.device)
+        self.conf = key_conf.float().to(self.device)
+        self.key_features = None if self.features is None else sample_features(self.features, self.keys)
+
+    def _evaluate(self, index: torch.Tensor) -> None:
+        """Evaluate the kernel (and the K nearest keys) at the control points `index`, in chunks."""
+        if index.numel() == 0:
+            return
+        k = min(self.k, self.keys.shape[0])
+        if self.neighbours.shape[1] != k:
+            self.neighbours = torch.zeros(self.points.shape[0], k, dtype=torch.long, device=self.device)
+        keys, disp, conf = self.keys[None], self.disp[None], self.conf[None]
+        key_feat = None if self.key_features is None else self.key_features[None]
+        with torch.no_grad():
+            for start in range(0, index.numel(), self.chunk):
+                sel = index[start : start + self.chunk]
+                q = self.points[sel][None]
+                q_feat = None if self.point_features is None else self.point_features[sel][None]
+                self.values[sel] = self.kernel(q, q_feat, keys, disp, key_feat, conf)[0]
+                nn_idx = knn(q, keys, k)[0]
+                self.neighbours[sel] = nn_idx
+                self.kth_distance[sel] = torch.linalg.vector_norm(self.keys[nn_idx[:, -1]] - q[0], dim=1)
+
+    def control_volume(self) -> torch.Tensor:
+        """The control-grid displacement (1, 3, cz, cy, cx) in working voxels (x, y, z)."""
+        return self.values.t().reshape(1, 3, *self.control_shape)
+
+    def at_points(self, points_xyz: torch.Tensor) -> torch.Tensor:
+        """Displacement (N, 3) in working voxels at working-grid points, by trilinear interpolation."""
+        grid = points_to_grid(points_xyz.to(self.device), self.working.shape_zyx).reshape(1, -1, 1, 1, 3)
+        out = F.grid_sample(self.control_volume(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+        return out.reshape(3, -1).t()
+
+    def field_on(self, target: Geometry, z_range: tuple[int, int] | None = None, out: Field | None = None) -> Field:
+        """The displacement in LPS mm on `target`'s voxels (only slices z_range of `out` when given)."""
+        if out is None:
+            out = Field(np.zeros((*target.shape_zyx, 3), dtype=np.float32), target)
+        z0, z1 = z_range or (0, target.shape_zyx[0])
+        to_working = np.linalg.inv(self.working.index_to_lps_matrix()) @ target.index_to_lps_matrix()
+        to_mm = self.working.direction_matrix * np.asarray(self.working.spacing_mm)[None, :]
+        a = torch.tensor(to_working[:3, :3], dtype=torch.float32, device=self.device)
+        b = torch.tensor(to_working[:3, 3], dtype=torch.float32, device=self.device)
+        m = torch.tensor(to_mm, dtype=torch.float32, device=self.device)
+        nx, ny = target.size[0], target.size[1]
+        yy, xx = torch.meshgrid(
+            torch.arange(ny, device=self.device, dtype=torch.float32),
+            torch.arange(nx, device=self.device, dtype=torch.float32),
+            indexing="ij",
+        )
+        slab = max(1, 2_000_000 // max(1, nx * ny))
+        for start in range(z0, z1, slab):
+            stop = min(z1, start + slab)
+            zz = torch.arange(start, stop, device=self.device, dtype=torch.float32)
+            idx = torch.stack(
+                [xx.expand(len(zz), -1, -1), yy.expand(len(zz), -1, -1), zz[:, None, None].expand(-1, ny, nx)], -1
+            )
+            disp_vox = self.at_points((idx.reshape(-1, 3) @ a.T) + b)
+            out.displacement_mm[start:stop] = (disp_vox @ m.T).reshape(stop - start, ny, nx, 3).cpu().numpy()
+        return out
+
+    def target_z_range(self, target: Geometry, control_index: torch.Tensor) -> tuple[int, int]:
+        """The slices of `target` that the control points `control_index` (plus one cell) influence."""
+        if control_index.numel() == 0:
+            return (0, 0)
+        cz, cy, cx = self.control_shape
+        flat = control_index.cpu().numpy()
+        iz, iy, ix = np.unravel_index(flat, (cz, cy, cx))
+        step = np.array(
+            [(n - 1) / max(1, c - 1) for n, c in zip(self.working.shape_zyx[::-1], (cx, cy, cz), strict=True)]
+        )
+        lo = np.array([ix.min() - 1, iy.min() - 1, iz.min() - 1]) * step
+        hi = np.array([ix.max() + 1, iy.max() + 1, iz.max() + 1]) * step
+        corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+        t_idx = target.lps_to_index(self.working.index_to_lps(corners))
+        z_lo = int(np.clip(np.floor(t_idx[:, 2].min()) - 1, 0, target.size[2]))
+        z_hi = int(np.clip(np.ceil(t_idx[:, 2].max()) + 2, 0, target.size[2]))
+        return (z_lo, z_hi)
+
+
+def _differing_keys(
+    old_xyz: torch.Tensor,
+    old_disp: torch.Tensor,
+    old_conf: torch.Tensor,
+    new_xyz: torch.Tensor,
+    new_disp: torch.Tensor,
+    new_conf: torch.Tensor,
+) -> torch.Tensor:
+    """Boolean mask over the new keys: those not present, identically, in the old key set."""
+    old = torch.cat([old_xyz, old_disp, old_conf[:, None]], dim=1)
+    new = torch.cat([new_xyz, new_disp, new_conf[:, None]], dim=1)
+    if old.shape[0] == 0:
+        return torch.ones(new.shape[0], dtype=torch.bool, device=new.device)
+    n = min(old.shape[0], new.shape[0])
+    differs = torch.ones(new.shape[0], dtype=torch.bool, device=new.device)
+    differs[:n] = (old[:n] != new[:n]).any(dim=1)
+    return differs

@@ -1,0 +1,302 @@
+"""Interactive refinement: a clicked pair is one more key; the field is rebuilt locally, no re-matching.
+
+A user pair (fixed point p, moving point q, LPS mm) enters the kernel's key set with a higher trust
+than automatic matches; automatic matches near it that contradict it are down-weighted. Because the
+kernel is a weighted average, the reconstructed field passes near but not exactly through a pair, so
+a small, compactly supported correction (Wendland C2 bumps, one per pair, solved jointly) makes the
+field reproduce every pair exactly at its fixed point. Only the control points whose K nearest keys
+change, and the slices those touch, are recomputed; undo restores the previous field exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .correspondences import USER, Correspondences
+from .dense import DenseModel
+from .errors import IkrError
+from .fields import Field, jacobian_determinant, sample_field
+from .geometry import Geometry
+
+USER_CONFIDENCE = 4.0  # automatic matches have confidence <= 1; a clicked pair is trusted more
+CORRECTION_RADIUS_MM = 15.0  # support of the exactness correction around each pair
+CONTRADICTION_RADIUS_MM = 20.0  # automatic matches this close to a pair are checked against it
+CONTRADICTION_TOLERANCE_MM = 3.0  # ... and down-weighted when they disagree by more than about this
+DISAGREEMENT_WARNING_MM = 10.0  # a pair this far from what the field said there gets a warning
+
+
+@dataclass
+class UserPair:
+    """A clicked correspondence: fixed and moving points in LPS mm, an id that never changes, a label."""
+
+    id: int
+    fixed_lps: np.ndarray
+    moving_lps: np.ndarray
+    label: str = ""
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form."""
+        return {
+            "id": self.id,
+            "fixed_lps": [float(v) for v in self.fixed_lps],
+            "moving_lps": [float(v) for v in self.moving_lps],
+            "label": self.label,
+        }
+
+    @staticmethod
+    def from_dict(data: dict) -> UserPair:
+        """Inverse of to_dict."""
+        return UserPair(
+            int(data["id"]), np.asarray(data["fixed_lps"], float), np.asarray(data["moving_lps"], float), data["label"]
+        )
+
+
+def wendland(r: np.ndarray, radius: float) -> np.ndarray:
+    """Wendland's C2 function (1 - r/R)^4 (4 r/R + 1), zero beyond R; positive definite in 3D."""
+    t = np.clip(np.asarray(r, dtype=np.float64) / radius, 0.0, 1.0)
+    return (1.0 - t) ** 4 * (4.0 * t + 1.0)
+
+
+class RefinementSession:
+    """The automatic correspondences, the user pairs, and the field they give on the fixed grid."""
+
+    def __init__(
+        self, model: DenseModel, target: Geometry, automatic: Correspondences, pairs: list[UserPair] | None = None
+    ) -> None:
+        self.model = model
+        self.target = target
+        self.automatic = automatic.subset(automatic.confidence > 0)
+        self.pairs: list[UserPair] = []
+        self.next_id = 1
+        self.history: list[tuple[str, UserPair, dict]] = []
+        self.disagreement_mm: dict[int, float] = {}
+        self.model.set_keys(*self._keys())
+        self.base = self.model.field_on(target)
+        self.field = Field(self.base.displacement_mm.copy(), target)
+        for pair in pairs or []:
+            self.pairs.append(pair)
+            self.next_id = max(self.next_id, pair.id + 1)
+        if self.pairs:
+            self._rebuild(self._all_slices())
+
+    # ------------------------------------------------------------------------------------ edits
+
+    def add_correspondences(
+        self, fixed_lps: np.ndarray, moving_lps: np.ndarray, labels: list[str] | None = None
+    ) -> list[int]:
+        """Add clicked pairs (LPS mm, (N, 3) each); rebuild the field locally; return their ids."""
+        fixed_lps = np.atleast_2d(np.asarray(fixed_lps, dtype=np.float64))
+        moving_lps = np.atleast_2d(np.asarray(moving_lps, dtype=np.float64))
+        self._check_points(fixed_lps, moving_lps)
+        labels = labels or [""] * len(fixed_lps)
+        ids = []
+        for p, q, label in zip(fixed_lps, moving_lps, labels, strict=True):
+            pair = UserPair(self.next_id, p, q, label or f"pair {self.next_id}")
+            self.next_id += 1
+            before = sample_field(self.field, p[None])[0]
+            self.disagreement_mm[pair.id] = float(np.linalg.norm(q - p - before))
+            self._apply("add", pair)
+            ids.append(pair.id)
+        return ids
+
+    def remove_correspondence(self, pair_id: int) -> None:
+        """Remove a user pair by id and rebuild the field locally."""
+        pair = next((p for p in self.pairs if p.id == pair_id), None)
+        if pair is None:
+            known = ", ".join(str(p.id) for p in self.pairs) or "none"
+            raise IkrError(f"there is no user pair with id {pair_id} (ids: {known})")
+        self._apply("remove", pair)
+
+    def undo(self) -> None:
+        """Undo the last add or remove; the field returns exactly to what it was."""
+        if not self.history:
+            raise IkrError("nothing to undo")
+        action, pair, saved = self.history.pop()
+        if action == "add":
+            self.pairs = [p for p in self.pairs if p.id != pair.id]
+        else:
+            self.pairs.insert(saved["position"], pair)
+        self.model.values[saved["control"]] = saved["values"]
+        self.model.neighbours[saved["control"]] = saved["neighbours"]
+        self.model.kth_distance[saved["control"]] = saved["kth"]
+        self.model._store_keys(*self._keys())
+        z0, z1 = saved["slices"]
+        self.base.displacement_mm[z0:z1] = saved["base"]
+        self.field.displacement_mm[z0:z1] = saved["field"]
+
+    # --------------------------------------------------------------------------------- feedback
+
+    def feedback(self) -> list[dict]:
+        """Per user pair: residual after reconstruction (mm), disagreement with the field before it, warnings."""
+        out = []
+        for pair in self.pairs:
+            residual = float(
+                np.linalg.norm(pair.fixed_lps + sample_field(self.field, pair.fixed_lps[None])[0] - pair.moving_lps)
+            )
+            warnings = []
+            disagreement = self.disagreement_mm.get(pair.id)
+            if disagreement is not None and disagreement > DISAGREEMENT_WARNING_MM:
+                warnings.append(
+                    f"moves the field by {disagreement:.1f} mm here: check that the two points show the same anatomy"
+                )
+            min_j = self._min_jacobian_near(pair.fixed_lps)
+            if min_j <= 0:
+                warnings.append(f"the field folds near this pair (Jacobian {min_j:.2f}): the pair may be wrong")
+            out.append(
+                {
+                    "id": pair.id,
+                    "label": pair.label,
+                    "fixed_lps": pair.fixed_lps.tolist(),
+                    "moving_lps": pair.moving_lps.tolist(),
+                    "residual_mm": residual,
+                    "disagreement_mm": disagreement,
+                    "min_jacobian_nearby": min_j,
+                    "warnings": warnings,
+                }
+            )
+        return out
+
+    def user_correspondences(self) -> Correspondences:
+        """The user pairs as Correspondences (source USER, confidence 1)."""
+        if not self.pairs:
+            return Correspondences(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0), np.zeros(0, np.int8))
+        fixed = np.array([p.fixed_lps for p in self.pairs])
+        moving = np.array([p.moving_lps for p in self.pairs])
+        return Correspondences(fixed, moving - fixed, np.ones(len(fixed)), np.full(len(fixed), USER, np.int8))
+
+    def to_dict(self) -> dict:
+        """The user pairs and the next id (what a saved session needs besides the automatic matches)."""
+        return {"next_id": self.next_id, "pairs": [p.to_dict() for p in self.pairs]}
+
+    # -------------------------------------------------------------------------------- internals
+
+    def _check_points(self, fixed_lps: np.ndarray, moving_lps: np.ndarray) -> None:
+        """Refuse NaN, unpaired or out-of-image points."""
+        if fixed_lps.shape != moving_lps.shape or fixed_lps.shape[1:] != (3,):
+            raise IkrError(
+                f"{len(fixed_lps)} fixed points but {len(moving_lps)} moving points: every point needs a partner"
+            )
+        if not (np.all(np.isfinite(fixed_lps)) and np.all(np.isfinite(moving_lps))):
+            raise IkrError("a clicked point has a NaN or infinite coordinate")
+        outside = ~self.target.contains_lps(fixed_lps)
+        if np.any(outside):
+            raise IkrError(
+                f"fixed point {fixed_lps[outside][0].round(1).tolist()} (LPS mm) lies outside the fixed image"
+            )
+
+    def _keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Automatic keys (down-weighted where they contradict a pair) then user keys, in working voxels."""
+        working = self.model.working
+        conf = self.automatic.confidence.copy()
+        user = self.user_correspondences()
+        for p, d in zip(user.fixed_lps, user.displacement_mm, strict=True):
+            near = np.linalg.norm(self.automatic.fixed_lps - p, axis=1) < CONTRADICTION_RADIUS_MM
+            diff = np.linalg.norm(self.automatic.displacement_mm[near] - d, axis=1)
+            conf[near] *= np.exp(-0.5 * (diff / CONTRADICTION_TOLERANCE_MM) ** 2)
+        fixed = np.concatenate([self.automatic.fixed_lps, user.fixed_lps])
+        disp = np.concatenate([self.automatic.displacement_mm, user.displacement_mm])
+        conf = np.concatenate([np.maximum(conf, 1e-6), np.full(len(user), USER_CONFIDENCE)])
+        to_vox = np.linalg.inv(working.direction_matrix * np.asarray(working.spacing_mm)[None, :])
+        dev = self.model.device
+        return (
+            torch.tensor(working.lps_to_index(fixed), dtype=torch.float32, device=dev),
+            torch.tensor(disp @ to_vox.T, dtype=torch.float32, device=dev),
+            torch.tensor(conf, dtype=torch.float32, device=dev),
+        )
+
+    def _all_slices(self) -> tuple[int, int]:
+        """Every slice of the target."""
+        return (0, self.target.size[2])
+
+    def _pair_slices(self, pairs: list[UserPair]) -> tuple[int, int]:
+        """The slices within the correction radius of any of `pairs` (empty range when none)."""
+        if not pairs:
+            return (0, 0)
+        z = self.target.lps_to_index(np.array([p.fixed_lps for p in pairs]))[:, 2]
+        reach = CORRECTION_RADIUS_MM / min(self.target.spacing_mm) + 2
+        return (int(max(0, np.floor(z.min() - reach))), int(min(self.target.size[2], np.ceil(z.max() + reach + 1))))
+
+    def _apply(self, action: str, pair: UserPair) -> None:
+        """Add or remove one pair, recompute the affected region, remember how to undo it."""
+        position = next((i for i, p in enumerate(self.pairs) if p.id == pair.id), len(self.pairs))
+        before_pairs = list(self.pairs)
+        saved_model = (self.model.values.clone(), self.model.neighbours.clone(), self.model.kth_distance.clone())
+        if action == "add":
+            self.pairs.append(pair)
+        else:
+            self.pairs = [p for p in self.pairs if p.id != pair.id]
+        control = self.model.update_keys(*self._keys())
+        slices = _union(self.model.target_z_range(self.target, control), self._pair_slices(before_pairs + [pair]))
+        z0, z1 = slices
+        self.history.append(
+            (
+                action,
+                pair,
+                {
+                    "position": position,
+                    "control": control,
+                    "values": saved_model[0][control],
+                    "neighbours": saved_model[1][control],
+                    "kth": saved_model[2][control],
+                    "slices": slices,
+                    "base": self.base.displacement_mm[z0:z1].copy(),
+                    "field": self.field.displacement_mm[z0:z1].copy(),
+                },
+            )
+        )
+        self._rebuild(slices)
+
+    def _rebuild(self, slices: tuple[int, int]) -> None:
+        """Recompute the kernel field on `slices`, then add the exactness correction of every pair."""
+        z0, z1 = slices
+        if z1 <= z0:
+            return
+        self.model.field_on(self.target, slices, out=self.base)
+        self.field.displacement_mm[z0:z1] = self.base.displacement_mm[z0:z1]
+        if not self.pairs:
+            return
+        fixed = np.array([p.fixed_lps for p in self.pairs])
+        wanted = np.array([p.moving_lps - p.fixed_lps for p in self.pairs])
+        residual = wanted - sample_field(self.base, fixed)
+        gram = wendland(np.linalg.norm(fixed[:, None] - fixed[None], axis=-1), CORRECTION_RADIUS_MM)
+        coef = np.linalg.solve(gram + 1e-9 * np.eye(len(fixed)), residual)
+        ny, nx = self.target.size[1], self.target.size[0]
+        zz, yy, xx = np.meshgrid(np.arange(z0, z1), np.arange(ny), np.arange(nx), indexing="ij")
+        for p, c in zip(fixed, coef, strict=True):
+            idx = self.target.lps_to_index(p[None])[0]
+            reach = CORRECTION_RADIUS_MM / np.asarray(self.target.spacing_mm) + 1
+            box = (
+                (zz >= idx[2] - reach[2]) & (zz <= idx[2] + reach[2])
+                & (yy >= idx[1] - reach[1]) & (yy <= idx[1] + reach[1])
+                & (xx >= idx[0] - reach[0]) & (xx <= idx[0] + reach[0])
+            )  # fmt: skip
+            if not box.any():
+                continue
+            pts = self.target.index_to_lps(np.stack([xx[box], yy[box], zz[box]], axis=1))
+            weight = wendland(np.linalg.norm(pts - p, axis=1), CORRECTION_RADIUS_MM)
+            sub = self.field.displacement_mm[z0:z1]
+            sub[box] += (weight[:, None] * c[None]).astype(np.float32)
+
+    def _min_jacobian_near(self, point_lps: np.ndarray) -> float:
+        """The smallest Jacobian determinant of the field within the correction radius of a point."""
+        idx = np.round(self.target.lps_to_index(point_lps[None])[0]).astype(int)
+        reach = np.ceil(CORRECTION_RADIUS_MM / np.asarray(self.target.spacing_mm)).astype(int) + 1
+        lo = np.maximum(idx - reach, 0)
+        hi = np.minimum(idx + reach + 1, np.asarray(self.target.size))
+        sub = self.field.displacement_mm[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]]
+        if min(sub.shape[:3]) < 3:
+            return 1.0
+        origin = self.target.index_to_lps(lo[None].astype(float))[0]
+        geom = Geometry(tuple(int(v) for v in hi - lo), self.target.spacing_mm, tuple(origin), self.target.direction)
+        return float(jacobian_determinant(Field(np.ascontiguousarray(sub), geom)).min())
+
+
+def _union(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    """The smallest slice range covering two ranges (an empty range is ignored)."""
+    ranges = [r for r in (a, b) if r[1] > r[0]]
+    if not ranges:
+        return (0, 0)
+    return (min(r[0] for r in ranges), max(r[1] for r in ranges))
