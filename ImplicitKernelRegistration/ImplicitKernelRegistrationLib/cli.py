@@ -14,6 +14,7 @@ from . import __version__
 from .errors import IkrError
 
 if TYPE_CHECKING:
+    from .fields import Field
     from .geometry import Image
     from .pipeline import RegistrationConfig
 
@@ -130,10 +131,11 @@ def _run_registration(
 ) -> dict:
     """Register, evaluate and write every output; return the report."""
     from .fields import warp_image
-    from .io.outputs import write_registration
+    from .io.outputs import check_output_folder, write_registration
     from .pipeline import register
     from .report import field_quality, landmark_errors
 
+    check_output_folder(outdir)
     with _ProgressBar("registering", enabled=not quiet) as progress:
         result = register(fixed, moving, config, fixed_mask, moving_mask, progress)
     report = dict(result.report)
@@ -142,7 +144,12 @@ def _run_registration(
         report.update(landmark_errors(result.field, *landmarks))
     report["inputs"] = inputs
     warped = warp_image(moving, result.field)
-    session = {"inputs": inputs, "config": config.to_dict(), "working_geometry": result.working_geometry}
+    session = {
+        "inputs": inputs,
+        "config": config.to_dict(),
+        "working_geometry": result.working_geometry.to_dict(),
+        "user": {"next_id": 1, "pairs": []},
+    }
     write_registration(outdir, result.field, warped, result.correspondences, report, session)
     return report
 
@@ -161,9 +168,7 @@ def _print_summary(report: dict, outdir: Path) -> None:
     print(f"outputs in {outdir}/")
 
 
-def _read_landmark_pair(
-    fixed_path: str | None, moving_path: str | None, fixed: Image, moving: Image
-) -> tuple | None:
+def _read_landmark_pair(fixed_path: str | None, moving_path: str | None, fixed: Image, moving: Image) -> tuple | None:
     """Fixed and moving landmark arrays (LPS mm) when both files are given."""
     if not fixed_path and not moving_path:
         return None
@@ -186,7 +191,10 @@ def cmd_register(args: argparse.Namespace) -> int:
     fixed_mask = read_image(Path(args.fixed_mask)) if args.fixed_mask else None
     moving_mask = read_image(Path(args.moving_mask)) if args.moving_mask else None
     landmarks = _read_landmark_pair(args.fixed_landmarks, args.moving_landmarks, fixed, moving)
-    inputs = {"fixed": str(args.fixed), "moving": str(args.moving)}
+    inputs = {"fixed": str(Path(args.fixed).resolve()), "moving": str(Path(args.moving).resolve())}
+    if landmarks is not None:
+        inputs["fixed_landmarks"] = str(Path(args.fixed_landmarks).resolve())
+        inputs["moving_landmarks"] = str(Path(args.moving_landmarks).resolve())
     outdir = Path(args.output)
     report = _run_registration(
         fixed,
@@ -240,6 +248,73 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_user_pairs(paths: list[str], match: str) -> tuple:
+    """Clicked pairs from a pair CSV, or from two point files (fixed, moving) matched by order or label."""
+    from .io.points import pair_points, read_point_pairs, read_points
+
+    if len(paths) == 1:
+        fixed, moving = read_point_pairs(Path(paths[0]))
+    elif len(paths) == 2:
+        fixed, moving = read_points(Path(paths[0])), read_points(Path(paths[1]))
+    else:
+        raise IkrError("--add takes a pair CSV, or a fixed and a moving point file")
+    return pair_points(fixed, moving, by=match)
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    """Add or remove clicked pairs on a registration output folder and update every output."""
+    import time
+
+    from .correspondences import AUTOMATIC
+    from .fields import warp_image
+    from .io.images import read_image
+    from .io.outputs import OUTPUT_FILES, read_correspondences_csv, read_session, write_registration, write_session
+    from .refine import open_session
+    from .report import field_quality
+
+    outdir = Path(args.outdir)
+    saved = read_session(outdir)
+    pairs = _read_user_pairs(args.add, args.match) if args.add else None
+    fixed = read_image(Path(saved["inputs"]["fixed"]))
+    moving = read_image(Path(saved["inputs"]["moving"]))
+    everything = read_correspondences_csv(outdir / OUTPUT_FILES["correspondences"])
+    automatic = everything.subset(everything.source == AUTOMATIC)
+    start = time.perf_counter()
+    session = open_session(fixed, saved, automatic)
+    opened_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for pair_id in args.remove or []:
+        session.remove_correspondence(pair_id)
+    if pairs is not None:
+        session.add_correspondences(pairs[0], pairs[1], list(pairs[2]))
+    refine_s = time.perf_counter() - start
+    saved["user"] = session.to_dict()
+    write_session(outdir, saved, automatic.concat(session.user_correspondences()))  # the clicks are safe first
+    report = json.loads((outdir / OUTPUT_FILES["report"]).read_text(encoding="utf-8"))
+    report.update(field_quality(session.field))
+    report.update({"refine_s": round(refine_s, 3), "session_open_s": round(opened_s, 3)})
+    report["user_pairs"] = session.feedback()
+    if "fixed_landmarks" in saved["inputs"]:
+        landmarks = _read_landmark_pair(
+            saved["inputs"]["fixed_landmarks"], saved["inputs"]["moving_landmarks"], fixed, moving
+        )
+        report.update(_landmark_report(session.field, landmarks))
+    warped = warp_image(moving, session.field)
+    write_registration(outdir, session.field, warped, automatic.concat(session.user_correspondences()), report, saved)
+    for item in report["user_pairs"]:
+        note = "; ".join(item["warnings"]) or "ok"
+        print(f"pair {item['id']} ({item['label']}): residual {item['residual_mm']:.2f} mm, {note}")
+    print(f"field rebuilt in {refine_s:.2f} s ({len(session.pairs)} user pairs); outputs in {outdir}/")
+    return 0
+
+
+def _landmark_report(field: Field, landmarks: tuple) -> dict:
+    """TRE before and after for landmark pairs."""
+    from .report import landmark_errors
+
+    return landmark_errors(field, *landmarks)
+
+
 def _add_registration_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by `register` and `demo`."""
     p.add_argument("--spacing", type=float, default=2.0, help="working grid spacing in mm (default 2)")
@@ -284,18 +359,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--fixed-mask")
     p.add_argument("--moving-mask")
-    p.add_argument(
-        "--fixed-landmarks", help="landmarks in the fixed image (CSV, .mrk.json, .fcsv, DIR-Lab .txt)"
-    )
+    p.add_argument("--fixed-landmarks", help="landmarks in the fixed image (CSV, .mrk.json, .fcsv, DIR-Lab .txt)")
     p.add_argument("--moving-landmarks", help="the matching landmarks in the moving image, same order")
     _add_registration_flags(p)
     p.set_defaults(func=cmd_register)
 
+    p = sub.add_parser("refine", help="add or remove clicked pairs on an `ikr register` output folder")
+    p.add_argument("outdir")
+    p.add_argument("--add", nargs="+", metavar="FILE", help="a pair CSV, or fixed and moving point files")
+    p.add_argument("--match", default="order", choices=["order", "label"], help="how to pair two point files")
+    p.add_argument("--remove", type=int, action="append", metavar="ID", help="remove the user pair with this id")
+    p.set_defaults(func=cmd_refine)
+
     p = sub.add_parser("demo", help="register a synthetic breathing-like case and print the figures")
     p.add_argument("-o", "--output", default="ikr-demo")
-    p.add_argument(
-        "--ct", default=None, help="CT to deform (default: the shared thorax CT, else the phantom)"
-    )
+    p.add_argument("--ct", default=None, help="CT to deform (default: the shared thorax CT, else the phantom)")
     p.add_argument("--magnitude", type=float, default=None, help="mean displacement in mm")
     _add_registration_flags(p)
     p.set_defaults(func=cmd_demo)

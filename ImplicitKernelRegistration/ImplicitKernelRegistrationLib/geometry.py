@@ -86,6 +86,25 @@ class Geometry:
         idx = np.array([[i, j, k] for i in (0, s[0]) for j in (0, s[1]) for k in (0, s[2])], dtype=float)
         return self.index_to_lps(idx)
 
+    def to_dict(self) -> dict:
+        """JSON-serialisable form."""
+        return {
+            "size": list(self.size),
+            "spacing_mm": list(self.spacing_mm),
+            "origin_lps": list(self.origin_lps),
+            "direction": list(self.direction),
+        }
+
+    @staticmethod
+    def from_dict(data: dict) -> Geometry:
+        """Inverse of to_dict."""
+        return Geometry(
+            size=tuple(int(v) for v in data["size"]),
+            spacing_mm=tuple(float(v) for v in data["spacing_mm"]),
+            origin_lps=tuple(float(v) for v in data["origin_lps"]),
+            direction=tuple(float(v) for v in data["direction"]),
+        )
+
     @staticmethod
     def from_sitk(image: sitk.Image) -> Geometry:
         """Read the geometry of a 3D SimpleITK image."""

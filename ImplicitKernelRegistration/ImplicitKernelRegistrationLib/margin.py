@@ -38,6 +38,7 @@ from .geometry import Geometry, Image
 
 PAD_VOXELS = 3
 LEVEL = 0.5
+SMOOTHING_ITERATIONS = 20  # windowed-sinc passes on both surfaces (3D Slicer's default smoothing)
 
 
 @dataclass
@@ -67,7 +68,9 @@ class Surface:
         offsets = np.arange(0, 3 * len(self.triangles) + 1, 3, dtype=np.int64)
         cells.SetData(
             numpy_support.numpy_to_vtkIdTypeArray(offsets, deep=True),
-            numpy_support.numpy_to_vtkIdTypeArray(np.ascontiguousarray(self.triangles.ravel(), dtype=np.int64), deep=True),
+            numpy_support.numpy_to_vtkIdTypeArray(
+                np.ascontiguousarray(self.triangles.ravel(), dtype=np.int64), deep=True
+            ),
         )
         poly = vtkPolyData()
         poly.SetPoints(points)
@@ -189,7 +192,9 @@ def _fixed_region(moving_crop: Geometry, fixed: Geometry, reach_mm: float) -> tu
     """Index box (z, y, x) of the fixed grid that can map into `moving_crop` when |d| <= reach_mm."""
     corners = moving_crop.corners_lps()
     lo_lps, hi_lps = corners.min(axis=0) - reach_mm, corners.max(axis=0) + reach_mm
-    box = np.array([[x, y, z] for x in (lo_lps[0], hi_lps[0]) for y in (lo_lps[1], hi_lps[1]) for z in (lo_lps[2], hi_lps[2])])
+    box = np.array(
+        [[x, y, z] for x in (lo_lps[0], hi_lps[0]) for y in (lo_lps[1], hi_lps[1]) for z in (lo_lps[2], hi_lps[2])]
+    )
     idx = fixed.lps_to_index(box)
     lo = np.floor(idx.min(axis=0)).astype(int) - 1
     hi = np.ceil(idx.max(axis=0)).astype(int) + 2
@@ -264,7 +269,9 @@ def iso_surface(occ: Image, smoothing_iterations: int = 0) -> Surface:
     image = vtkImageData()
     nz, ny, nx = occ.array.shape
     image.SetDimensions(nx, ny, nz)
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(occ.array, np.float32).ravel(), deep=True))
+    image.GetPointData().SetScalars(
+        numpy_support.numpy_to_vtk(np.ascontiguousarray(occ.array, np.float32).ravel(), deep=True)
+    )
     contour = vtkFlyingEdges3D()
     contour.SetInputData(image)
     contour.SetValue(0, LEVEL)
@@ -345,7 +352,7 @@ def compute_margin(
     field: Field | None,
     thresholds_mm: tuple[float, ...] = (0.0, 5.0),
     names: tuple[str | None, str | None, str | None] = (None, None, None),
-    smoothing_iterations: int = 0,
+    smoothing_iterations: int = SMOOTHING_ITERATIONS,
 ) -> MarginResult:
     """Margins of the tumour (moving grid) warped through `field` (fixed -> moving; None = identity)
     to the ablation zone (fixed grid). `names` (tumour, ablation, field) name the inputs in errors."""
@@ -406,7 +413,9 @@ def _supersampled_occupancy(
     shape (N, 3), and returns booleans; sub-samples are spread evenly inside each voxel.
     """
     subs = [max(2, int(np.ceil(s / step_mm))) for s in geometry.spacing_mm]
-    z, y, x = np.meshgrid(*(np.arange(a, b, dtype=np.float64) for a, b in zip(lo_zyx, hi_zyx, strict=True)), indexing="ij")
+    z, y, x = np.meshgrid(
+        *(np.arange(a, b, dtype=np.float64) for a, b in zip(lo_zyx, hi_zyx, strict=True)), indexing="ij"
+    )
     centres = np.stack([x, y, z], axis=-1).reshape(-1, 3)
     occ = np.zeros(len(centres), dtype=np.float32)
     grids = [(np.arange(n) + 0.5) / n - 0.5 for n in subs]
@@ -444,9 +453,7 @@ def _pull_back(field: Field, points_lps: np.ndarray, iterations: int = 40) -> np
     return x
 
 
-def _place_centre(
-    fixed: Image, liver_mask: Image | None, clearance_mm: float, rng: np.random.Generator
-) -> np.ndarray:
+def _place_centre(fixed: Image, liver_mask: Image | None, clearance_mm: float, rng: np.random.Generator) -> np.ndarray:
     """A random point (LPS) at least `clearance_mm` deep in the liver, else in soft tissue, else the grid centre."""
     g = fixed.geometry
     candidates = []
@@ -465,9 +472,7 @@ def _place_centre(
     return g.index_to_lps(((np.asarray(g.size) - 1) / 2.0)[None])[0]
 
 
-def demo_tumour_and_zone(
-    fixed: Image, field: Field, liver_mask: Image | None, seed: int
-) -> tuple[Image, Image, float]:
+def demo_tumour_and_zone(fixed: Image, field: Field, liver_mask: Image | None, seed: int) -> tuple[Image, Image, float]:
     """A spherical tumour and an off-centre spherical ablation zone placed in the liver of `fixed`.
 
     Returns the tumour as a partial-volume mask on the MOVING grid (the fixed tumour pushed through

@@ -76,6 +76,16 @@ class RegistrationConfig:
         out["scales"] = [asdict(s) for s in self.scales]
         return out
 
+    @staticmethod
+    def from_dict(data: dict) -> RegistrationConfig:
+        """Inverse of to_dict (unknown keys are an error)."""
+        values = dict(data)
+        scales = tuple(ScaleSettings(**s) for s in values.pop("scales", [asdict(s) for s in DEFAULT_SCALES]))
+        try:
+            return RegistrationConfig(**values, scales=scales)
+        except TypeError as err:
+            raise IkrError(f"unknown registration settings ({err})") from err
+
 
 @dataclass
 class RegistrationResult:

@@ -18,8 +18,11 @@ import torch
 from .correspondences import USER, Correspondences
 from .dense import DenseModel
 from .errors import IkrError
+from .features import mind_ssc
 from .fields import Field, jacobian_determinant, sample_field
-from .geometry import Geometry
+from .geometry import Geometry, Image
+from .pipeline import RegistrationConfig, RegistrationResult, load_kernel, resolve_device
+from .preprocess import normalise_ct, resample_to, to_tensor
 
 USER_CONFIDENCE = 4.0  # automatic matches have confidence <= 1; a clicked pair is trusted more
 CORRECTION_RADIUS_MM = 15.0  # support of the exactness correction around each pair
@@ -300,3 +303,26 @@ def _union(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
     if not ranges:
         return (0, 0)
     return (min(r[0] for r in ranges), max(r[1] for r in ranges))
+
+
+def session_from_result(result: RegistrationResult, fixed: Image) -> RefinementSession:
+    """A refinement session on a registration just computed (in memory, e.g. in Slicer)."""
+    return RefinementSession(result.model, fixed.geometry, result.correspondences)
+
+
+def open_session(fixed: Image, saved: dict, automatic: Correspondences) -> RefinementSession:
+    """Rebuild a session from a saved one (session.json's content) and its automatic correspondences."""
+    try:
+        config = RegistrationConfig.from_dict(saved["config"])
+        working = Geometry.from_dict(saved["working_geometry"])
+        pairs = [UserPair.from_dict(p) for p in saved.get("user", {}).get("pairs", [])]
+        next_id = int(saved.get("user", {}).get("next_id", 1))
+    except (KeyError, TypeError, ValueError) as err:
+        raise IkrError(f"the saved session is incomplete or from an incompatible version ({err})") from err
+    device = resolve_device(config.device)
+    kernel = load_kernel(config, device)
+    features = mind_ssc(to_tensor(normalise_ct(resample_to(fixed, working).array), device))
+    model = DenseModel(kernel, features, working, config.control_step_vox)
+    session = RefinementSession(model, fixed.geometry, automatic, pairs)
+    session.next_id = max(session.next_id, next_id)
+    return session

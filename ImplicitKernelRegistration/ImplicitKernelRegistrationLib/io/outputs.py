@@ -67,6 +67,51 @@ def read_correspondences_csv(path: str | os.PathLike) -> Correspondences:
     return Correspondences(fixed, moving - fixed, conf, source)
 
 
+def read_session(outdir: str | os.PathLike) -> dict:
+    """The session.json of an `ikr register` output folder, checked for a version this program reads."""
+    path = Path(outdir) / OUTPUT_FILES["session"]
+    if not path.is_file():
+        raise IkrError("not an ikr output folder (no session.json)", Path(outdir))
+    try:
+        session = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise IkrError(f"the session file is unreadable ({err})", path) from err
+    if not isinstance(session, dict) or session.get("version") != SESSION_VERSION:
+        found = session.get("version") if isinstance(session, dict) else None
+        raise IkrError(f"session version {found!r} is not supported (this program reads {SESSION_VERSION})", path)
+    return session
+
+
+def write_session(outdir: str | os.PathLike, session: dict, correspondences: Correspondences) -> None:
+    """Write session.json and correspondences.csv (each atomically): what refinement needs to resume."""
+    outdir = Path(outdir)
+    write_text_atomic(outdir / OUTPUT_FILES["correspondences"], correspondences_csv(correspondences))
+    session = {"version": SESSION_VERSION, **session, "files": OUTPUT_FILES}
+    write_text_atomic(outdir / OUTPUT_FILES["session"], json.dumps(session, indent=2, default=str))
+
+
+def _write_all(
+    folder: Path, field: Field, warped: Image, correspondences: Correspondences, report: dict, session: dict
+) -> None:
+    """Write every output file into an existing folder, each atomically."""
+    write_field(field, folder / OUTPUT_FILES["displacement"])
+    write_transform(field, folder / OUTPUT_FILES["transform"])
+    write_image(warped, folder / OUTPUT_FILES["warped"])
+    write_session(folder, session, correspondences)
+    write_text_atomic(folder / OUTPUT_FILES["report"], json.dumps(report, indent=2, default=str))
+
+
+def check_output_folder(outdir: str | os.PathLike) -> bool:
+    """Refuse an output path that is a file or a non-empty folder of something else; True if an ikr folder."""
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise IkrError("the output path exists and is not a folder", outdir)
+    existing = outdir.is_dir() and any(outdir.iterdir())
+    if existing and not (outdir / OUTPUT_FILES["session"]).is_file():
+        raise IkrError("the output folder exists and holds other files; choose a new or empty folder", outdir)
+    return existing
+
+
 def write_registration(
     outdir: str | os.PathLike,
     field: Field,
@@ -75,18 +120,17 @@ def write_registration(
     report: dict,
     session: dict,
 ) -> Path:
-    """Write every output of a registration into `outdir`, all or nothing (a temporary folder, renamed)."""
+    """Write every output of a registration into `outdir`.
+
+    A new folder is written all or nothing (a temporary folder, renamed); an existing ikr output
+    folder (refinement) is updated file by file, each file atomically. Any other non-empty folder
+    is refused, so nothing of the user's is overwritten.
+    """
     outdir = Path(outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise IkrError("the output path exists and is not a folder", outdir)
-    if outdir.is_dir() and any(outdir.iterdir()) and not (outdir / OUTPUT_FILES["session"]).is_file():
-        raise IkrError("the output folder exists and holds other files; choose a new or empty folder", outdir)
-    with atomic_directory(outdir) as tmp:
-        write_field(field, tmp / OUTPUT_FILES["displacement"])
-        write_transform(field, tmp / OUTPUT_FILES["transform"])
-        write_image(warped, tmp / OUTPUT_FILES["warped"])
-        write_text_atomic(tmp / OUTPUT_FILES["correspondences"], correspondences_csv(correspondences))
-        session = {"version": SESSION_VERSION, **session, "files": OUTPUT_FILES}
-        write_text_atomic(tmp / OUTPUT_FILES["session"], json.dumps(session, indent=2, default=str))
-        write_text_atomic(tmp / OUTPUT_FILES["report"], json.dumps(report, indent=2, default=str))
+    existing = check_output_folder(outdir)
+    if existing:
+        _write_all(outdir, field, warped, correspondences, report, session)
+    else:
+        with atomic_directory(outdir) as tmp:
+            _write_all(tmp, field, warped, correspondences, report, session)
     return outdir
