@@ -9,12 +9,13 @@ from scipy import ndimage
 
 
 @pytest.fixture(scope="module")
-def phantom():
+def phantom() -> tuple:
     """The default phantom (seed 0)."""
     return make_phantom(0)
 
 
-def test_same_seed_same_phantom_other_seed_differs(phantom):
+def test_same_seed_same_phantom_other_seed_differs(phantom: tuple) -> None:
+    """A seed fixes the phantom; another seed changes noise and anatomy."""
     ct, labels, _ = phantom
     ct2, labels2, _ = make_phantom(0)
     np.testing.assert_array_equal(ct.array, ct2.array)
@@ -24,7 +25,8 @@ def test_same_seed_same_phantom_other_seed_differs(phantom):
     assert np.mean(labels.array != labels3.array) > 0.005  # anatomy jittered
 
 
-def test_grid_is_lps_centred_identity(phantom):
+def test_grid_is_lps_centred_identity(phantom: tuple) -> None:
+    """Default grid: centred at the LPS origin, identity direction, int16 CT, uint8 labels 0-10."""
     ct, labels, names = phantom
     geo = ct.geometry
     assert geo.size == (128, 112, 96)
@@ -37,7 +39,8 @@ def test_grid_is_lps_centred_identity(phantom):
     assert set(np.unique(labels.array)) == {0, *names}
 
 
-def test_other_size_and_spacing():
+def test_other_size_and_spacing() -> None:
+    """Another size and spacing give the same anatomy on that grid."""
     ct, labels, _ = make_phantom(2, size=(64, 56, 48), spacing_mm=(5.0, 5.0, 5.0))
     assert ct.array.shape == (48, 56, 64) == labels.array.shape
     assert {2, 3, 4, 6, 7}.issubset(set(np.unique(labels.array)))
@@ -59,7 +62,8 @@ HU_RANGES = {
 }
 
 
-def test_hu_per_label_in_documented_ranges(phantom):
+def test_hu_per_label_in_documented_ranges(phantom: tuple) -> None:
+    """The median HU of every label lies in the range documented in phantom.py."""
     ct, labels, _ = phantom
     for label, (low, high) in HU_RANGES.items():
         values = ct.array[labels.array == label]
@@ -67,14 +71,16 @@ def test_hu_per_label_in_documented_ranges(phantom):
         assert low <= np.median(values) <= high, (label, np.median(values))
 
 
-def test_noise_level_in_homogeneous_tissue(phantom):
+def test_noise_level_in_homogeneous_tissue(phantom: tuple) -> None:
+    """Liver parenchyma carries noise of roughly the documented 15 HU."""
     ct, labels, _ = phantom
     core = ndimage.binary_erosion(labels.array == 4, iterations=3)
     std = float(ct.array[core].std())
     assert 8.0 < std < 25.0
 
 
-def test_anatomy_sides_and_heights(phantom):
+def test_anatomy_sides_and_heights(phantom: tuple) -> None:
+    """Left lung at +x, liver on the right below the right lung, spine posterior."""
     ct, labels, _ = phantom
     pts = ct.geometry.grid_points_lps()
     centroid = {k: pts[labels.array == k].mean(axis=0) for k in (2, 3, 4, 6)}
@@ -85,7 +91,8 @@ def test_anatomy_sides_and_heights(phantom):
     assert np.median(spine[:, 1]) > 30.0  # the spine is posterior (+y)
 
 
-def test_lesion_is_a_small_ball_inside_the_liver(phantom):
+def test_lesion_is_a_small_ball_inside_the_liver(phantom: tuple) -> None:
+    """The lesion is an 8-12 mm ball surrounded by liver and darker than it."""
     ct, labels, _ = phantom
     lesion = labels.array == 5
     radius = (3.0 * lesion.sum() * ct.geometry.voxel_volume_ml() * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0)
@@ -95,7 +102,8 @@ def test_lesion_is_a_small_ball_inside_the_liver(phantom):
     assert np.median(ct.array[shell & (labels.array == 4)]) - np.median(ct.array[lesion]) > 20  # hypodense
 
 
-def test_lungs_hold_a_branching_vessel_tree(phantom):
+def test_lungs_hold_a_branching_vessel_tree(phantom: tuple) -> None:
+    """Both lungs hold vessels, with many separate cross-sections (branching)."""
     ct, labels, _ = phantom
     vessels = labels.array == 8
     lungs_near = ndimage.binary_dilation(np.isin(labels.array, (2, 3)), iterations=3)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from ImplicitKernelRegistrationLib.errors import IkrError
 from ImplicitKernelRegistrationLib.fields import jacobian_determinant, transform_points, warp_image
 from ImplicitKernelRegistrationLib.geometry import Image
 from ImplicitKernelRegistrationLib.phantom import make_phantom
-from ImplicitKernelRegistrationLib.synth import FAMILIES, make_case, read_case, write_case
+from ImplicitKernelRegistrationLib.synth import FAMILIES, SynthCase, make_case, read_case, write_case
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
@@ -31,20 +33,20 @@ def _sample(image: Image, points_lps: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def phantom():
+def phantom() -> tuple[Image, Image]:
     """A coarse phantom (5 mm) with its label map; small enough for quick cases."""
     ct, labels, _ = make_phantom(0, size=(64, 56, 48), spacing_mm=(5.0, 5.0, 5.0))
     return ct, labels
 
 
 @pytest.fixture(scope="module")
-def liver_ct():
+def liver_ct() -> Image:
     """The real 3 mm upper-abdominal slab (lung bases, liver)."""
     return Image.from_sitk(sitk.ReadImage(str(shared_path("ct", "liver_ts_example_ct_sm_3mm.nii.gz"))))
 
 
 @pytest.fixture(scope="module")
-def exact_cases(phantom):
+def exact_cases(phantom: tuple) -> tuple[Image, dict]:
     """Per family: the smoothed phantom and a noise-free case with a rigid offset and no intensity change."""
     ct, labels = phantom
     smooth = _smoothed(ct)
@@ -52,7 +54,7 @@ def exact_cases(phantom):
     return smooth, cases
 
 
-def _check_exact(ct: Image, case, max_after_hu: float) -> None:
+def _check_exact(ct: Image, case: SynthCase, max_after_hu: float) -> None:
     """warp(moving, true) reproduces the fixed image; landmark pairs agree with the field and the anatomy."""
     field = case.true_field
     assert field.geometry == ct.geometry and case.moving.geometry == ct.geometry
@@ -82,7 +84,8 @@ def _check_exact(ct: Image, case, max_after_hu: float) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_phantom_case_is_exact(exact_cases, family):
+def test_phantom_case_is_exact(exact_cases: tuple, family: str) -> None:
+    """Each family on the phantom: exact warp, invertible field, consistent landmarks, small rigid part."""
     smooth, cases = exact_cases
     _check_exact(smooth, cases[family], max_after_hu=8.0)
     assert cases[family].params["rigid_params"]["angle_deg"] <= 2.0
@@ -90,12 +93,14 @@ def test_phantom_case_is_exact(exact_cases, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_real_ct_case_is_exact(liver_ct, family):
+def test_real_ct_case_is_exact(liver_ct: Image, family: str) -> None:
+    """Each family on a real 3 mm CT: the same exactness checks."""
     smooth = _smoothed(liver_ct)
     _check_exact(smooth, make_case(smooth, family, 3, noise_hu=0.0, intensity_change=False), max_after_hu=4.0)
 
 
-def test_moving_labels_follow_the_anatomy(exact_cases, phantom):
+def test_moving_labels_follow_the_anatomy(exact_cases: tuple, phantom: tuple) -> None:
+    """Moving labels warped back by the true field match the fixed labels."""
     _, labels = phantom
     case = exact_cases[1]["breathing"]
     back = warp_image(case.moving_labels, case.true_field, interpolation="nearest", default_value=0).array
@@ -107,17 +112,19 @@ def test_moving_labels_follow_the_anatomy(exact_cases, phantom):
 
 
 @pytest.fixture(scope="module")
-def deformations(phantom):
+def deformations(phantom: tuple) -> dict:
     """Per family: a case without rigid offset, to measure the deformation itself."""
     ct, labels = phantom
     return {f: make_case(ct, f, 11, labels=labels, noise_hu=0.0, rigid=False, intensity_change=False) for f in FAMILIES}
 
 
-def _norm(case) -> np.ndarray:
+def _norm(case: SynthCase) -> np.ndarray:
+    """Displacement length (mm) of a case's true field."""
     return np.linalg.norm(case.true_field.displacement_mm, axis=-1)
 
 
-def test_breathing_magnitude_and_shape(deformations, phantom):
+def test_breathing_magnitude_and_shape(deformations: dict, phantom: tuple) -> None:
+    """Breathing: 4-15 mm mean in the lungs, cranio-caudal, larger at the bases, small outside."""
     ct, labels = phantom
     d = deformations["breathing"].true_field.displacement_mm
     norm = np.linalg.norm(d, axis=-1)
@@ -133,7 +140,8 @@ def test_breathing_magnitude_and_shape(deformations, phantom):
     assert np.mean(d[..., 2][lungs] < 0) > 0.95  # the lungs move inferiorly
 
 
-def test_bspline_magnitude(deformations, phantom):
+def test_bspline_magnitude(deformations: dict, phantom: tuple) -> None:
+    """B-spline: mean magnitude in the body within 3-8 mm, control spacing 35-50 mm."""
     _, labels = phantom
     case = deformations["bspline"]
     mean = _norm(case)[labels.array > 0].mean()
@@ -141,7 +149,8 @@ def test_bspline_magnitude(deformations, phantom):
     assert 35.0 <= case.params["family_params"]["control_spacing_mm"] <= 50.0
 
 
-def test_local_volume_change(deformations, phantom):
+def test_local_volume_change(deformations: dict, phantom: tuple) -> None:
+    """Local: the ball's volume changes by the recorded 10-40 %, and the motion stays local."""
     ct, _ = phantom
     case = deformations["local"]
     p = case.params["family_params"]
@@ -153,7 +162,8 @@ def test_local_volume_change(deformations, phantom):
     assert _norm(case)[r > 5.0 * p["radius_mm"]].mean() < 2.0  # confined: only the mild background far away
 
 
-def test_sliding_lungs_move_chest_wall_stays(deformations, phantom):
+def test_sliding_lungs_move_chest_wall_stays(deformations: dict, phantom: tuple) -> None:
+    """Sliding: lateral lungs move several mm while the body wall beside them stays."""
     ct, labels = phantom
     case = deformations["sliding"]
     norm = _norm(case)
@@ -169,14 +179,16 @@ def test_sliding_lungs_move_chest_wall_stays(deformations, phantom):
     assert norm[lateral_lung].mean() > 3.0
 
 
-def test_sliding_finds_lungs_without_labels(phantom):
+def test_sliding_finds_lungs_without_labels(phantom: tuple) -> None:
+    """Without labels the lungs come from the threshold and the field stays invertible."""
     ct, _ = phantom
     case = make_case(ct, "sliding", 2, noise_hu=0.0, n_landmarks=10)
     assert case.params["family_params"]["sliding_region"] == "lung_columns"
     assert float(jacobian_determinant(case.true_field).min()) > 0.0
 
 
-def test_abdomen_breathing_case(shared):
+def test_abdomen_breathing_case(shared: Callable) -> None:
+    """The real abdomen CT gives an invertible case with all landmarks and the CT's dtype."""
     ct = Image.from_sitk(sitk.ReadImage(str(shared("ct", "abdomen_ts_example_ct_3mm.nii.gz"))))
     case = make_case(ct, "breathing", 0, n_landmarks=50)
     assert float(jacobian_determinant(case.true_field).min()) > 0.0
@@ -184,7 +196,8 @@ def test_abdomen_breathing_case(shared):
     assert case.fixed.array.dtype == ct.array.dtype == case.moving.array.dtype
 
 
-def test_seed_reproduces_case(liver_ct):
+def test_seed_reproduces_case(liver_ct: Image) -> None:
+    """The same seed reproduces a case exactly; another seed changes the field."""
     a = make_case(liver_ct, "bspline", 5, n_landmarks=20)
     b = make_case(liver_ct, "bspline", 5, n_landmarks=20)
     np.testing.assert_array_equal(a.fixed.array, b.fixed.array)
@@ -196,7 +209,8 @@ def test_seed_reproduces_case(liver_ct):
     assert np.abs(a.true_field.displacement_mm - c.true_field.displacement_mm).mean() > 1.0
 
 
-def test_noise_and_intensity_change_only_in_images(phantom):
+def test_noise_and_intensity_change_only_in_images(phantom: tuple) -> None:
+    """Noise and intensity change alter the images only, not the field; ablation zone darker."""
     ct, labels = phantom
     plain = make_case(ct, "local", 4, labels=labels, noise_hu=0.0, intensity_change=False)
     full = make_case(ct, "local", 4, labels=labels, noise_hu=12.0, intensity_change=True)
@@ -212,7 +226,8 @@ def test_noise_and_intensity_change_only_in_images(phantom):
     assert json.loads(json.dumps(full.params)) == full.params
 
 
-def test_write_read_round_trip(tmp_path, exact_cases, phantom):
+def test_write_read_round_trip(tmp_path: Path, exact_cases: tuple, phantom: tuple) -> None:
+    """write_case/read_case round-trip every array, point and parameter; rewriting replaces whole."""
     case = exact_cases[1]["local"]
     out = tmp_path / "case"
     write_case(case, out)
@@ -242,7 +257,8 @@ def test_write_read_round_trip(tmp_path, exact_cases, phantom):
     assert [p.name for p in tmp_path.iterdir()] == ["case"]  # no temporary leftovers
 
 
-def test_bad_input_raises_ikr_error(tmp_path, phantom):
+def test_bad_input_raises_ikr_error(tmp_path: Path, phantom: tuple) -> None:
+    """Unknown family, labels on another grid and a missing case.json raise IkrError."""
     ct, labels = phantom
     with pytest.raises(IkrError, match="unknown deformation family"):
         make_case(ct, "twist", 0)

@@ -58,7 +58,9 @@ def values_table(rows: list[dict]) -> str:
     lines = []
     for row in rows:
         status = "ok" if row["status"] == "ok" else f"{row['status']}: {row.get('reason', '')}"
-        lines.append([row["case"], row["unseen"] or "-", row["method"], *_row_cells(row), row.get("device", "-"), status])
+        lines.append(
+            [row["case"], row["unseen"] or "-", row["method"], *_row_cells(row), row.get("device", "-"), status]
+        )
     return _table(header, lines)
 
 
@@ -92,7 +94,7 @@ def summary_table(rows: list[dict]) -> str:
 
 def convention_table(checks: dict[str, dict]) -> str:
     """The translation check of every method."""
-    header = ["method", "expected (mm, LPS)", "median displacement (mm)", "median error (mm)", "verdict"]
+    header = ["method", "expected (mm, LPS)", "median displacement (mm)", "median pointwise error (mm)", "verdict"]
     lines = []
     for method, check in checks.items():
         if "verdict" not in check:
@@ -100,5 +102,6 @@ def convention_table(checks: dict[str, dict]) -> str:
             continue
         expected = ", ".join(f"{v:g}" for v in check["expected_mm"])
         measured = ", ".join(f"{v:.2f}" for v in check["median_displacement_mm"])
-        lines.append([method, expected, measured, f"{check['median_error_mm']:.3f}", check["verdict"]])
+        verdict = check["verdict"] + (f" (as {check['checked_as']})" if "checked_as" in check else "")
+        lines.append([method, expected, measured, f"{check['median_error_mm']:.3f}", verdict])
     return _table(header, lines)

@@ -23,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 from cases import FULL_CASES, QUICK_CASES, TRANSLATION_MM, CaseSpec, build_case, build_translation_case, load_case
-from methods import BENCH, METHODS, PEERS_PYTHON, get_method, method_names, run_method
-from report import convention_table, ratios_table, summary_table, values_table
-from scoring import convention_check, score
-
 from ImplicitKernelRegistrationLib.fields import Field
 from ImplicitKernelRegistrationLib.io.atomic import write_text_atomic
 from ImplicitKernelRegistrationLib.metrics import tre
+from methods import ADAPTERS, BENCH, METHODS, PEERS_PYTHON, Method, get_method, method_names, run_method
+from report import convention_table, ratios_table, summary_table, values_table
+from scoring import convention_check, score
 
 ROOT = BENCH.parent
 
@@ -38,7 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 cases on the 3 mm CTs (under 10 minutes)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="for this project and ConvexAdam")
+    parser.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda", "auto"), help="for this project and ConvexAdam"
+    )
     parser.add_argument("--methods", nargs="+", choices=method_names(), help="only these methods")
     parser.add_argument("--cases", nargs="+", help="only the cases with these names")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of every method")
@@ -71,16 +72,40 @@ def peer_versions() -> dict[str, str]:
     return {name: ver for name, ver in pairs if name.lower() in wanted}
 
 
-def run_checks(methods: list, args: argparse.Namespace) -> dict[str, dict]:
-    """The translation check of every method: a field that does not map p to p + t fails."""
+def _reusable_check(method: Method, out: Path, case_folder: Path) -> dict | None:
+    """A passed check of a peer whose adapter and inputs have not changed since (None otherwise)."""
+    record, field = out / "run.json", out / "field.nii.gz"
+    if not method.peer or not record.exists() or not field.exists():
+        return None
+    inputs = (ADAPTERS / method.adapter, ADAPTERS / "_common.py", case_folder / "moving.nii.gz", PEERS_PYTHON)
+    if any(path.stat().st_mtime > record.stat().st_mtime for path in inputs):
+        return None
+    previous = json.loads(record.read_text(encoding="utf-8"))
+    return {**previous, "method": method.name, "status": "ok", "field": str(field), "reused": True}
+
+
+def run_checks(methods: list[Method], args: argparse.Namespace) -> dict[str, dict]:
+    """The translation check of every method: a field that does not map p to p + t fails.
+
+    Peers' passed checks are reused while their adapter is unchanged. The project's kernels share
+    one conversion to the output field (pipeline.dense_to_field), so only the first one is checked.
+    """
     folder = build_translation_case(args.data, args.work)
-    checks = {}
+    fixed, moving = folder / "fixed.nii.gz", folder / "moving.nii.gz"
+    checks: dict[str, dict] = {}
+    ikr_checked = None
     for method in methods:
+        if not method.peer and ikr_checked is not None:
+            checks[method.name] = {**checks[ikr_checked], "method": method.name, "checked_as": ikr_checked}
+            continue
         print(f"convention check: {method.name} ...", flush=True)
         out = args.work / "runs" / "check" / method.name
-        run = run_method(method, folder / "fixed.nii.gz", folder / "moving.nii.gz", out, args.device, args.threads, 600)
-        check = convention_check(Path(run["field"]), folder / "fixed.nii.gz") if run["status"] == "ok" else {}
+        run = _reusable_check(method, out, folder)
+        run = run or run_method(method, fixed, moving, out, args.device, args.threads, 900)
+        check = convention_check(Path(run["field"]), fixed) if run["status"] == "ok" else {}
         checks[method.name] = {**run, **check}
+        if not method.peer and run["status"] == "ok":
+            ikr_checked = method.name
         print(f"  {check.get('verdict', run['status'] + ': ' + run.get('reason', ''))}", flush=True)
     return checks
 
@@ -121,7 +146,9 @@ def run_case(spec: CaseSpec, methods: list, args: argparse.Namespace, timeout: f
     for method in methods:
         print(f"case {spec.name}: {method.name} ...", flush=True)
         out = args.work / "runs" / spec.name / method.name
-        run = run_method(method, folder / "fixed.nii.gz", folder / "moving.nii.gz", out, args.device, args.threads, timeout)
+        run = run_method(
+            method, folder / "fixed.nii.gz", folder / "moving.nii.gz", out, args.device, args.threads, timeout
+        )
         rows.append(result_row(spec, case, run))
         last = rows[-1]
         if last["status"] == "ok":
@@ -134,7 +161,9 @@ def run_case(spec: CaseSpec, methods: list, args: argparse.Namespace, timeout: f
 def git_version() -> str:
     """The checkout's commit (with '+dirty' when the tree has changes)."""
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
         dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True)
     except OSError:
         return "unknown"
@@ -197,7 +226,9 @@ def plot(results_json: Path, png: Path) -> None:
 
 def machine() -> str:
     """A short description of this machine."""
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
+    return (
+        f"{platform.machine()} {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
-
 from cases import TRANSLATION_MM, body_mask
 from ImplicitKernelRegistrationLib.fields import transform_points
 from ImplicitKernelRegistrationLib.io.images import read_image
 from ImplicitKernelRegistrationLib.io.transforms import read_field
 from ImplicitKernelRegistrationLib.metrics import endpoint_error, sdlogj, tre
 from ImplicitKernelRegistrationLib.synth import SynthCase
+from scipy import ndimage
 
 CONVENTION_TOLERANCE_MM = 1.0
 CHECK_POINTS = 500
@@ -28,23 +27,26 @@ def _interior_points(fixed_path: Path, margin_vox: int = 3) -> np.ndarray:
 
 
 def convention_check(field_path: Path, fixed_path: Path) -> dict:
-    """Does the field map fixed points p to p + t (pass), to p - t (read the wrong way round), or neither?"""
+    """Does the field map fixed points p to p + t (pass), to p - t (read the wrong way round), or neither?
+
+    The verdict looks at the median displacement over interior body points (a deformable method
+    need not recover a pure translation exactly everywhere); the median pointwise error is reported.
+    """
     field = read_field(field_path)
     points = _interior_points(fixed_path)
     shift = np.asarray(TRANSLATION_MM)
     mapped = transform_points(field, points) - points
-    error = float(np.median(np.linalg.norm(mapped - shift, axis=1)))
-    reversed_error = float(np.median(np.linalg.norm(mapped + shift, axis=1)))
-    if error < CONVENTION_TOLERANCE_MM:
+    median = np.median(mapped, axis=0)
+    if np.linalg.norm(median - shift) < CONVENTION_TOLERANCE_MM:
         verdict = "pass"
-    elif reversed_error < CONVENTION_TOLERANCE_MM:
+    elif np.linalg.norm(median + shift) < CONVENTION_TOLERANCE_MM:
         verdict = "FAIL: reversed (moving -> fixed)"
     else:
         verdict = "FAIL: wrong"
     return {
         "expected_mm": [float(v) for v in shift],
-        "median_displacement_mm": [round(float(v), 3) for v in np.median(mapped, axis=0)],
-        "median_error_mm": round(error, 3),
+        "median_displacement_mm": [round(float(v), 3) for v in median],
+        "median_error_mm": round(float(np.median(np.linalg.norm(mapped - shift, axis=1))), 3),
         "verdict": verdict,
     }
 

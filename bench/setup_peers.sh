@@ -8,7 +8,7 @@ venv="${PEERS_VENV:-$here/.venv-peers}"
 python="${PEERS_PYTHON:-python3}"
 torch_spec="${PEERS_TORCH:-torch==2.13.0}"
 stamp="$venv/.installed"
-if [[ -f "$stamp" && "$stamp" -nt "$here/requirements-peers.txt" ]]; then
+if [[ -f "$stamp" && "$stamp" -nt "$here/requirements-peers.txt" && "$stamp" -nt "$0" ]]; then
     exit 0
 fi
 [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"

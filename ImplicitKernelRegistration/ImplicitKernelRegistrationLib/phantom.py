@@ -26,6 +26,8 @@ correlated Gaussian noise of 15 HU standard deviation (white noise smoothed by 0
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from scipy import ndimage
 
@@ -139,7 +141,7 @@ def _rotate_towards(direction: np.ndarray, angle: float, rng: np.random.Generato
 
 
 def _vessel_segments(
-    root: np.ndarray, lung_contains: callable, rng: np.random.Generator
+    root: np.ndarray, lung_contains: Callable[[np.ndarray], bool], rng: np.random.Generator
 ) -> list[tuple[np.ndarray, np.ndarray, float]]:
     """Segments (start, end, radius mm) of a random branching tree kept inside a lung."""
     segments: list[tuple[np.ndarray, np.ndarray, float]] = []
@@ -296,7 +298,7 @@ def make_phantom(
     return ct, label_image, dict(LABEL_NAMES)
 
 
-def _point_tester(mask: np.ndarray, geometry: Geometry) -> callable:
+def _point_tester(mask: np.ndarray, geometry: Geometry) -> Callable[[np.ndarray], bool]:
     """A function telling whether an LPS point falls in `mask` (nearest voxel; False outside the grid)."""
     size = np.asarray(geometry.size)
 

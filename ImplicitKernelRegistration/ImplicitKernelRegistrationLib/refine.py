@@ -76,12 +76,12 @@ class RefinementSession:
         self.next_id = 1
         self.history: list[tuple[str, UserPair, dict]] = []
         self.disagreement_mm: dict[int, float] = {}
-        self.model.set_keys(*self._keys())
-        self.base = self.model.field_on(target)
-        self.field = Field(self.base.displacement_mm.copy(), target)
         for pair in pairs or []:
             self.pairs.append(pair)
             self.next_id = max(self.next_id, pair.id + 1)
+        self.model.set_keys(*self._keys())
+        self.base = self.model.field_on(target)
+        self.field = Field(self.base.displacement_mm.copy(), target)
         if self.pairs:
             self._rebuild(self._all_slices())
 

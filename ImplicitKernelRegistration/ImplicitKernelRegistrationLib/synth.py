@@ -12,9 +12,9 @@ Families (LPS: +z is superior; `magnitude_mm` overrides the seeded magnitude):
   largest at the lung bases / diaphragm and fading towards the apex (Gaussian profile in z with
   sigma 90-130 mm above the base, 70-110 mm below it) and outside the body; mild anterior-posterior
   expansion (10-25 % of the amplitude) and lateral expansion (3-10 %), plus a 10 % smooth random
-  perturbation. Mean displacement within the lungs 5-12 mm (seeded; `magnitude_mm` 4-15 mm
-  allowed), maxima about 2-2.5 times the mean (up to about 30 mm). Without lungs in view the body
-  is used and the diaphragm is taken to lie at the top of the volume.
+  perturbation. Mean displacement within the lungs 5-12 mm (seeded; `magnitude_mm` sets it, 4-15
+  mm is the realistic range), maxima about 1.5-2.5 times the mean (about 30 mm at 15 mm). Without
+  lungs in view the body is used and the diaphragm is taken to lie at the top of the volume.
 - bspline: a cubic B-spline with random Gaussian coefficients, control spacing 35-50 mm; mean
   magnitude within the body 3-8 mm.
 - local: a ball of radius 15-30 mm around a soft-tissue point (the liver when the label map names
@@ -24,7 +24,8 @@ Families (LPS: +z is superior; `magnitude_mm` overrides the seeded magnitude):
 - sliding: the lungs and everything below them in the same cranio-caudal columns (the diaphragm,
   the upper abdomen) move along z with the breathing profile, while the chest wall and the
   mediastinum outside those columns stay still: a tangential discontinuity smoothed over about
-  4 mm plus the working grid's spacing. Mean displacement within the lungs 5-12 mm. The lungs come
+  4 mm plus the working grid's spacing (the motion tapers over about 25 mm at the columns' tops,
+  so that the field stays invertible). Mean displacement within the lungs 5-12 mm. The lungs come
   from the label map (labels whose name in `labels.meta["label_names"]` contains "lung") or from a
   threshold (< -400 HU inside the body, the largest components); without lungs the region inside
   the body deeper than 20 mm slides against the body wall.
@@ -36,9 +37,19 @@ field; an intensity change in the moving image only (a smooth multiplicative cha
 also turns 30-60 HU hypodense, like an ablation zone); and fresh correlated Gaussian noise
 (`noise_hu` standard deviation) in each image.
 
-The fields are drawn and inverted on a working grid of about 5-6 mm spacing and interpolated
-linearly onto the CT's grid; the interpolated true field is the truth, and its inverse's residual
-(mm) is recorded in `params`.
+The fields are drawn and inverted (fields.invert) on a working grid of about 5 mm spacing (every
+k-th CT voxel) and interpolated trilinearly onto the CT's grid; that interpolated true field is the
+truth. Its inverse is refined there by two fixed-point steps, and the moving image is sampled from
+the CT by cubic B-spline interpolation (labels by nearest neighbour). `params` records the inverse's
+residuals (mm) and the smallest Jacobian; a deformation whose Jacobian would fall below 0.25 is
+redrawn (bspline) or scaled down (`shrink_factor`). Landmarks are 3D Harris corners of the CT
+(structure tensor on a grid of about 2.5 mm, HU clipped to [-1000, 300]) inside the body, local
+maxima at least 10 mm apart, strongest first with seeded tie-breaking, whose fixed and moving
+points both lie well inside the image.
+
+`write_case` writes fixed.nii.gz, moving.nii.gz, true_displacement.nii.gz (3-component float32
+vectors, LPS mm), landmarks_fixed.csv / landmarks_moving.csv (header x,y,z; LPS mm), the label
+maps when present and case.json (family, seed, params), all at once via a temporary directory.
 """
 
 from __future__ import annotations
@@ -114,6 +125,17 @@ def _downsample(values: np.ndarray, factor: int, coarse: Geometry, smooth: bool 
         v = ndimage.uniform_filter(values.astype(np.float32), size=2 * (factor // 2) + 1, mode="nearest")
     v = v[::factor, ::factor, ::factor]
     return np.pad(v, [(0, n - m) for n, m in zip(coarse.shape_zyx, v.shape, strict=True)], mode="edge")
+
+
+def _upsample(values: np.ndarray, factor: int, fine: Geometry) -> np.ndarray:
+    """Trilinear upsampling of (z, y, x, c) values from a `factor`-times coarser grid onto `fine`."""
+    if factor == 1:
+        return np.ascontiguousarray(values[: fine.shape_zyx[0], : fine.shape_zyx[1], : fine.shape_zyx[2]])
+    vol = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).permute(3, 0, 1, 2)[None]
+    size = [(n - 1) * factor + 1 for n in values.shape[:3]]
+    out = torch.nn.functional.interpolate(vol, size=size, mode="trilinear", align_corners=True)[0]
+    nz, ny, nx = fine.shape_zyx
+    return np.ascontiguousarray(out[:, :nz, :ny, :nx].permute(1, 2, 3, 0).numpy())
 
 
 def _sample_on_fine(
@@ -520,7 +542,7 @@ def _smooth_scalars(
     """`count` smooth random scalar fields in about [-1, 1], drawn on `coarse`, on `fine` (z, y, x, count)."""
     values = _bspline_field(coarse, control_mm, rng, count)
     values /= np.maximum(np.abs(values).max(axis=(0, 1, 2)), 1e-6)
-    return _sample_on_fine(values, factor, fine)
+    return _upsample(values, factor, fine)
 
 
 def _intensity_change(
@@ -707,7 +729,7 @@ def make_case(
     rigid_params = _rigid(fine, rng) if rigid else None
     total = _apply_rigid(deformation, pts_c, rigid_params) if rigid_params else deformation
     inverse_c, residual_c = invert(Field(total, coarse), iterations=100)
-    both = _sample_on_fine(np.concatenate([total, inverse_c.displacement_mm], axis=-1), factor, fine)
+    both = _upsample(np.concatenate([total, inverse_c.displacement_mm], axis=-1), factor, fine)
     true_field, inverse = Field(np.ascontiguousarray(both[..., :3]), fine), np.ascontiguousarray(both[..., 3:])
     del both
     inverse = _polish_inverse(true_field, inverse, POLISH_ITERATIONS)

@@ -9,10 +9,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import ants as antspy  # antspyx
 import SimpleITK as sitk
 from _common import Stopwatch, finish, options, parse_args, read_float, version
-
-import ants as antspy  # antspyx
 
 DEFAULTS = {"type_of_transform": "SyN", "syn_metric": "mattes", "reg_iterations": [40, 20, 0]}
 

@@ -1,0 +1,93 @@
+"""Refinement: a clicked pair is reproduced, the update is local, removal and undo are exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ImplicitKernelRegistrationLib.errors import IkrError
+from ImplicitKernelRegistrationLib.fields import transform_points
+from ImplicitKernelRegistrationLib.refine import session_from_result
+
+
+@pytest.fixture
+def session(phantom_case, phantom_registration):
+    """A fresh refinement session on the phantom registration."""
+    return session_from_result(phantom_registration, phantom_case.fixed)
+
+
+def test_session_starts_from_the_registered_field(session, phantom_registration):
+    assert np.array_equal(session.field.displacement_mm, phantom_registration.field.displacement_mm)
+
+
+def test_added_pairs_are_reproduced_within_half_a_millimetre(session, phantom_case):
+    p = phantom_case.landmarks_fixed_lps[:5]
+    q = phantom_case.landmarks_moving_lps[:5] + np.array([1.5, -1.0, 2.0])  # deliberately off the automatic field
+    session.add_correspondences(p, q)
+    assert np.all(np.linalg.norm(transform_points(session.field, p) - q, axis=1) < 0.5)
+    assert all(item["residual_mm"] < 0.5 for item in session.feedback())
+
+
+def test_update_is_local(session, phantom_case):
+    before = session.field.displacement_mm.copy()
+    p = phantom_case.landmarks_fixed_lps[:1]
+    session.add_correspondences(p, phantom_case.landmarks_moving_lps[:1] + 3.0)
+    changed = np.any(session.field.displacement_mm != before, axis=-1)
+    assert changed.any()
+    assert changed.mean() < 0.25  # most of the volume is untouched
+    # only control points whose K nearest keys include the pair are recomputed; with K = 30 those
+    # reach far where keypoints are sparse, but far from the pair (beyond 60 mm) the change is negligible
+    pts = session.target.grid_points_lps()
+    far = np.linalg.norm(pts - p[0], axis=-1) > 60.0
+    moved = np.linalg.norm(session.field.displacement_mm - before, axis=-1)
+    assert moved[far].max() < 0.01
+
+
+def test_local_update_equals_full_rebuild(session, phantom_case, phantom_registration):
+    from ImplicitKernelRegistrationLib.refine import RefinementSession
+
+    session.add_correspondences(phantom_case.landmarks_fixed_lps[:3], phantom_case.landmarks_moving_lps[:3] + 2.0)
+    full = RefinementSession(
+        phantom_registration.model, phantom_case.fixed.geometry, phantom_registration.correspondences, session.pairs
+    )
+    assert np.allclose(full.field.displacement_mm, session.field.displacement_mm, atol=1e-4)
+
+
+def test_remove_and_undo_restore_the_field_exactly(session, phantom_case):
+    original = session.field.displacement_mm.copy()
+    ids = session.add_correspondences(phantom_case.landmarks_fixed_lps[:2], phantom_case.landmarks_moving_lps[:2] + 2)
+    with_pairs = session.field.displacement_mm.copy()
+    session.remove_correspondence(ids[1])
+    session.remove_correspondence(ids[0])
+    assert np.allclose(session.field.displacement_mm, original, atol=1e-5)
+    session.undo()
+    session.undo()
+    assert np.array_equal(session.field.displacement_mm, with_pairs)
+    session.undo()
+    session.undo()
+    assert np.array_equal(session.field.displacement_mm, original)
+    assert session.pairs == []
+
+
+def test_a_wild_pair_is_kept_but_warned_about(session, phantom_case):
+    p = phantom_case.landmarks_fixed_lps[:1]
+    session.add_correspondences(p, p + np.array([[25.0, 0.0, 0.0]]))
+    item = session.feedback()[0]
+    assert item["warnings"], item
+    assert len(session.pairs) == 1
+
+
+def test_bad_clicks_are_refused_and_the_session_is_unchanged(session, phantom_case):
+    p = phantom_case.landmarks_fixed_lps[:2]
+    before = session.field.displacement_mm.copy()
+    with pytest.raises(IkrError, match="NaN"):
+        session.add_correspondences(np.array([[np.nan, 0, 0]]), p[:1])
+    with pytest.raises(IkrError, match="partner"):
+        session.add_correspondences(p, p[:1])
+    with pytest.raises(IkrError, match="outside"):
+        session.add_correspondences(p[:1] + 5000.0, p[:1])
+    with pytest.raises(IkrError, match="no user pair"):
+        session.remove_correspondence(42)
+    with pytest.raises(IkrError, match="nothing to undo"):
+        session.undo()
+    assert np.array_equal(session.field.displacement_mm, before)
+    assert session.pairs == []
