@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from . import __version__
 from .errors import IkrError
 
@@ -17,6 +19,7 @@ if TYPE_CHECKING:
     from .fields import Field
     from .geometry import Image
     from .pipeline import RegistrationConfig
+    from .synth import SynthCase
 
 EXIT_BAD_INPUT = 2
 EXIT_CANCELLED = 130
@@ -34,12 +37,12 @@ class _ProgressBar:
 
     def __init__(self, title: str, enabled: bool = True) -> None:
         self.title = title
-        self.enabled = enabled and sys.stderr.isatty()
+        self.enabled = enabled
         self._progress = None
         self._task = None
 
     def __enter__(self) -> Progress:
-        if self.enabled:
+        if self.enabled and sys.stderr.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._progress = Progress(
@@ -51,6 +54,8 @@ class _ProgressBar:
 
     def update(self, fraction: float, message: str) -> None:
         """Move the bar (or print a line when not on a terminal)."""
+        if not self.enabled:
+            return
         if self._progress is not None:
             self._progress.update(self._task, completed=fraction, description=f"{self.title}: {message}")
         else:
@@ -245,6 +250,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         landmarks=landmarks, quiet=args.quiet,
     )  # fmt: skip
     _print_summary(report, outdir / "registration")
+    _demo_margin(case, outdir, outdir / "registration", args.seed)
     return 0
 
 
@@ -315,6 +321,68 @@ def _landmark_report(field: Field, landmarks: tuple) -> dict:
     return landmark_errors(field, *landmarks)
 
 
+def cmd_margin(args: argparse.Namespace) -> int:
+    """Minimal ablative margin of a tumour (pre-ablation) against an ablation zone (post-ablation)."""
+    from .margin_report import run_margin
+
+    figures = run_margin(
+        args.tumour,
+        args.ablation,
+        args.transform,
+        args.output,
+        thresholds_mm=tuple(args.thresholds),
+        include_phi=args.include_phi,
+        pre_image_path=args.pre_image,
+        post_image_path=args.post_image,
+        tumour_label=args.tumour_label,
+        ablation_label=args.ablation_label,
+    )
+    _print_margin(figures)
+    print(f"report in {Path(args.output) / 'report.html'}")
+    return 0
+
+
+def _print_margin(figures: dict) -> None:
+    """Print the key margin figures for a person."""
+    point = ", ".join(f"{v:.1f}" for v in figures["min_margin_point_lps"])
+    print(f"minimal ablative margin {figures['min_margin_mm']:.1f} mm at ({point}) LPS mm")
+    print(
+        f"coverage {figures['coverage_percent']:.1f} %, tumour volume outside the zone "
+        f"{figures['outside_volume_ml']:.2f} ml, surface with margin >= 5 mm "
+        f"{100 * figures['surface_fraction_ge_5mm']:.0f} %"
+    )
+
+
+def _demo_margin(case: SynthCase, outdir: Path, registration_dir: Path, seed: int) -> None:
+    """Place a tumour and an ablation zone in the demo case and report the margin through our field."""
+    from .io.images import write_image
+    from .margin import demo_tumour_and_zone
+    from .margin_report import run_margin
+
+    liver = None
+    names = (case.fixed_labels.meta.get("label_names", {}) if case.fixed_labels is not None else {}) or {}
+    liver_values = [int(k) for k, v in names.items() if "liver" in str(v).lower()]
+    if liver_values:
+        liver = case.fixed_labels.with_array(np.isin(case.fixed_labels.array, liver_values).astype(np.uint8))
+    tumour, zone, true_margin = demo_tumour_and_zone(case.fixed, case.true_field, liver, seed)
+    write_image(tumour, outdir / "case" / "tumour_pre.nii.gz")
+    write_image(zone, outdir / "case" / "ablation_post.nii.gz")
+    figures = run_margin(
+        outdir / "case" / "tumour_pre.nii.gz",
+        outdir / "case" / "ablation_post.nii.gz",
+        registration_dir / "displacement.nii.gz",
+        outdir / "margin",
+        pre_image_path=outdir / "case" / "moving.nii.gz",
+        post_image_path=outdir / "case" / "fixed.nii.gz",
+    )
+    _print_margin(figures)
+    error = figures["min_margin_mm"] - true_margin
+    print(
+        f"true minimal margin {true_margin:.1f} mm (error {error:+.1f} mm);"
+        f" report in {outdir / 'margin' / 'report.html'}"
+    )
+
+
 def _add_registration_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by `register` and `demo`."""
     p.add_argument("--spacing", type=float, default=2.0, help="working grid spacing in mm (default 2)")
@@ -370,6 +438,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--match", default="order", choices=["order", "label"], help="how to pair two point files")
     p.add_argument("--remove", type=int, action="append", metavar="ID", help="remove the user pair with this id")
     p.set_defaults(func=cmd_refine)
+
+    p = sub.add_parser("margin", help="minimal ablative margin and an HTML report")
+    p.add_argument("--tumour", required=True, help="tumour mask on the pre-ablation (moving) image")
+    p.add_argument("--ablation", required=True, help="ablation-zone mask on the post-ablation (fixed) image")
+    p.add_argument("--transform", default=None, help="displacement field or ITK transform (default: identity)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 5.0], help="margin thresholds, mm")
+    p.add_argument("--pre-image", default=None, help="the pre-ablation CT (checks the tumour mask's grid)")
+    p.add_argument("--post-image", default=None, help="the post-ablation CT (overlay background)")
+    p.add_argument("--tumour-label", type=int, default=None, help="label value of the tumour in a label map")
+    p.add_argument("--ablation-label", type=int, default=None, help="label value of the zone in a label map")
+    p.add_argument("--include-phi", action="store_true", help="show patient name and ID in the report")
+    p.set_defaults(func=cmd_margin)
 
     p = sub.add_parser("demo", help="register a synthetic breathing-like case and print the figures")
     p.add_argument("-o", "--output", default="ikr-demo")

@@ -1,0 +1,77 @@
+"""The benchmark's convention check and tables (bench/), on the real liver slab; no registration runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import shared_path
+from ImplicitKernelRegistrationLib.fields import Field, warp_image
+from ImplicitKernelRegistrationLib.io.images import read_image
+from ImplicitKernelRegistrationLib.io.transforms import write_field
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+from cases import TRANSLATION_MM, CaseSpec, build_translation_case  # noqa: E402
+from report import ratios_table, values_table  # noqa: E402
+from scoring import convention_check  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def translation_case(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The translation case written into a temporary work folder."""
+    data = shared_path("ct", "liver_ts_example_ct_sm_3mm.nii.gz").parents[1]
+    return build_translation_case(data, tmp_path_factory.mktemp("bench"))
+
+
+def _constant_field(fixed_path: Path, shift_mm: np.ndarray, out: Path) -> Path:
+    """A constant displacement field on the fixed grid, written as a vector NIfTI."""
+    geometry = read_image(fixed_path).geometry
+    field = Field(np.broadcast_to(shift_mm, (*geometry.shape_zyx, 3)).astype(np.float32).copy(), geometry)
+    return write_field(field, out)
+
+
+def test_translation_case_moves_anatomy_by_t(translation_case: Path) -> None:
+    """The moving image is the fixed one shifted by +t: moving(p + t) == fixed(p) inside the image."""
+    fixed = read_image(translation_case / "fixed.nii.gz")
+    moving = read_image(translation_case / "moving.nii.gz")
+    field = Field(np.broadcast_to(np.asarray(TRANSLATION_MM), (*fixed.geometry.shape_zyx, 3)).copy(), fixed.geometry)
+    warped = warp_image(moving, field).array[5:-5, 5:-5, 5:-5].astype(float)
+    original = fixed.array[5:-5, 5:-5, 5:-5].astype(float)
+    assert np.median(np.abs(warped - original)) < 5.0  # HU, interpolation only
+    assert np.median(np.abs(moving.array.astype(float) - fixed.array.astype(float))) > 5.0
+
+
+def test_convention_check_passes_t_and_flags_minus_t(translation_case: Path, tmp_path: Path) -> None:
+    """A field of +t passes; -t is reported as read the wrong way round; a swapped axis fails."""
+    fixed = translation_case / "fixed.nii.gz"
+    t = np.asarray(TRANSLATION_MM)
+    good = convention_check(_constant_field(fixed, t, tmp_path / "good.nii.gz"), fixed)
+    assert good["verdict"] == "pass"
+    assert np.allclose(good["median_displacement_mm"], t, atol=1e-3)
+    reversed_ = convention_check(_constant_field(fixed, -t, tmp_path / "rev.nii.gz"), fixed)
+    assert reversed_["verdict"].startswith("FAIL: reversed")
+    swapped = convention_check(_constant_field(fixed, t[::-1], tmp_path / "swap.nii.gz"), fixed)
+    assert swapped["verdict"] == "FAIL: wrong"
+
+
+def test_tables_show_ratios_to_the_default() -> None:
+    """Ratios are taken against ikr-learned in the same case; unfinished runs show their status."""
+    spec = CaseSpec("liver_ts_example_ct_sm_3mm.nii.gz", "sliding", 0)
+    assert spec.name == "liver-sliding-s0" and spec.unseen == "family + CT"
+
+    def row(method: str, mean: float, seconds: float) -> dict:
+        tre = {"mean": mean, "sd": 1.0, "p50": mean, "p90": 2 * mean}
+        jac = {"sdlogj": 0.1, "folding_percent": 0.0}
+        return {"case": spec.name, "unseen": spec.unseen, "method": method, "status": "ok", "tre": tre,
+                "jacobian": jac, "time_s": seconds, "memory_mb": 100.0, "device": "cpu"}  # fmt: skip
+
+    rows = [row("ikr-learned", 1.0, 10.0), row("greedy", 2.0, 40.0)]
+    rows.append({"case": spec.name, "unseen": spec.unseen, "method": "ants", "status": "failed", "reason": "boom"})
+    ratios = ratios_table(rows)
+    greedy_line = next(line for line in ratios.splitlines() if "| greedy |" in line)
+    assert "| ikr-learned | 2.00 |" in greedy_line and "| 4.00 |" in greedy_line
+    assert "failed: boom" in values_table(rows)
