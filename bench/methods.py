@@ -107,7 +107,13 @@ def run_method(
     with open(log_path, "w", encoding="utf-8") as log:
         try:
             code = subprocess.run(
-                command, stdout=log, stderr=subprocess.STDOUT, env=_environment(threads), timeout=timeout_s, check=False
+                command,
+                cwd=outdir,  # tools that drop files in the working directory (transformix) drop them here
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_environment(threads),
+                timeout=timeout_s,
+                check=False,
             ).returncode
         except subprocess.TimeoutExpired:
             return {"method": method.name, "status": "timeout", "reason": f"over {timeout_s:.0f} s"}

@@ -31,7 +31,7 @@ from .preprocess import make_working_pair
 
 Progress = Callable[[float, str], None]
 
-# The shipped weights: Resources/weights/ at the top of the checkout (see Resources/MODEL_CARD.md).
+# The shipped weights: Resources/weights/ at the top of the checkout (model card: Resources/weights/kernel_v1.md).
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "Resources" / "weights" / "kernel_v1.pt"
 
 

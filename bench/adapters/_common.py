@@ -53,10 +53,16 @@ def read_float(path: str) -> sitk.Image:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process and its finished children, MB (Linux reports KiB)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024.0
+    """Peak resident memory of this process (VmHWM), MB.
+
+    Not getrusage: Linux carries the parent's high-water mark across fork and exec into ru_maxrss,
+    so a small adapter would report the runner's memory.
+    """
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def field_image(displacement_zyx3: np.ndarray, reference: sitk.Image) -> sitk.Image:

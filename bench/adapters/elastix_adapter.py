@@ -6,6 +6,8 @@ fixed grid is that transform minus the identity, in physical (LPS) mm: already o
 
 from __future__ import annotations
 
+import tempfile
+
 import itk
 from _common import Stopwatch, field_image, finish, options, parse_args, read_float, version
 
@@ -38,7 +40,8 @@ def main() -> None:
             parameter_object=parameter_object(settings),
             log_to_console=False,
         )
-        deformation = itk.transformix_deformation_field(moving, transform)
+        with tempfile.TemporaryDirectory(prefix="transformix-") as tmp:  # it writes deformationField.nii
+            deformation = itk.transformix_deformation_field(moving, transform, output_directory=tmp)
         field = field_image(itk.array_from_image(deformation), fixed_sitk)
     record = {
         "method": "elastix",
