@@ -25,6 +25,12 @@ def _format(value: float | None, fmt: str) -> str:
     return fmt.format(value)
 
 
+def _mean(values: list[float | None]) -> float | None:
+    """The mean of the values that are set (None when none is)."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
 def _ratio(value: float | None, reference: float | None) -> str:
     """value / reference as 'x.xx' ('-' where undefined)."""
     if value is None or reference is None or reference == 0 or math.isnan(value) or math.isnan(reference):
@@ -87,7 +93,7 @@ def summary_table(rows: list[dict]) -> str:
         if not done:
             continue
         columns = [c for c in VALUE_COLUMNS if c[0] in header]
-        means = [_format(sum(get(r) for r in done) / len(done), fmt) for _, get, fmt in columns]
+        means = [_format(_mean([get(r) for r in done]), fmt) for _, get, fmt in columns]
         lines.append([method, str(len(done)), *means])
     return _table(header, lines)
 

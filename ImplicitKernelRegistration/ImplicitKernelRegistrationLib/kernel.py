@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.spatial import cKDTree
 from torch import nn
 
 from .errors import IkrError
@@ -103,17 +104,29 @@ class KernelConfig:
 
 
 def knn(query_xyz: torch.Tensor, key_xyz: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (B,Q,k) of the k nearest keys of each query (torch.cdist + topk, chunked over queries)."""
+    """Indices (B,Q,k) of the k nearest keys of each query, nearest first.
+
+    On the CPU a k-d tree (scipy's cKDTree, both cores); on a GPU torch.cdist + topk in chunks.
+    """
     b, q, _ = query_xyz.shape
     n = key_xyz.shape[1]
     k = min(k, n)
+    if q == 0:
+        return query_xyz.new_zeros((b, 0, k), dtype=torch.long)
+    if query_xyz.device.type == "cpu":
+        out = []
+        for i in range(b):
+            tree = cKDTree(key_xyz[i].detach().double().numpy())
+            _, idx = tree.query(query_xyz[i].detach().double().numpy(), k=k, workers=-1)
+            out.append(torch.from_numpy(np.asarray(idx, dtype=np.int64).reshape(q, k)))
+        return torch.stack(out)
     step = max(1, _KNN_PAIRS_PER_CHUNK // max(1, n * b))
-    out = []
+    chunks = []
     for start in range(0, q, step):
         dist = torch.cdist(query_xyz[:, start : start + step], key_xyz)
-        out.append(dist.topk(k, dim=-1, largest=False, sorted=True).indices)
+        chunks.append(dist.topk(k, dim=-1, largest=False, sorted=True).indices)
         del dist
-    return torch.cat(out, dim=1) if out else query_xyz.new_zeros((b, 0, k), dtype=torch.long)
+    return torch.cat(chunks, dim=1)
 
 
 def gather_neighbours(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

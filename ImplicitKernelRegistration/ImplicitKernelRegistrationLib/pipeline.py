@@ -66,7 +66,7 @@ class RegistrationConfig:
     max_keypoints: int = 2048
     device: str = "auto"
     seed: int = 0
-    control_step_vox: int = 3
+    control_step_vox: int = 5
     consistency_threshold_vox: float = 1.5
     scales: tuple[ScaleSettings, ...] = field(default_factory=lambda: DEFAULT_SCALES)
 

@@ -161,13 +161,16 @@ def check_overlap(fixed: Image, moving: Image) -> None:
 
 @dataclass
 class WorkingPair:
-    """Fixed and moving on the working grid as (1, 1, D, H, W) tensors: HU-normalised images, bool masks."""
+    """Fixed and moving on the working grid as (1, 1, D, H, W) tensors: HU-normalised images, bool masks.
+
+    The moving mask is only built when one is given (the engine uses the fixed mask alone).
+    """
 
     geometry: Geometry
     fixed: torch.Tensor
     moving: torch.Tensor
     fixed_mask: torch.Tensor
-    moving_mask: torch.Tensor
+    moving_mask: torch.Tensor | None
 
 
 def _working_mask(
@@ -206,5 +209,7 @@ def make_working_pair(
         fixed=to_tensor(normalise_ct(fixed_hu.array), device),
         moving=to_tensor(normalise_ct(moving_hu.array), device),
         fixed_mask=_working_mask(fixed_hu, fixed_mask, geometry, device, _name(fixed, "fixed image")),
-        moving_mask=_working_mask(moving_hu, moving_mask, geometry, device, _name(moving, "moving image")),
+        moving_mask=None
+        if moving_mask is None
+        else _working_mask(moving_hu, moving_mask, geometry, device, _name(moving, "moving image")),
     )

@@ -98,9 +98,7 @@ def read_point_pairs(path: str | os.PathLike) -> tuple[PointSet, PointSet]:
     rows, header = _csv_rows(_read_text(path), path)
     missing = [c for c in PAIR_COLUMNS if c not in header]
     if missing:
-        raise IkrError(
-            f"a point-pair CSV needs the columns {', '.join(PAIR_COLUMNS)}; missing {missing}", path
-        )
+        raise IkrError(f"a point-pair CSV needs the columns {', '.join(PAIR_COLUMNS)}; missing {missing}", path)
     values = _numeric_columns(rows, header, PAIR_COLUMNS, path)
     labels = _label_column(rows, header)
     extra = _extra_columns(rows, header, set(PAIR_COLUMNS) | {"label"})
@@ -109,9 +107,7 @@ def read_point_pairs(path: str | os.PathLike) -> tuple[PointSet, PointSet]:
     return fixed, moving
 
 
-def read_dirlab_points(
-    path: str | os.PathLike, image_geometry: Geometry | None, *, flip_z: bool = False
-) -> PointSet:
+def read_dirlab_points(path: str | os.PathLike, image_geometry: Geometry | None, *, flip_z: bool = False) -> PointSet:
     """Read DIR-Lab 1-based voxel indices (x y z per line) and map them to LPS mm on `image_geometry`.
 
     DIR-Lab landmark files give 1-based (x, y, z) voxel indices on the raw `.img` volume, with z the
@@ -123,18 +119,14 @@ def read_dirlab_points(
     z then lands on grid index size_z - z.
     """
     if image_geometry is None:
-        raise IkrError(
-            "DIR-Lab voxel files hold voxel indices; the image geometry is needed to place them", path
-        )
+        raise IkrError("DIR-Lab voxel files hold voxel indices; the image geometry is needed to place them", path)
     rows = []
     for line_no, line in enumerate(_read_text(path).splitlines(), start=1):
         fields = line.replace(",", " ").split()
         if not fields or fields[0].startswith("#"):
             continue
         if len(fields) != 3:
-            raise IkrError(
-                f"line {line_no}: expected 3 voxel indices (x y z), found {len(fields)} values", path
-            )
+            raise IkrError(f"line {line_no}: expected 3 voxel indices (x y z), found {len(fields)} values", path)
         rows.append([_number(v, f"line {line_no}", path) for v in fields])
     if not rows:
         raise IkrError("no points in the file", path)
@@ -174,9 +166,7 @@ def write_point_pairs(fixed: PointSet, moving: PointSet, path: str | os.PathLike
     return write_text_atomic(path, buffer.getvalue())
 
 
-def pair_points(
-    fixed: PointSet, moving: PointSet, by: str = "order"
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def pair_points(fixed: PointSet, moving: PointSet, by: str = "order") -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Pair clicked points by list order or by label: (fixed_lps (N,3), moving_lps (N,3), labels)."""
     if by == "order":
         return _pair_by_order(fixed, moving)
@@ -185,9 +175,7 @@ def pair_points(
     raise IkrError(f"unknown pairing {by!r}: use 'order' or 'label'")
 
 
-def clicked_correspondences(
-    fixed_lps: np.ndarray, moving_lps: np.ndarray, confidence: float = 1.0
-) -> Correspondences:
+def clicked_correspondences(fixed_lps: np.ndarray, moving_lps: np.ndarray, confidence: float = 1.0) -> Correspondences:
     """User correspondences (source USER) from paired fixed and moving points in LPS mm."""
     fixed_lps = np.asarray(fixed_lps, dtype=np.float64).reshape(-1, 3)
     moving_lps = np.asarray(moving_lps, dtype=np.float64).reshape(-1, 3)
@@ -207,9 +195,7 @@ def check_points_inside(
     if len(outside) == 0:
         return
     names = labels if labels is not None else [str(i + 1) for i in range(len(points))]
-    shown = ", ".join(
-        f"{names[i]!r} at LPS ({', '.join(f'{v:.1f}' for v in points[i])})" for i in outside[:5]
-    )
+    shown = ", ".join(f"{names[i]!r} at LPS ({', '.join(f'{v:.1f}' for v in points[i])})" for i in outside[:5])
     more = f" and {len(outside) - 5} more" if len(outside) > 5 else ""
     raise IkrError(f"{len(outside)} of {len(points)} points lie outside the image: {shown}{more}", path)
 
@@ -324,9 +310,7 @@ def _label_column(rows: list[tuple[int, list[str]]], header: list[str]) -> list[
     return [fields[i].strip() for _, fields in rows]
 
 
-def _extra_columns(
-    rows: list[tuple[int, list[str]]], header: list[str], known: set[str]
-) -> dict[str, list[str]]:
+def _extra_columns(rows: list[tuple[int, list[str]]], header: list[str], known: set[str]) -> dict[str, list[str]]:
     """Every column not in `known`, as text per row."""
     return {name: [fields[i] for _, fields in rows] for i, name in enumerate(header) if name not in known}
 
@@ -338,9 +322,7 @@ def _parse_csv_points(text: str, path: str | os.PathLike) -> PointSet:
         raise IkrError("this is a point-pair CSV (fixed_x..moving_z); read it with read_point_pairs", path)
     axes = next((a for a in _CSV_AXES if set(a) <= set(header)), None)
     if axes is None:
-        raise IkrError(
-            f"the header must name the columns x,y,z (LPS mm), l,p,s or r,a,s; found {header}", path
-        )
+        raise IkrError(f"the header must name the columns x,y,z (LPS mm), l,p,s or r,a,s; found {header}", path)
     defined = _defined_rows(rows, header, path)
     labels = _label_column(rows, header) or [str(i + 1) for i in range(len(rows))]
     kept = [row for row, ok in zip(rows, defined, strict=True) if ok]
@@ -355,9 +337,7 @@ def _parse_csv_points(text: str, path: str | os.PathLike) -> PointSet:
     return PointSet(points, kept_labels, extra, undefined)
 
 
-def _defined_rows(
-    rows: list[tuple[int, list[str]]], header: list[str], path: str | os.PathLike
-) -> list[bool]:
+def _defined_rows(rows: list[tuple[int, list[str]]], header: list[str], path: str | os.PathLike) -> list[bool]:
     """Which rows are placed points, from Slicer's optional `defined` column (1/true or 0/false)."""
     if "defined" not in header:
         return [True] * len(rows)
@@ -366,9 +346,7 @@ def _defined_rows(
     for line_no, fields in rows:
         value = fields[i].strip().lower()
         if value not in ("1", "0", "true", "false"):
-            raise IkrError(
-                f"line {line_no}: column 'defined' must be 0/1 or true/false, found {value!r}", path
-            )
+            raise IkrError(f"line {line_no}: column 'defined' must be 0/1 or true/false, found {value!r}", path)
         flags.append(value in ("1", "true"))
     return flags
 
@@ -498,9 +476,7 @@ def _csv_points_text(point_set: PointSet, coordinate_system: str) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["label", *axes, *extra])
-    for i, (label, p) in enumerate(
-        zip(point_set.labels, _in_system(point_set, coordinate_system), strict=True)
-    ):
+    for i, (label, p) in enumerate(zip(point_set.labels, _in_system(point_set, coordinate_system), strict=True)):
         writer.writerow([label, *(_fmt(v) for v in p), *(point_set.extra[name][i] for name in extra)])
     return buffer.getvalue()
 
@@ -561,8 +537,7 @@ def _pair_by_order(fixed: PointSet, moving: PointSet) -> tuple[np.ndarray, np.nd
     for name, ps in (("fixed", fixed), ("moving", moving)):
         if ps.undefined_labels:
             raise IkrError(
-                f"cannot pair by order: the {name} list has unplaced points {ps.undefined_labels}; "
-                "pair by label"
+                f"cannot pair by order: the {name} list has unplaced points {ps.undefined_labels}; pair by label"
             )
     if len(fixed) != len(moving):
         raise IkrError(f"cannot pair by order: {len(fixed)} fixed points but {len(moving)} moving points")
