@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import shared_path
 from ImplicitKernelRegistrationLib.fields import Field, warp_image
 from ImplicitKernelRegistrationLib.io.images import read_image

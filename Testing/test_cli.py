@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import SHARED_DATA, shared_path
 from ImplicitKernelRegistrationLib.cli import main
 from ImplicitKernelRegistrationLib.io.images import write_image

@@ -6,6 +6,7 @@ import functools
 
 import SimpleITK as sitk
 import torch
+
 from conftest import shared_path
 from ImplicitKernelRegistrationLib.features import FEATURES, SSC_PAIRS, mind_ssc, sample_features
 from ImplicitKernelRegistrationLib.geometry import Image

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
+from scipy.spatial.transform import Rotation
+
 from ImplicitKernelRegistrationLib.fields import (
     Field,
     compose,
@@ -12,7 +14,6 @@ from ImplicitKernelRegistrationLib.fields import (
     transform_points,
 )
 from ImplicitKernelRegistrationLib.geometry import Geometry
-from scipy.spatial.transform import Rotation
 
 
 def rotated_geometry() -> Geometry:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy.spatial.transform import Rotation
+
 from conftest import shared_path
 from ImplicitKernelRegistrationLib.errors import IkrError
 from ImplicitKernelRegistrationLib.fields import (
@@ -16,7 +18,6 @@ from ImplicitKernelRegistrationLib.fields import (
 )
 from ImplicitKernelRegistrationLib.geometry import Geometry, Image
 from ImplicitKernelRegistrationLib.metrics import dice
-from scipy.spatial.transform import Rotation
 
 
 def rotated_geometry(size: tuple = (22, 18, 14), spacing: tuple = (1.5, 2.0, 3.0)) -> Geometry:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+
 from conftest import shared_path
 from ImplicitKernelRegistrationLib.errors import IkrError
 from ImplicitKernelRegistrationLib.io.dicom import list_series, read_series

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from conftest import shared_path
 from ImplicitKernelRegistrationLib.errors import IkrError
 from ImplicitKernelRegistrationLib.geometry import Geometry, Image

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+
 from conftest import shared_path
 from ImplicitKernelRegistrationLib.correspondences import USER
 from ImplicitKernelRegistrationLib.errors import IkrError

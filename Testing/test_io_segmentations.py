@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+
 from conftest import shared_path
 from ImplicitKernelRegistrationLib.errors import IkrError
 from ImplicitKernelRegistrationLib.geometry import Geometry, Image

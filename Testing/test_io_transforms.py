@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy.spatial.transform import Rotation
+
 from conftest import shared_path
 from ImplicitKernelRegistrationLib.errors import IkrError
 from ImplicitKernelRegistrationLib.fields import Field, field_from_transform, transform_points, warp_image
 from ImplicitKernelRegistrationLib.geometry import Geometry, Image
 from ImplicitKernelRegistrationLib.io.transforms import read_field, write_field, write_transform
-from scipy.spatial.transform import Rotation
 
 
 def rotated_geometry(size: tuple, spacing: tuple, centre_lps: np.ndarray) -> Geometry:

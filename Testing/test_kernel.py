@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+
 from conftest import shared_path
 from ImplicitKernelRegistrationLib.errors import IkrError
 from ImplicitKernelRegistrationLib.kernel import (

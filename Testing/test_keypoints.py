@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 import torch
+
 from conftest import shared_path
 from ImplicitKernelRegistrationLib.geometry import Image
 from ImplicitKernelRegistrationLib.keypoints import (

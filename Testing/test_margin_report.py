@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from conftest import shared_path
 from ImplicitKernelRegistrationLib import __version__
 from ImplicitKernelRegistrationLib.errors import IkrError

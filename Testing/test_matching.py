@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
+
 from conftest import shared_path
 from ImplicitKernelRegistrationLib import matching
 from ImplicitKernelRegistrationLib.features import mind_ssc
@@ -19,7 +21,6 @@ from ImplicitKernelRegistrationLib.matching import (
     search_offsets,
 )
 from ImplicitKernelRegistrationLib.preprocess import body_mask, normalise_ct, to_tensor
-from scipy import ndimage
 
 
 @pytest.fixture(scope="module")

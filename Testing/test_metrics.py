@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.spatial.transform import Rotation
+
 from ImplicitKernelRegistrationLib.errors import IkrError
 from ImplicitKernelRegistrationLib.fields import Field, jacobian_determinant
 from ImplicitKernelRegistrationLib.geometry import Geometry, Image
 from ImplicitKernelRegistrationLib.metrics import dice, endpoint_error, hd95, sdlogj, tre, tre_summary
-from scipy.spatial.transform import Rotation
 
 IDENTITY = Geometry((20, 18, 14), (1.5, 2.0, 3.0), (-10.0, 5.0, 20.0))
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from ImplicitKernelRegistrationLib.phantom import LABEL_NAMES, make_phantom
 from scipy import ndimage
+
+from ImplicitKernelRegistrationLib.phantom import LABEL_NAMES, make_phantom
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
+
 from conftest import shared_path
 from ImplicitKernelRegistrationLib.errors import IkrError
 from ImplicitKernelRegistrationLib.geometry import Geometry, Image
@@ -18,7 +20,6 @@ from ImplicitKernelRegistrationLib.preprocess import (
     to_tensor,
     working_geometry,
 )
-from scipy import ndimage
 
 LIVER = ("ct", "liver_ts_example_ct_sm_3mm.nii.gz")
 

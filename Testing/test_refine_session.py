@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from ImplicitKernelRegistrationLib.errors import IkrError
 from ImplicitKernelRegistrationLib.fields import transform_points
 from ImplicitKernelRegistrationLib.refine import session_from_result

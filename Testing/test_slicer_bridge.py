@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import SimpleITK as sitk
-from conftest import shared_path
 from vtkmodules.util import numpy_support
 from vtkmodules.vtkCommonDataModel import vtkImageData
 from vtkmodules.vtkCommonTransforms import vtkGeneralTransform, vtkTransform
 from vtkmodules.vtkFiltersHybrid import vtkGridTransform
 
+from conftest import shared_path
 from ImplicitKernelRegistrationLib.fields import Field, transform_points
 from ImplicitKernelRegistrationLib.geometry import Geometry, lps_ras
 from ImplicitKernelRegistrationLib.slicer_bridge import (

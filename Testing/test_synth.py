@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
 from conftest import shared_path
 from ImplicitKernelRegistrationLib.errors import IkrError
 from ImplicitKernelRegistrationLib.fields import jacobian_determinant, transform_points, warp_image
 from ImplicitKernelRegistrationLib.geometry import Image
 from ImplicitKernelRegistrationLib.phantom import make_phantom
 from ImplicitKernelRegistrationLib.synth import FAMILIES, SynthCase, make_case, read_case, write_case
-from scipy import ndimage
-from scipy.spatial import cKDTree
 
 LUNG_LABELS = (2, 3, 8)
 

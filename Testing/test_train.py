@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from ImplicitKernelRegistrationLib.errors import IkrError
 from ImplicitKernelRegistrationLib.kernel import LearnedKernel, load_weights
 from ImplicitKernelRegistrationLib.train import (

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
+
 from ImplicitKernelRegistrationLib.geometry import Image
 from ImplicitKernelRegistrationLib.io.images import read_image, write_image
 from ImplicitKernelRegistrationLib.synth import SynthCase, make_case, read_case, write_case
-from scipy import ndimage
 
 THORAX = "thorax_popi_T00_1p5mm.nii.gz"
 ABDOMEN = "abdomen_ts_example_ct_3mm.nii.gz"

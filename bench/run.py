@@ -23,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 from cases import FULL_CASES, QUICK_CASES, TRANSLATION_MM, CaseSpec, build_case, build_translation_case, load_case
-from ImplicitKernelRegistrationLib.fields import Field
-from ImplicitKernelRegistrationLib.io.atomic import write_text_atomic
-from ImplicitKernelRegistrationLib.metrics import tre
 from methods import ADAPTERS, BENCH, METHODS, PEERS_PYTHON, Method, get_method, method_names, run_method
 from report import convention_table, ratios_table, summary_table, values_table
 from scoring import convention_check, score
+
+from ImplicitKernelRegistrationLib.fields import Field
+from ImplicitKernelRegistrationLib.io.atomic import write_text_atomic
+from ImplicitKernelRegistrationLib.metrics import tre
 
 ROOT = BENCH.parent
 

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import numpy as np
 from cases import TRANSLATION_MM, body_mask
+from scipy import ndimage
+
 from ImplicitKernelRegistrationLib.fields import transform_points
 from ImplicitKernelRegistrationLib.io.images import read_image
 from ImplicitKernelRegistrationLib.io.transforms import read_field
 from ImplicitKernelRegistrationLib.metrics import endpoint_error, sdlogj, tre
 from ImplicitKernelRegistrationLib.synth import SynthCase
-from scipy import ndimage
 
 CONVENTION_TOLERANCE_MM = 1.0
 CHECK_POINTS = 500

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 from _common import Stopwatch, field_image, finish, options, parse_args, read_float, version
+
 from ImplicitKernelRegistrationLib.geometry import Image
 from ImplicitKernelRegistrationLib.pipeline import RegistrationConfig, register
 
