@@ -216,10 +216,14 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shared_data_root() -> Path:
+    """../shared/data beside the checkout, or $IKR_SHARED_DATA."""
+    return Path(os.environ.get("IKR_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+
+
 def default_demo_ct() -> Path | None:
     """The shared thorax CT beside the checkout (or under $IKR_SHARED_DATA), when present."""
-    root = Path(os.environ.get("IKR_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
-    path = root / "ct" / "thorax_popi_T00_1p5mm.nii.gz"
+    path = _shared_data_root() / "ct" / "thorax_popi_T00_1p5mm.nii.gz"
     return path if path.is_file() else None
 
 
@@ -383,6 +387,27 @@ def _demo_margin(case: SynthCase, outdir: Path, registration_dir: Path, seed: in
     )
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the learned kernel on synthetic deformations of real CTs (and phantoms)."""
+    from .train import train_main
+
+    data = Path(args.data) if args.data else _shared_data_root()
+    with _ProgressBar("training", enabled=not args.quiet) as progress:
+        result = train_main(
+            Path(args.output),
+            data_dir=data if data.is_dir() else None,
+            quick=args.quick,
+            seed=args.seed,
+            steps=args.steps,
+            heads=args.heads,
+            threads=args.threads,
+            progress=progress,
+            command="ikr train " + " ".join(sys.argv[2:]),
+        )
+    print(f"wrote {args.output} and its model card; validation: {json.dumps(result.get('validation', {}))[:400]}")
+    return 0
+
+
 def _add_registration_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by `register` and `demo`."""
     p.add_argument("--spacing", type=float, default=2.0, help="working grid spacing in mm (default 2)")
@@ -451,6 +476,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation-label", type=int, default=None, help="label value of the zone in a label map")
     p.add_argument("--include-phi", action="store_true", help="show patient name and ID in the report")
     p.set_defaults(func=cmd_margin)
+
+    p = sub.add_parser("train", help="train the learned kernel (CPU: tens of minutes; never in CI)")
+    p.add_argument("-o", "--output", required=True, help="weights file to write (.pt); the model card goes beside it")
+    p.add_argument("--data", default=None, help="folder with ct/ (default: ../shared/data, else phantoms only)")
+    p.add_argument("--quick", action="store_true", help="a tiny run on a phantom (seconds), for testing")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--heads", default="both", choices=["both", "spatial", "semantic"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="register a synthetic breathing-like case and print the figures")
     p.add_argument("-o", "--output", default="ikr-demo")

@@ -181,11 +181,35 @@ def register(
     moving_mask: Image | None = None,
     progress: Progress | None = None,
 ) -> RegistrationResult:
-    """Register `moving` to `fixed`: a Field on the fixed grid mapping fixed to moving points (LPS mm)."""
+    """Register `moving` to `fixed`: a Field on the fixed grid mapping fixed to moving points (LPS mm).
+
+    On a GPU that runs out of memory the registration is run again on the CPU, and the report says so.
+    """
     config = config or RegistrationConfig()
+    device = resolve_device(config.device)
+    try:
+        return _register_on(fixed, moving, config, device, fixed_mask, moving_mask, progress)
+    except torch.cuda.OutOfMemoryError:
+        if device.type != "cuda":
+            raise
+        torch.cuda.empty_cache()
+        result = _register_on(fixed, moving, config, torch.device("cpu"), fixed_mask, moving_mask, progress)
+        result.report["device_note"] = "the GPU ran out of memory; this registration ran on the CPU"
+        return result
+
+
+def _register_on(
+    fixed: Image,
+    moving: Image,
+    config: RegistrationConfig,
+    device: torch.device,
+    fixed_mask: Image | None,
+    moving_mask: Image | None,
+    progress: Progress | None,
+) -> RegistrationResult:
+    """The registration on one device (see `register`)."""
     report_progress = progress or (lambda fraction, message: None)
     start = time.perf_counter()
-    device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     kernel = load_kernel(config, device)
 
