@@ -1,0 +1,174 @@
+"""The Slicer module outside Slicer: Python 3.12 grammar, .ui widget names, CMake lists, icon, no torch at import."""
+
+from __future__ import annotations
+
+import ast
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_DIR = ROOT / "ImplicitKernelRegistration"
+MODULE = MODULE_DIR / "ImplicitKernelRegistration.py"
+UI = MODULE_DIR / "Resources" / "UI" / "ImplicitKernelRegistration.ui"
+ICON = MODULE_DIR / "Resources" / "Icons" / "ImplicitKernelRegistration.png"
+LIB = MODULE_DIR / "ImplicitKernelRegistrationLib"
+
+
+def _tree() -> ast.Module:
+    """The module file parsed with Python 3.12's grammar (Slicer 5.10's Python)."""
+    return ast.parse(MODULE.read_text(), filename=str(MODULE), feature_version=(3, 12))
+
+
+def _ui_widgets() -> dict[str, ET.Element]:
+    """Every named widget of the .ui file by name."""
+    root = ET.parse(UI).getroot()
+    return {w.get("name"): w for w in root.iter("widget")}
+
+
+def _ui_parameter_names() -> dict[str, str]:
+    """Widget name -> its SlicerParameterName property."""
+    out = {}
+    for name, widget in _ui_widgets().items():
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                out[name] = prop.findtext("string")
+    return out
+
+
+def _class(tree: ast.Module, name: str) -> ast.ClassDef:
+    """A top-level class of the module."""
+    return next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+
+
+def _cmake_list(text: str, variable: str) -> list[str]:
+    """The items of `set(VARIABLE ...)` in a CMakeLists.txt."""
+    match = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S)
+    assert match, f"{variable} is not set"
+    return [item.replace("${MODULE_NAME}", "ImplicitKernelRegistration") for item in match.group(1).split()]
+
+
+def test_module_compiles_under_python_312_grammar() -> None:
+    tree = _tree()
+    compile(tree, str(MODULE), "exec")
+    names = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    assert {
+        "ImplicitKernelRegistration",
+        "ImplicitKernelRegistrationWidget",
+        "ImplicitKernelRegistrationLogic",
+        "ImplicitKernelRegistrationTest",
+        "ImplicitKernelRegistrationParameterNode",
+    } <= names
+
+
+def test_every_ui_widget_the_module_uses_exists_in_the_ui_file() -> None:
+    used = {
+        node.attr
+        for node in ast.walk(_tree())
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr == "ui"
+        and isinstance(node.value.value, ast.Name)
+        and node.value.value.id == "self"
+    }
+    assert len(used) >= 10
+    missing = used - set(_ui_widgets())
+    assert not missing, f"widgets used by the module but absent from the .ui: {sorted(missing)}"
+
+
+def test_ui_parameter_names_match_the_parameter_node_fields() -> None:
+    node = _class(_tree(), "ImplicitKernelRegistrationParameterNode")
+    fields = {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
+    bound = _ui_parameter_names()
+    unknown = {w: p for w, p in bound.items() if p not in fields}
+    assert not unknown, f"widgets bound to parameters the node lacks: {unknown}"
+    # Every input the user chooses is bound to the parameter node, so the scene saves it.
+    for field in ("fixedVolume", "movingVolume", "device", "tumourSegmentation", "ablationSegmentation"):
+        assert field in bound.values(), field
+
+
+def test_ui_is_a_qmrml_widget_whose_node_selectors_get_the_scene() -> None:
+    root = ET.parse(UI).getroot()
+    top = root.find("widget")
+    assert top.get("class") == "qMRMLWidget"
+    receivers = {
+        c.findtext("receiver")
+        for c in root.iter("connection")
+        if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+    }
+    selectors = {n for n, w in _ui_widgets().items() if w.get("class") in ("qMRMLNodeComboBox", "qSlicerMarkupsPlaceWidget")}
+    assert selectors and selectors <= receivers
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    used_custom = {w.get("class") for w in _ui_widgets().values() if w.get("class").startswith(("q", "ctk"))}
+    assert used_custom <= declared
+
+
+def test_cmake_lists_every_python_file_and_resource() -> None:
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    scripts = set(_cmake_list(text, "MODULE_PYTHON_SCRIPTS"))
+    on_disk = {"ImplicitKernelRegistration.py"} | {str(p.relative_to(MODULE_DIR)) for p in LIB.rglob("*.py")}
+    assert on_disk - scripts == set(), f"not listed in CMakeLists.txt: {sorted(on_disk - scripts)}"
+    assert all((MODULE_DIR / s).is_file() for s in scripts), "CMakeLists.txt lists a file that does not exist"
+    resources = set(_cmake_list(text, "MODULE_PYTHON_RESOURCES"))
+    files = {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file()}
+    assert files <= resources and all((MODULE_DIR / r).is_file() for r in resources)
+    assert "slicerMacroBuildScriptedModule" in text and "WITH_GENERIC_TESTS" in text
+
+
+def test_extension_metadata() -> None:
+    text = (ROOT / "CMakeLists.txt").read_text()
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
+                "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):  # fmt: skip
+        assert re.search(rf'set\({key} "[^"]+"\)', text), key
+    assert 'set(EXTENSION_CATEGORY "Registration")' in text
+    assert "add_subdirectory(ImplicitKernelRegistration)" in text
+    # Screenshots named in the metadata exist in the repository.
+    for url in re.search(r'EXTENSION_SCREENSHOTURLS "([^"]+)"', text).group(1).split():
+        assert (ROOT / url.split("/main/", 1)[1]).is_file(), url
+
+
+def test_icon_is_a_128_pixel_png() -> None:
+    data = ICON.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (128, 128)
+
+
+def test_torch_is_not_imported_at_module_import_time() -> None:
+    """Top-level imports must work in a Slicer without torch: neither torch nor a torch-using library module."""
+    torch_users = {"pipeline", "refine", "dense", "kernel", "features", "keypoints", "matching", "preprocess", "train"}
+    for node in _tree().body:
+        if isinstance(node, ast.Import):
+            assert all(a.name.split(".")[0] != "torch" for a in node.names)
+        if isinstance(node, ast.ImportFrom) and node.module:
+            assert node.module.split(".")[0] != "torch"
+            assert node.module.split(".")[-1] not in torch_users, node.module
+            assert not any(a.name in torch_users for a in node.names), node.module
+    # The Slicer-facing helpers the module imports at the top do not import torch either.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import ImplicitKernelRegistrationLib.slicer_bridge, ImplicitKernelRegistrationLib.errors;"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_logic_calls_only_library_functions_that_exist() -> None:
+    """Every `from ImplicitKernelRegistrationLib... import name` in the module names something real."""
+    import importlib
+
+    for node in ast.walk(_tree()):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ImplicitKernelRegistrationLib"):
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name), f"{node.module}.{alias.name}"
+    bridge = importlib.import_module("ImplicitKernelRegistrationLib.slicer_bridge")
+    used = {
+        n.attr
+        for n in ast.walk(_tree())
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "slicer_bridge"
+    }
+    assert used and all(hasattr(bridge, name) for name in used), used
