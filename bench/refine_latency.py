@@ -31,11 +31,11 @@ DEFAULT_CT = (
 )
 
 
-def tre(field, fixed: np.ndarray, moving: np.ndarray) -> float:
+def tre(field: Field, fixed: np.ndarray, moving: np.ndarray) -> float:
     """Mean TRE (mm) of landmark pairs through a field."""
-    return (
-        float(np.mean(np.linalg.norm(transform_points(field, fixed) - moving, axis=1))) if len(fixed) else float("nan")
-    )
+    if len(fixed) == 0:
+        return float("nan")
+    return float(np.mean(np.linalg.norm(transform_points(field, fixed) - moving, axis=1)))
 
 
 def main() -> None:
