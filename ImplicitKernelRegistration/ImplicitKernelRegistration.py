@@ -289,7 +289,10 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
     def onExportSegmentation(self) -> None:
         """Save the tumour segmentation warped onto the fixed grid."""
         path = qt.QFileDialog.getSaveFileName(
-            slicer.util.mainWindow(), "Export warped segmentation", "tumour_warped.seg.nrrd", "Labels (*.seg.nrrd *.nii.gz)"
+            slicer.util.mainWindow(),
+            "Export warped segmentation",
+            "tumour_warped.seg.nrrd",
+            "Labels (*.seg.nrrd *.nii.gz)",
         )
         if path:
             with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
@@ -543,7 +546,9 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
                 "user": self.session.to_dict(),
             }
             warped = warp_image(self.movingImage, self.session.field)
-            write_registration(outdir, self.session.field, warped, self.result.correspondences, self.result.report, session)
+            write_registration(
+                outdir, self.session.field, warped, self.result.correspondences, self.result.report, session
+            )
             return
         saved = read_session(outdir)
         saved["user"] = self.session.to_dict()
@@ -671,7 +676,9 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
         """Add a mask as a one-segment segmentation node (through a labelmap volume)."""
         labels = (mask.array >= 0.5).astype(np.uint8)
         ijkToRas = slicer_bridge.ijk_to_ras_matrix(mask.geometry)
-        labelmap = slicer.util.addVolumeFromArray(labels, ijkToRAS=ijkToRas, name=name, nodeClassName="vtkMRMLLabelMapVolumeNode")
+        labelmap = slicer.util.addVolumeFromArray(
+            labels, ijkToRAS=ijkToRas, name=name, nodeClassName="vtkMRMLLabelMapVolumeNode"
+        )
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
         slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation)
         slicer.mrmlScene.RemoveNode(labelmap)

@@ -96,7 +96,9 @@ def test_ui_is_a_qmrml_widget_whose_node_selectors_get_the_scene() -> None:
         for c in root.iter("connection")
         if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
     }
-    selectors = {n for n, w in _ui_widgets().items() if w.get("class") in ("qMRMLNodeComboBox", "qSlicerMarkupsPlaceWidget")}
+    selectors = {
+        n for n, w in _ui_widgets().items() if w.get("class") in ("qMRMLNodeComboBox", "qSlicerMarkupsPlaceWidget")
+    }
     assert selectors and selectors <= receivers
     declared = {c.findtext("class") for c in root.iter("customwidget")}
     used_custom = {w.get("class") for w in _ui_widgets().values() if w.get("class").startswith(("q", "ctk"))}

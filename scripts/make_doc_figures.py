@@ -87,7 +87,9 @@ def main() -> None:
     f, m, w = coronal(fixed, y), coronal(moving, y), coronal(warped, y)
 
     panels([grey(f), grey(m)], ["fixed CT", "moving CT"], out / "inputs.png", aspect)
-    panels([fusion(f, m), fusion(f, w)], ["before registration", "after registration"], out / "overlay_after.png", aspect)
+    panels(
+        [fusion(f, m), fusion(f, w)], ["before registration", "after registration"], out / "overlay_after.png", aspect
+    )
     panels(
         [checkerboard(f, m), checkerboard(f, w), np.abs(f - m), np.abs(f - w)],
         ["checkerboard before", "checkerboard after", "|difference| before", "|difference| after"],
@@ -117,7 +119,8 @@ def main() -> None:
     fig.tight_layout()
     save(fig, out / "refinement.png")
     residual = session.feedback()[0]["residual_mm"]
-    print(f"pair residual {residual:.3f} mm; field moved by {np.linalg.norm(sample_field(session.field, p) - sample_field(result.field, p)):.2f} mm")
+    moved = np.linalg.norm(sample_field(session.field, p) - sample_field(result.field, p))
+    print(f"pair residual {residual:.3f} mm; field moved by {moved:.2f} mm")
 
     # Margins: a demo tumour and ablation zone, through the refined field.
     tumour, zone, true_margin = demo_tumour_and_zone(fixed, session.field, None, args.seed)

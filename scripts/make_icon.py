@@ -8,7 +8,13 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-OUT = Path(__file__).resolve().parents[1] / "ImplicitKernelRegistration" / "Resources" / "Icons" / "ImplicitKernelRegistration.png"
+OUT = (
+    Path(__file__).resolve().parents[1]
+    / "ImplicitKernelRegistration"
+    / "Resources"
+    / "Icons"
+    / "ImplicitKernelRegistration.png"
+)
 
 
 def warp(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

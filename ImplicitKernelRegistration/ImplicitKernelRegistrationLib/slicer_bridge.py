@@ -166,8 +166,7 @@ def pairs_ras(feedback: list[dict]) -> tuple[np.ndarray, np.ndarray, list[str]]:
 def feedback_rows(feedback: list[dict]) -> list[tuple[str, str, str, str]]:
     """Table rows (id, label, residual mm, warnings) for the refinement pair table."""
     return [
-        (str(p["id"]), str(p["label"]), f"{p['residual_mm']:.2f}", "; ".join(p["warnings"]) or "ok")
-        for p in feedback
+        (str(p["id"]), str(p["label"]), f"{p['residual_mm']:.2f}", "; ".join(p["warnings"]) or "ok") for p in feedback
     ]
 
 
