@@ -184,9 +184,7 @@ def test_fcsv_without_coordinate_system_line_is_ras(tmp_path: Path) -> None:
     rows = "# Markups fiducial file version = 4.6\n1,10,20,30,0,0,0,1,1,1,0,A,,\n"
     np.testing.assert_array_equal(read_points(_write(tmp_path / "a.fcsv", rows)).points_lps, [[-10, -20, 30]])
     numbered = rows.replace("4.6\n", "4.6\n# CoordinateSystem = 1\n")
-    np.testing.assert_array_equal(
-        read_points(_write(tmp_path / "b.fcsv", numbered)).points_lps, [[10, 20, 30]]
-    )
+    np.testing.assert_array_equal(read_points(_write(tmp_path / "b.fcsv", numbered)).points_lps, [[10, 20, 30]])
 
 
 def test_markups_reads_first_point_list_and_skips_unplaced_points(tmp_path: Path) -> None:
@@ -320,9 +318,7 @@ def test_pair_by_order_pairs_index_with_index() -> None:
         (["a"], ["a"], "nearest", "unknown pairing"),
     ],
 )
-def test_pairing_errors_are_clear(
-    fixed_labels: list[str], moving_labels: list[str], by: str, message: str
-) -> None:
+def test_pairing_errors_are_clear(fixed_labels: list[str], moving_labels: list[str], by: str, message: str) -> None:
     """Missing partners, duplicate labels, different counts and unknown modes each say what is wrong."""
     fixed = PointSet(np.zeros((len(fixed_labels), 3)), fixed_labels)
     moving = PointSet(np.ones((len(moving_labels), 3)), moving_labels)
@@ -346,8 +342,7 @@ def test_pairing_errors_are_clear(
         ("cols.csv", "a,b,c\n1,2,3\n", "must name the columns x,y,z"),
         (
             "pairs.csv",
-            ",".join(["fixed_x", "fixed_y", "fixed_z", "moving_x", "moving_y", "moving_z"])
-            + "\n1,2,3,4,5,6\n",
+            ",".join(["fixed_x", "fixed_y", "fixed_z", "moving_x", "moving_y", "moving_z"]) + "\n1,2,3,4,5,6\n",
             "read_point_pairs",
         ),
         ("d.txt", "1 2 3\n4 5\n", "line 2: expected 3 voxel indices"),
@@ -385,9 +380,7 @@ def test_pairing_errors_are_clear(
         ("h.fcsv", "# CoordinateSystem = LPS\n1,1,2\n", "line 2: expected at least id,x,y,z"),
     ],
 )
-def test_bad_files_raise_ikr_error_naming_file_and_problem(
-    tmp_path: Path, name: str, text: str, message: str
-) -> None:
+def test_bad_files_raise_ikr_error_naming_file_and_problem(tmp_path: Path, name: str, text: str, message: str) -> None:
     """Each malformed file raises IkrError whose message starts with the path and says what is wrong."""
     path = _write(tmp_path / name, text)
     geometry = Geometry((10, 10, 10), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))

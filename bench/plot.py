@@ -40,7 +40,7 @@ def plot(results: dict, out: Path) -> None:
             )
         ax.scatter([], [], color=colours(i % 10), marker="o", label=method)
     for j, case in enumerate(cases):
-        ax.scatter([], [], color="grey", marker=MARKERS[j % len(MARKERS)], label=case)
+        ax.scatter([], [], facecolors="none", edgecolors="black", marker=MARKERS[j % len(MARKERS)], label=case)
     ax.set_xscale("log")
     ax.set_xlabel("registration time (s, log scale)")
     ax.set_ylabel("TRE mean (mm)")
