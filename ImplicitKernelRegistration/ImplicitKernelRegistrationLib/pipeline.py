@@ -166,8 +166,17 @@ def mm_to_voxels(displacement_mm: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process (resident set; plus CUDA's peak allocation on a GPU), MB."""
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak memory of this process (resident set; plus CUDA's peak allocation on a GPU), MB.
+
+    Linux's VmHWM is this process's own peak; getrusage's ru_maxrss (the fallback elsewhere) can carry
+    a parent's peak over into a child process.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            line = next(row for row in status if row.startswith("VmHWM:"))
+        rss_mb = float(line.split()[1]) / 1024.0
+    except (OSError, StopIteration, ValueError, IndexError):
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     if device.type == "cuda":
         rss_mb += torch.cuda.max_memory_allocated(device) / 2**20
     return float(rss_mb)
