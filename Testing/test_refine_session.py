@@ -36,11 +36,12 @@ def test_update_is_local(session, phantom_case):
     assert changed.any()
     assert changed.mean() < 0.25  # most of the volume is untouched
     # only control points whose K nearest keys include the pair are recomputed; with K = 30 those
-    # reach far where keypoints are sparse, but far from the pair (beyond 60 mm) the change is negligible
+    # reach far where keypoints are sparse, but far from the pair (beyond 60 mm) the change is
+    # negligible: under 1 % of the change at the pair
     pts = session.target.grid_points_lps()
     far = np.linalg.norm(pts - p[0], axis=-1) > 60.0
     moved = np.linalg.norm(session.field.displacement_mm - before, axis=-1)
-    assert moved[far].max() < 0.01
+    assert moved[far].max() < 0.01 * moved.max()
 
 
 def test_local_update_equals_full_rebuild(session, phantom_case, phantom_registration):
