@@ -69,21 +69,19 @@ def mind_ssc(
     shape = tuple(img.shape[2:])
     padded = F.pad(img, (dilation,) * 6, mode="replicate")
     offsets = [tuple(dilation * o for o in off) for off in _SIX]
-    dist = torch.cat(
-        [
-            _box_filter(
-                (_shifted(padded, offsets[a], dilation, shape) - _shifted(padded, offsets[b], dilation, shape)) ** 2,
-                radius,
-            )
-            for a, b in SSC_PAIRS
-        ],
-        dim=1,
-    )
-    dist = dist - dist.min(dim=1, keepdim=True).values
+    dist = torch.empty((1, len(SSC_PAIRS), *shape), device=img.device)
+    for i, (a, b) in enumerate(SSC_PAIRS):  # in place: the 12-channel volume is the memory that matters
+        torch.sub(
+            _shifted(padded, offsets[a], dilation, shape),
+            _shifted(padded, offsets[b], dilation, shape),
+            out=dist[:, i : i + 1],
+        )
+    dist = _box_filter(dist.square_(), radius)
+    dist -= dist.min(dim=1, keepdim=True).values
     var = dist.mean(dim=1, keepdim=True)
     mean_var = var.mean()
     var = torch.clamp(var, mean_var * 1e-3, mean_var * 1e3).clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.exp(-dist / var).to(dtype)
+    return dist.div_(var).neg_().exp_().to(dtype)
 
 
 def points_to_grid(points_xyz: torch.Tensor, shape_zyx: tuple[int, int, int]) -> torch.Tensor:
