@@ -330,19 +330,20 @@ def suggest_clicks(
 ) -> np.ndarray:
     """Fixed-space points (k <= n, 3; LPS mm) where one clicked pair would remove the most expected error.
 
-    The score of a voxel is the expected error averaged over a Gaussian neighbourhood of about the reach
-    of one pair (NEIGHBOURHOOD_MM); points are chosen greedily, each at least `min_distance_mm` from the
-    others; with `near_mask` (fixed space, any grid) only voxels within NEAR_MASK_MM of it, with `region`
-    (e.g. the body) only voxels inside it. An empty mask is an error.
+    The score of a voxel is the expected error summed over a Gaussian neighbourhood of about the reach
+    of one pair (NEIGHBOURHOOD_MM), counting error outside `region` or the image as zero;
+    points are chosen greedily, each at least `min_distance_mm` from the others; with `near_mask`
+    (fixed space, any grid) only voxels within NEAR_MASK_MM of it, with `region` (e.g. the body) only
+    voxels inside it. An empty mask is an error.
     """
     g = expected_error.geometry
     spacing_zyx = np.asarray(g.spacing_mm)[::-1]
-    score = ndimage.gaussian_filter(
-        np.nan_to_num(expected_error.array.astype(np.float64)), NEIGHBOURHOOD_MM / 2.0 / spacing_zyx
-    )
     allowed = np.isfinite(expected_error.array)
     if region is not None:
         allowed &= _on_grid(region, g)
+    # error outside the region or the image cannot be removed: it counts as zero in the neighbourhood
+    removable = np.where(allowed, expected_error.array.astype(np.float64), 0.0)
+    score = ndimage.gaussian_filter(removable, NEIGHBOURHOOD_MM / 2.0 / spacing_zyx, mode="constant")
     if near_mask is not None:
         if not np.any(near_mask.array > 0):
             raise IkrError("the tumour mask is empty: nothing to suggest clicks near", near_mask.meta.get("path"))
