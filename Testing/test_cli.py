@@ -102,6 +102,12 @@ def test_phantom_synth_register_refine_margin_end_to_end(capsys, tmp_path):
     assert report["tre_mm"]["mean"] < report["tre_before_mm"]["mean"] / 2
     assert read_field(out / "displacement.nii.gz").geometry.size == read_field(out / "transform.h5").geometry.size
 
+    code, stdout, _ = _run(capsys, "suggest", out, "-n", "3")
+    assert code == 0, stdout
+    rows = list(csv.DictReader(open(out / "suggestions.csv")))
+    assert 1 <= len(rows) <= 3
+    assert all(float(r["expected_error_mm"]) > 0 for r in rows)
+
     # refine with three landmark pairs written as a pair CSV
     fixed = list(csv.DictReader(open(case / "landmarks_fixed.csv")))[:3]
     moving = list(csv.DictReader(open(case / "landmarks_moving.csv")))[:3]
@@ -137,10 +143,13 @@ def test_phantom_synth_register_refine_margin_end_to_end(capsys, tmp_path):
     code, stdout, _ = _run(
         capsys, "margin", "--tumour", tmp_path / "tumour.nii.gz", "--ablation", tmp_path / "zone.nii.gz",
         "--transform", out / "displacement.nii.gz", "-o", tmp_path / "margin",
+        "--uncertainty", out / "uncertainty.nii.gz",
     )  # fmt: skip
     assert code == 0, stdout
     figures = json.loads((tmp_path / "margin" / "margin.json").read_text())
     assert abs(figures["min_margin_mm"] - true_margin) < 2.0
+    assert figures["min_margin_p5_mm"] <= figures["min_margin_mm"] <= figures["min_margin_p95_mm"]
+    assert 0.0 <= figures["p_min_margin_below_0mm"] <= figures["p_min_margin_below_5mm"] <= 1.0
     assert (tmp_path / "margin" / "report.html").is_file()
 
 

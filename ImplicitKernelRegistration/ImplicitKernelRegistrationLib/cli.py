@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -139,6 +140,7 @@ def _run_registration(
     from .io.outputs import check_output_folder, write_registration
     from .pipeline import register
     from .report import field_quality, landmark_errors
+    from .uncertainty import expected_error_map
 
     check_output_folder(outdir)
     with _ProgressBar("registering", enabled=not quiet) as progress:
@@ -148,6 +150,9 @@ def _run_registration(
     if landmarks is not None:
         report.update(landmark_errors(result.field, *landmarks))
     report["inputs"] = inputs
+    start = time.perf_counter()
+    uncertainty = expected_error_map(result)
+    report["uncertainty_s"] = round(time.perf_counter() - start, 3)
     warped = warp_image(moving, result.field)
     session = {
         "inputs": inputs,
@@ -155,7 +160,7 @@ def _run_registration(
         "working_geometry": result.working_geometry.to_dict(),
         "user": {"next_id": 1, "pairs": []},
     }
-    write_registration(outdir, result.field, warped, result.correspondences, report, session)
+    write_registration(outdir, result.field, warped, result.correspondences, report, session, uncertainty)
     return report
 
 
@@ -273,14 +278,13 @@ def _read_user_pairs(paths: list[str], match: str) -> tuple:
 
 def cmd_refine(args: argparse.Namespace) -> int:
     """Add or remove clicked pairs on a registration output folder and update every output."""
-    import time
-
     from .correspondences import AUTOMATIC
     from .fields import warp_image
     from .io.images import read_image
     from .io.outputs import OUTPUT_FILES, read_correspondences_csv, read_session, write_registration, write_session
     from .refine import open_session
     from .report import field_quality
+    from .uncertainty import expected_error_map
 
     outdir = Path(args.outdir)
     saved = read_session(outdir)
@@ -310,7 +314,9 @@ def cmd_refine(args: argparse.Namespace) -> int:
         )
         report.update(_landmark_report(session.field, landmarks))
     warped = warp_image(moving, session.field)
-    write_registration(outdir, session.field, warped, automatic.concat(session.user_correspondences()), report, saved)
+    uncertainty = expected_error_map(session)
+    corr = automatic.concat(session.user_correspondences())
+    write_registration(outdir, session.field, warped, corr, report, saved, uncertainty)
     for item in report["user_pairs"]:
         note = "; ".join(item["warnings"]) or "ok"
         print(f"pair {item['id']} ({item['label']}): residual {item['residual_mm']:.2f} mm, {note}")
@@ -341,6 +347,17 @@ def cmd_margin(args: argparse.Namespace) -> int:
         tumour_label=args.tumour_label,
         ablation_label=args.ablation_label,
     )
+    if args.uncertainty:
+        if not args.transform:
+            raise IkrError("--uncertainty needs the --transform it belongs to")
+        from .io.atomic import write_text_atomic
+
+        figures.update(_margin_interval(args, figures))
+        write_text_atomic(Path(args.output) / "margin.json", json.dumps(figures, indent=2))
+        print(
+            f"minimal margin 5-95 %: {figures['min_margin_p5_mm']:.1f} .. {figures['min_margin_p95_mm']:.1f} mm;"
+            f" P(< 0 mm) {figures['p_min_margin_below_0mm']:.2f}, P(< 5 mm) {figures['p_min_margin_below_5mm']:.2f}"
+        )
     _print_margin(figures)
     print(f"report in {Path(args.output) / 'report.html'}")
     return 0
@@ -406,6 +423,53 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     print(f"wrote {args.output} and its model card; validation: {json.dumps(result.get('validation', {}))[:400]}")
     return 0
+
+
+def cmd_suggest(args: argparse.Namespace) -> int:
+    """Where one clicked pair would reduce the expected error most (optionally near a tumour)."""
+    from scipy import ndimage
+
+    from .geometry import Image
+    from .io.atomic import write_text_atomic
+    from .io.images import read_image
+    from .io.outputs import OUTPUT_FILES, read_session
+    from .preprocess import body_mask
+    from .uncertainty import suggest_clicks
+
+    outdir = Path(args.outdir)
+    saved = read_session(outdir)
+    path = outdir / OUTPUT_FILES["uncertainty"]
+    if not path.is_file():
+        raise IkrError("this output folder has no expected-error map (made by an older version: register again)", path)
+    error = read_image(path)
+    fixed = read_image(Path(saved["inputs"]["fixed"]))
+    body = Image(body_mask(fixed).astype(np.uint8), fixed.geometry)
+    near = read_image(Path(args.near_mask)) if args.near_mask else None
+    points = suggest_clicks(error, args.n, near_mask=near, region=body)
+    index = error.geometry.lps_to_index(points.reshape(-1, 3))
+    values = ndimage.map_coordinates(error.array.astype(np.float64), index[:, ::-1].T, order=1)
+    lines = ["x,y,z,expected_error_mm"]
+    for p, v in zip(points.reshape(-1, 3), values, strict=True):
+        lines.append(f"{p[0]:.2f},{p[1]:.2f},{p[2]:.2f},{v:.2f}")
+        print(f"click near ({p[0]:.1f}, {p[1]:.1f}, {p[2]:.1f}) LPS mm: expected error {v:.1f} mm")
+    write_text_atomic(outdir / "suggestions.csv", "\n".join(lines) + "\n")
+    print(f"{len(values)} suggestions in {outdir / 'suggestions.csv'}")
+    return 0
+
+
+def _margin_interval(args: argparse.Namespace, figures: dict) -> dict:
+    """The minimal margin's 5-95 % interval and probabilities from an expected-error map."""
+    from .io.images import read_image
+    from .io.transforms import read_field
+    from .margin_report import read_mask
+    from .uncertainty import margin_interval
+
+    ablation = read_mask(args.ablation, None, args.ablation_label, "ablation zone")
+    tumour = read_mask(args.tumour, None, args.tumour_label, "tumour")
+    field = read_field(Path(args.transform), ablation.geometry)
+    interval = margin_interval(tumour, ablation, field, read_image(Path(args.uncertainty)))
+    interval.pop("sampled_min_margins_mm", None)
+    return interval
 
 
 def _add_registration_flags(p: argparse.ArgumentParser) -> None:
@@ -475,7 +539,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tumour-label", type=int, default=None, help="label value of the tumour in a label map")
     p.add_argument("--ablation-label", type=int, default=None, help="label value of the zone in a label map")
     p.add_argument("--include-phi", action="store_true", help="show patient name and ID in the report")
+    p.add_argument("--uncertainty", default=None, help="expected-error map (uncertainty.nii.gz): margin interval")
     p.set_defaults(func=cmd_margin)
+
+    p = sub.add_parser("suggest", help="where a clicked pair would help most (from the expected-error map)")
+    p.add_argument("outdir")
+    p.add_argument("-n", type=int, default=5, help="number of suggestions")
+    p.add_argument("--near-mask", default=None, help="suggest near this mask (fixed space), e.g. the tumour")
+    p.set_defaults(func=cmd_suggest)
 
     p = sub.add_parser("train", help="train the learned kernel (CPU: tens of minutes; never in CI)")
     p.add_argument("-o", "--output", required=True, help="weights file to write (.pt); the model card goes beside it")

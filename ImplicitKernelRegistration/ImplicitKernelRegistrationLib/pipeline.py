@@ -28,11 +28,12 @@ from .kernel import KernelConfig, make_kernel
 from .keypoints import forstner_keypoints
 from .matching import match_consistent
 from .preprocess import make_working_pair
+from .resources import weights_file
 
 Progress = Callable[[float, str], None]
 
-# The shipped weights: Resources/weights/ at the top of the checkout (model card: Resources/weights/kernel_v1.md).
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "Resources" / "weights" / "kernel_v1.pt"
+# The shipped weights (model card: Resources/weights/kernel_v1.md).
+DEFAULT_WEIGHTS = weights_file("kernel_v1.pt")
 
 
 @dataclass(frozen=True)

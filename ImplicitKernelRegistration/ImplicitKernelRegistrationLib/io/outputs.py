@@ -36,6 +36,7 @@ OUTPUT_FILES = {
     "correspondences": "correspondences.csv",
     "session": "session.json",
     "report": "report.json",
+    "uncertainty": "uncertainty.nii.gz",
 }
 
 
@@ -91,9 +92,17 @@ def write_session(outdir: str | os.PathLike, session: dict, correspondences: Cor
 
 
 def _write_all(
-    folder: Path, field: Field, warped: Image, correspondences: Correspondences, report: dict, session: dict
+    folder: Path,
+    field: Field,
+    warped: Image,
+    correspondences: Correspondences,
+    report: dict,
+    session: dict,
+    uncertainty: Image | None,
 ) -> None:
     """Write every output file into an existing folder, each atomically."""
+    if uncertainty is not None:
+        write_image(uncertainty, folder / OUTPUT_FILES["uncertainty"])
     write_field(field, folder / OUTPUT_FILES["displacement"])
     write_transform(field, folder / OUTPUT_FILES["transform"])
     write_image(warped, folder / OUTPUT_FILES["warped"])
@@ -119,8 +128,9 @@ def write_registration(
     correspondences: Correspondences,
     report: dict,
     session: dict,
+    uncertainty: Image | None = None,
 ) -> Path:
-    """Write every output of a registration into `outdir`.
+    """Write every output of a registration into `outdir` (with the expected-error map when given).
 
     A new folder is written all or nothing (a temporary folder, renamed); an existing ikr output
     folder (refinement) is updated file by file, each file atomically. Any other non-empty folder
@@ -129,8 +139,8 @@ def write_registration(
     outdir = Path(outdir)
     existing = check_output_folder(outdir)
     if existing:
-        _write_all(outdir, field, warped, correspondences, report, session)
+        _write_all(outdir, field, warped, correspondences, report, session, uncertainty)
     else:
         with atomic_directory(outdir) as tmp:
-            _write_all(tmp, field, warped, correspondences, report, session)
+            _write_all(tmp, field, warped, correspondences, report, session, uncertainty)
     return outdir

@@ -1,0 +1,18 @@
+"""Where the shipped weights live: Resources/weights/ at the top of a checkout, or beside the Slicer module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+# A checkout (or an editable install): <root>/Resources/weights; an installed Slicer extension copies
+# them beside the module: <qt-scripted-modules>/Resources/weights (see ImplicitKernelRegistration/CMakeLists.txt).
+WEIGHT_FOLDERS = (_HERE.parents[1] / "Resources" / "weights", _HERE.parent / "Resources" / "weights")
+
+
+def weights_file(name: str) -> Path:
+    """The shipped file `name` from the first weights folder that has it (else the checkout's path)."""
+    for folder in WEIGHT_FOLDERS:
+        if (folder / name).is_file():
+            return folder / name
+    return WEIGHT_FOLDERS[0] / name
