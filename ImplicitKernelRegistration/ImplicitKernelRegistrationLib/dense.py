@@ -17,6 +17,9 @@ from .fields import Field
 from .geometry import Geometry
 from .kernel import TPSKernel, control_axes, knn
 
+Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # ((z0, z1), (y0, y1), (x0, x1)), end excluded
+EMPTY_BOX: Box = ((0, 0), (0, 0), (0, 0))
+
 
 class DenseModel:
     """Kernel values on a control grid of the working grid, with each control point's K nearest keys."""
@@ -119,20 +122,22 @@ class DenseModel:
         out = F.grid_sample(self.control_volume(), grid, mode="bilinear", padding_mode="border", align_corners=True)
         return out.reshape(3, -1).t()
 
-    def field_on(self, target: Geometry, z_range: tuple[int, int] | None = None, out: Field | None = None) -> Field:
-        """The displacement in LPS mm on `target`'s voxels (only slices z_range of `out` when given)."""
+    def field_on(self, target: Geometry, box: Box | None = None, out: Field | None = None) -> Field:
+        """The displacement in LPS mm on `target`'s voxels (only the index box of `out` when given)."""
         if out is None:
             out = Field(np.zeros((*target.shape_zyx, 3), dtype=np.float32), target)
-        z0, z1 = z_range or (0, target.shape_zyx[0])
+        (z0, z1), (y0, y1), (x0, x1) = box or full_box(target)
+        if z1 <= z0 or y1 <= y0 or x1 <= x0:
+            return out
         to_working = np.linalg.inv(self.working.index_to_lps_matrix()) @ target.index_to_lps_matrix()
         to_mm = self.working.direction_matrix * np.asarray(self.working.spacing_mm)[None, :]
         a = torch.tensor(to_working[:3, :3], dtype=torch.float32, device=self.device)
         b = torch.tensor(to_working[:3, 3], dtype=torch.float32, device=self.device)
         m = torch.tensor(to_mm, dtype=torch.float32, device=self.device)
-        nx, ny = target.size[0], target.size[1]
+        ny, nx = y1 - y0, x1 - x0
         yy, xx = torch.meshgrid(
-            torch.arange(ny, device=self.device, dtype=torch.float32),
-            torch.arange(nx, device=self.device, dtype=torch.float32),
+            torch.arange(y0, y1, device=self.device, dtype=torch.float32),
+            torch.arange(x0, x1, device=self.device, dtype=torch.float32),
             indexing="ij",
         )
         slab = max(1, 2_000_000 // max(1, nx * ny))
@@ -143,16 +148,16 @@ class DenseModel:
                 [xx.expand(len(zz), -1, -1), yy.expand(len(zz), -1, -1), zz[:, None, None].expand(-1, ny, nx)], -1
             )
             disp_vox = self.at_points((idx.reshape(-1, 3) @ a.T) + b)
-            out.displacement_mm[start:stop] = (disp_vox @ m.T).reshape(stop - start, ny, nx, 3).cpu().numpy()
+            values = (disp_vox @ m.T).reshape(stop - start, ny, nx, 3).cpu().numpy()
+            out.displacement_mm[start:stop, y0:y1, x0:x1] = values
         return out
 
-    def target_z_range(self, target: Geometry, control_index: torch.Tensor) -> tuple[int, int]:
-        """The slices of `target` that the control points `control_index` (plus one cell) influence."""
+    def target_box(self, target: Geometry, control_index: torch.Tensor) -> Box:
+        """The index box of `target` that the control points `control_index` (plus one cell) influence."""
         if control_index.numel() == 0:
-            return (0, 0)
+            return EMPTY_BOX
         cz, cy, cx = self.control_shape
-        flat = control_index.cpu().numpy()
-        iz, iy, ix = np.unravel_index(flat, (cz, cy, cx))
+        iz, iy, ix = np.unravel_index(control_index.cpu().numpy(), (cz, cy, cx))
         step = np.array(
             [(n - 1) / max(1, c - 1) for n, c in zip(self.working.shape_zyx[::-1], (cx, cy, cz), strict=True)]
         )
@@ -160,9 +165,34 @@ class DenseModel:
         hi = np.array([ix.max() + 1, iy.max() + 1, iz.max() + 1]) * step
         corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
         t_idx = target.lps_to_index(self.working.index_to_lps(corners))
-        z_lo = int(np.clip(np.floor(t_idx[:, 2].min()) - 1, 0, target.size[2]))
-        z_hi = int(np.clip(np.ceil(t_idx[:, 2].max()) + 2, 0, target.size[2]))
-        return (z_lo, z_hi)
+        return index_box(t_idx.min(axis=0), t_idx.max(axis=0), target)
+
+
+def full_box(geometry: Geometry) -> Box:
+    """The index box ((z0, z1), (y0, y1), (x0, x1)) of a whole grid."""
+    return ((0, geometry.size[2]), (0, geometry.size[1]), (0, geometry.size[0]))
+
+
+def index_box(lo_xyz: np.ndarray, hi_xyz: np.ndarray, geometry: Geometry, pad: int = 1) -> Box:
+    """The integer index box covering continuous indices lo..hi (x, y, z) plus `pad`, clipped to the grid."""
+    lo = np.floor(np.asarray(lo_xyz)) - pad
+    hi = np.ceil(np.asarray(hi_xyz)) + pad + 1
+    size = np.asarray(geometry.size)
+    lo, hi = np.clip(lo, 0, size).astype(int), np.clip(hi, 0, size).astype(int)
+    return ((lo[2], hi[2]), (lo[1], hi[1]), (lo[0], hi[0]))
+
+
+def union_box(a: Box, b: Box) -> Box:
+    """The smallest box covering two boxes (an empty box is ignored)."""
+    boxes = [x for x in (a, b) if all(hi > lo for lo, hi in x)]
+    if not boxes:
+        return EMPTY_BOX
+    return tuple((min(x[i][0] for x in boxes), max(x[i][1] for x in boxes)) for i in range(3))  # type: ignore[return-value]
+
+
+def box_slices(box: Box) -> tuple[slice, slice, slice]:
+    """numpy slices (z, y, x) of a box."""
+    return tuple(slice(lo, hi) for lo, hi in box)  # type: ignore[return-value]
 
 
 def _differing_keys(

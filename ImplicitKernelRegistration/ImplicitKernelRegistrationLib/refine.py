@@ -5,7 +5,7 @@ than automatic matches; automatic matches near it that contradict it are down-we
 kernel is a weighted average, the reconstructed field passes near but not exactly through a pair, so
 a small, compactly supported correction (Wendland C2 bumps, one per pair, solved jointly) makes the
 field reproduce every pair exactly at its fixed point. Only the control points whose K nearest keys
-change, and the slices those touch, are recomputed; undo restores the previous field exactly.
+change, and the part of the grid those touch, are recomputed; undo restores the previous field exactly.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .correspondences import USER, Correspondences
-from .dense import DenseModel
+from .dense import EMPTY_BOX, Box, DenseModel, box_slices, full_box, index_box, union_box
 from .errors import IkrError
 from .features import mind_ssc
 from .fields import Field, jacobian_determinant, sample_field
@@ -88,7 +88,7 @@ class RefinementSession:
         self.base = self.model.field_on(target)
         self.field = Field(self.base.displacement_mm.copy(), target)
         if self.pairs:
-            self._rebuild(self._all_slices())
+            self._rebuild(full_box(self.target))
 
     # ------------------------------------------------------------------------------------ edits
 
@@ -131,9 +131,9 @@ class RefinementSession:
         self.model.neighbours[saved["control"]] = saved["neighbours"]
         self.model.kth_distance[saved["control"]] = saved["kth"]
         self.model._store_keys(*self._keys())
-        z0, z1 = saved["slices"]
-        self.base.displacement_mm[z0:z1] = saved["base"]
-        self.field.displacement_mm[z0:z1] = saved["field"]
+        region = box_slices(saved["box"])
+        self.base.displacement_mm[region] = saved["base"]
+        self.field.displacement_mm[region] = saved["field"]
 
     # --------------------------------------------------------------------------------- feedback
 
@@ -215,17 +215,13 @@ class RefinementSession:
             torch.tensor(conf, dtype=torch.float32, device=dev),
         )
 
-    def _all_slices(self) -> tuple[int, int]:
-        """Every slice of the target."""
-        return (0, self.target.size[2])
-
-    def _pair_slices(self, pairs: list[UserPair]) -> tuple[int, int]:
-        """The slices within the correction radius of any of `pairs` (empty range when none)."""
+    def _pair_box(self, pairs: list[UserPair]) -> Box:
+        """The index box within the correction radius of any of `pairs` (empty when none)."""
         if not pairs:
-            return (0, 0)
-        z = self.target.lps_to_index(np.array([p.fixed_lps for p in pairs]))[:, 2]
-        reach = CORRECTION_RADIUS_MM / min(self.target.spacing_mm) + 2
-        return (int(max(0, np.floor(z.min() - reach))), int(min(self.target.size[2], np.ceil(z.max() + reach + 1))))
+            return EMPTY_BOX
+        idx = self.target.lps_to_index(np.array([p.fixed_lps for p in pairs]))
+        reach = CORRECTION_RADIUS_MM / np.asarray(self.target.spacing_mm) + 1
+        return index_box(idx.min(axis=0) - reach, idx.max(axis=0) + reach, self.target)
 
     def _apply(self, action: str, pair: UserPair) -> None:
         """Add or remove one pair, recompute the affected region, remember how to undo it."""
@@ -237,8 +233,8 @@ class RefinementSession:
         else:
             self.pairs = [p for p in self.pairs if p.id != pair.id]
         control = self.model.update_keys(*self._keys())
-        slices = _union(self.model.target_z_range(self.target, control), self._pair_slices(before_pairs + [pair]))
-        z0, z1 = slices
+        box = union_box(self.model.target_box(self.target, control), self._pair_box(before_pairs + [pair]))
+        region = box_slices(box)
         self.history.append(
             (
                 action,
@@ -249,21 +245,21 @@ class RefinementSession:
                     "values": saved_model[0][control],
                     "neighbours": saved_model[1][control],
                     "kth": saved_model[2][control],
-                    "slices": slices,
-                    "base": self.base.displacement_mm[z0:z1].copy(),
-                    "field": self.field.displacement_mm[z0:z1].copy(),
+                    "box": box,
+                    "base": self.base.displacement_mm[region].copy(),
+                    "field": self.field.displacement_mm[region].copy(),
                 },
             )
         )
-        self._rebuild(slices)
+        self._rebuild(box)
 
-    def _rebuild(self, slices: tuple[int, int]) -> None:
-        """Recompute the kernel field on `slices`, then add the exactness correction of every pair."""
-        z0, z1 = slices
-        if z1 <= z0:
+    def _rebuild(self, box: Box) -> None:
+        """Recompute the kernel field in an index box, then add the exactness correction of every pair."""
+        if any(hi <= lo for lo, hi in box):
             return
-        self.model.field_on(self.target, slices, out=self.base)
-        self.field.displacement_mm[z0:z1] = self.base.displacement_mm[z0:z1]
+        region = box_slices(box)
+        self.model.field_on(self.target, box, out=self.base)
+        self.field.displacement_mm[region] = self.base.displacement_mm[region]
         if not self.pairs:
             return
         fixed = np.array([p.fixed_lps for p in self.pairs])
@@ -271,22 +267,15 @@ class RefinementSession:
         residual = wanted - sample_field(self.base, fixed)
         gram = wendland(np.linalg.norm(fixed[:, None] - fixed[None], axis=-1), CORRECTION_RADIUS_MM)
         coef = np.linalg.solve(gram + 1e-9 * np.eye(len(fixed)), residual)
-        ny, nx = self.target.size[1], self.target.size[0]
-        zz, yy, xx = np.meshgrid(np.arange(z0, z1), np.arange(ny), np.arange(nx), indexing="ij")
-        for p, c in zip(fixed, coef, strict=True):
-            idx = self.target.lps_to_index(p[None])[0]
-            reach = CORRECTION_RADIUS_MM / np.asarray(self.target.spacing_mm) + 1
-            box = (
-                (zz >= idx[2] - reach[2]) & (zz <= idx[2] + reach[2])
-                & (yy >= idx[1] - reach[1]) & (yy <= idx[1] + reach[1])
-                & (xx >= idx[0] - reach[0]) & (xx <= idx[0] + reach[0])
-            )  # fmt: skip
-            if not box.any():
+        for pair, c in zip(self.pairs, coef, strict=True):
+            (z0, z1), (y0, y1), (x0, x1) = _intersect(self._pair_box([pair]), box)
+            if z1 <= z0 or y1 <= y0 or x1 <= x0:
                 continue
-            pts = self.target.index_to_lps(np.stack([xx[box], yy[box], zz[box]], axis=1))
-            weight = wendland(np.linalg.norm(pts - p, axis=1), CORRECTION_RADIUS_MM)
-            sub = self.field.displacement_mm[z0:z1]
-            sub[box] += (weight[:, None] * c[None]).astype(np.float32)
+            zz, yy, xx = np.meshgrid(np.arange(z0, z1), np.arange(y0, y1), np.arange(x0, x1), indexing="ij")
+            pts = self.target.index_to_lps(np.stack([xx.ravel(), yy.ravel(), zz.ravel()], axis=1))
+            weight = wendland(np.linalg.norm(pts - pair.fixed_lps, axis=1), CORRECTION_RADIUS_MM)
+            bump = (weight[:, None] * c[None]).reshape(z1 - z0, y1 - y0, x1 - x0, 3)
+            self.field.displacement_mm[z0:z1, y0:y1, x0:x1] += bump.astype(np.float32)
 
     def _min_jacobian_near(self, point_lps: np.ndarray) -> float:
         """The smallest Jacobian determinant of the field within the correction radius of a point."""
@@ -302,12 +291,9 @@ class RefinementSession:
         return float(jacobian_determinant(Field(np.ascontiguousarray(sub), geom)).min())
 
 
-def _union(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
-    """The smallest slice range covering two ranges (an empty range is ignored)."""
-    ranges = [r for r in (a, b) if r[1] > r[0]]
-    if not ranges:
-        return (0, 0)
-    return (min(r[0] for r in ranges), max(r[1] for r in ranges))
+def _intersect(a: Box, b: Box) -> Box:
+    """The intersection of two index boxes (possibly empty)."""
+    return tuple((max(x[0], y[0]), min(x[1], y[1])) for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
 
 
 def session_from_result(result: RegistrationResult, fixed: Image) -> RefinementSession:
