@@ -8,17 +8,17 @@ import SimpleITK as sitk
 import torch
 
 from conftest import shared_path
+from ImplicitKernelRegistrationLib.dense import DenseModel
 from ImplicitKernelRegistrationLib.errors import IkrError
+from ImplicitKernelRegistrationLib.geometry import Geometry
 from ImplicitKernelRegistrationLib.kernel import (
     GaussianKernel,
     KernelConfig,
     LearnedKernel,
     TPSKernel,
-    control_points,
     count_parameters,
     load_weights,
     make_kernel,
-    reconstruct_dense,
     save_weights,
 )
 
@@ -197,19 +197,28 @@ def liver_features() -> tuple[torch.Tensor, torch.Tensor]:
     return mind_ssc(image), keys
 
 
-def test_reconstruct_dense_equals_direct_evaluation_at_control_points(liver_features: tuple) -> None:
+def _dense(kernel, feats, shape, keys, disp, conf, step: int, chunk: int = 16384):
+    """The DenseModel field (1, 3, D, H, W) in voxels on a unit-spacing working grid of `shape` (z, y, x)."""
+    geometry = Geometry((shape[2], shape[1], shape[0]), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    model = DenseModel(kernel, feats, geometry, control_step_vox=step, chunk=chunk)
+    model.set_keys(keys, disp, torch.ones(len(keys)) if conf is None else conf)
+    field = model.field_on(geometry).displacement_mm
+    return model, torch.from_numpy(field).permute(3, 0, 1, 2)[None]
+
+
+def test_dense_model_equals_direct_evaluation_at_control_points(liver_features: tuple) -> None:
     """With (n-1) divisible by the step, control points are voxels: the dense field equals the kernel there."""
     feats, keys = liver_features
     shape = tuple(feats.shape[2:])  # (21, 33, 41): every (n - 1) is even
     kernel = _randomised(LearnedKernel()).eval()
     disp = _smooth_field(keys)
     conf = torch.linspace(0.3, 1.0, len(keys))
-    dense = reconstruct_dense(kernel, shape, keys, disp, conf, feats, control_step_vox=2)
+    model, dense = _dense(kernel, feats, shape, keys, disp, conf, step=2)
     assert dense.shape == (1, 3, *shape)
-    pts, cshape = control_points(shape, 2)
-    assert cshape == (11, 17, 21)
+    assert model.control_shape == (11, 17, 21)
     from ImplicitKernelRegistrationLib.features import sample_features
 
+    pts = model.points
     with torch.no_grad():
         direct = kernel(
             pts[None],
@@ -226,7 +235,7 @@ def test_reconstruct_dense_equals_direct_evaluation_at_control_points(liver_feat
     assert torch.allclose(mid, 0.5 * (dense[0, :, 0, 0, 0] + dense[0, :, 0, 0, 2]), atol=1e-5)
 
 
-def test_reconstruct_dense_is_chunk_size_independent_and_covers_odd_sizes(liver_features: tuple) -> None:
+def test_dense_model_is_chunk_size_independent_and_covers_odd_sizes(liver_features: tuple) -> None:
     """Chunking only bounds memory; an odd step leaves the last voxel on the control grid."""
     feats, keys = liver_features
     shape = (20, 33, 40)
@@ -234,8 +243,8 @@ def test_reconstruct_dense_is_chunk_size_independent_and_covers_odd_sizes(liver_
     keys = keys[(keys[:, 0] < 40) & (keys[:, 2] < 20)]
     kernel = _randomised(LearnedKernel()).eval()
     disp = _smooth_field(keys)
-    big = reconstruct_dense(kernel, shape, keys, disp, None, feats, control_step_vox=3, chunk=32768)
-    small = reconstruct_dense(kernel, shape, keys, disp, None, feats, control_step_vox=3, chunk=97)
+    _, big = _dense(kernel, feats, shape, keys, disp, None, step=3, chunk=32768)
+    _, small = _dense(kernel, feats, shape, keys, disp, None, step=3, chunk=97)
     assert torch.allclose(big, small, atol=1e-5)
     corner = torch.tensor([[39.0, 32.0, 19.0]])
     with torch.no_grad():
@@ -250,15 +259,14 @@ def test_reconstruct_dense_is_chunk_size_independent_and_covers_odd_sizes(liver_
             None,
         )[0, 0]
     assert torch.allclose(big[0, :, 19, 32, 39], direct, atol=1e-5)
-    assert not big.requires_grad
 
 
-def test_reconstruct_dense_with_the_tps_and_gaussian_peers() -> None:
+def test_dense_model_with_the_tps_and_gaussian_peers() -> None:
     """The peers run through the same dense path without features; a constant stays constant."""
     keys = torch.rand(80, 3) * torch.tensor([15.0, 12.0, 9.0])
-    disp = torch.tensor([0.5, 1.0, -2.0]).expand(80, 3)
+    disp = torch.tensor([0.5, 1.0, -2.0]).expand(80, 3).contiguous()
     for kernel in (TPSKernel(), GaussianKernel()):
-        dense = reconstruct_dense(kernel, (10, 13, 16), keys, disp, None, None, control_step_vox=2)
+        _, dense = _dense(kernel, None, (10, 13, 16), keys, disp, None, step=2)
         assert torch.allclose(dense, disp[0].view(1, 3, 1, 1, 1).expand_as(dense), atol=1e-4)
 
 

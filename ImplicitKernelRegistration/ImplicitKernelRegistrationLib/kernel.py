@@ -31,12 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.spatial import cKDTree
 from torch import nn
 
 from .errors import IkrError
-from .features import sample_features
 from .io.atomic import atomic_path
 
 WEIGHTS_FORMAT = "ikr-kernel-v1"
@@ -406,7 +404,7 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-# ------------------------------------------------------------------------------------- dense evaluation
+# ------------------------------------------------------------------------------------------ control grid
 
 
 def control_axes(shape_zyx: tuple[int, int, int], step: int) -> list[torch.Tensor]:
@@ -416,54 +414,6 @@ def control_axes(shape_zyx: tuple[int, int, int], step: int) -> list[torch.Tenso
         m = max(2, math.ceil((n - 1) / step) + 1) if n > 1 else 1
         axes.append(torch.linspace(0.0, n - 1, m, dtype=torch.float64).float())
     return axes
-
-
-def control_points(shape_zyx: tuple[int, int, int], step: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """Control-grid points (P,3) in (x, y, z), z-major like the grid, and the control grid shape (z, y, x)."""
-    az, ay, ax = control_axes(shape_zyx, step)
-    zz, yy, xx = torch.meshgrid(az, ay, ax, indexing="ij")
-    pts = torch.stack([xx, yy, zz], dim=-1).reshape(-1, 3)
-    return pts, (len(az), len(ay), len(ax))
-
-
-def reconstruct_dense(
-    kernel: nn.Module,
-    shape_zyx: tuple[int, int, int],
-    key_xyz: torch.Tensor,
-    key_disp: torch.Tensor,
-    key_conf: torch.Tensor | None,
-    feature_volume: torch.Tensor | None,
-    control_step_vox: int = 2,
-    chunk: int = 32768,
-) -> torch.Tensor:
-    """Dense displacement (1,3,D,H,W) in working voxels (x, y, z): kernel on a control grid, then trilinear.
-
-    The control grid spans the first to the last voxel of each axis with spacing <= control_step_vox,
-    so F.interpolate(align_corners=True) maps it exactly onto the working grid. Queries are evaluated
-    in chunks of `chunk` points (bounds memory); features are sampled at the control points.
-    """
-    device = key_xyz.device
-    pts, cshape = control_points(tuple(int(s) for s in shape_zyx), max(1, int(control_step_vox)))
-    pts = pts.to(device)
-    keys, disp = key_xyz.reshape(1, -1, 3).float(), key_disp.reshape(1, -1, 3).float()
-    conf = None if key_conf is None else key_conf.reshape(1, -1).float()
-    key_feat = None
-    if feature_volume is not None:
-        key_feat = sample_features(feature_volume, keys[0]).unsqueeze(0)
-    grad = kernel.training and torch.is_grad_enabled()
-    out = []
-    with torch.set_grad_enabled(grad):
-        for start in range(0, pts.shape[0], chunk):
-            q = pts[start : start + chunk]
-            q_feat = None if feature_volume is None else sample_features(feature_volume, q).unsqueeze(0)
-            out.append(kernel(q.unsqueeze(0), q_feat, keys, disp, key_feat, conf)[0])
-        ctrl = torch.cat(out, dim=0).t().reshape(1, 3, *cshape)
-        if tuple(cshape) == tuple(shape_zyx):
-            return ctrl
-        return F.interpolate(ctrl, size=tuple(shape_zyx), mode="trilinear", align_corners=True)
-
-
-# --------------------------------------------------------------------------------------- weights files
 
 
 def save_weights(kernel: LearnedKernel, config: KernelConfig, path: Path, metadata: dict) -> Path:
