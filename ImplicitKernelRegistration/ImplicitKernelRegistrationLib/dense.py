@@ -130,7 +130,7 @@ class DenseModel:
         if z1 <= z0 or y1 <= y0 or x1 <= x0:
             return out
         to_working = np.linalg.inv(self.working.index_to_lps_matrix()) @ target.index_to_lps_matrix()
-        to_mm = self.working.direction_matrix * np.asarray(self.working.spacing_mm)[None, :]
+        to_mm = self.working.voxel_to_mm_matrix()
         a = torch.tensor(to_working[:3, :3], dtype=torch.float32, device=self.device)
         b = torch.tensor(to_working[:3, 3], dtype=torch.float32, device=self.device)
         m = torch.tensor(to_mm, dtype=torch.float32, device=self.device)

@@ -45,10 +45,14 @@ class Geometry:
         """The numpy array shape (z, y, x) of an image on this grid."""
         return (self.size[2], self.size[1], self.size[0])
 
+    def voxel_to_mm_matrix(self) -> np.ndarray:
+        """The 3x3 matrix taking a step in voxels (x, y, z) to a vector in LPS mm (direction times spacing)."""
+        return self.direction_matrix * np.asarray(self.spacing_mm)[None, :]
+
     def index_to_lps_matrix(self) -> np.ndarray:
         """The 4x4 affine that maps continuous (x, y, z) indices to LPS mm."""
         m = np.eye(4)
-        m[:3, :3] = self.direction_matrix * np.asarray(self.spacing_mm)[None, :]
+        m[:3, :3] = self.voxel_to_mm_matrix()
         m[:3, 3] = self.origin_lps
         return m
 

@@ -156,14 +156,12 @@ def kernel_at_points(
 
 def voxels_to_mm(displacement_vox: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Displacements (..., 3) in working voxels (x, y, z) -> LPS mm (direction and spacing applied)."""
-    m = geometry.direction_matrix * np.asarray(geometry.spacing_mm)[None, :]
-    return np.asarray(displacement_vox, dtype=np.float64) @ m.T
+    return np.asarray(displacement_vox, dtype=np.float64) @ geometry.voxel_to_mm_matrix().T
 
 
 def mm_to_voxels(displacement_mm: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Displacements (..., 3) in LPS mm -> working voxels (x, y, z)."""
-    m = geometry.direction_matrix * np.asarray(geometry.spacing_mm)[None, :]
-    return np.asarray(displacement_mm, dtype=np.float64) @ np.linalg.inv(m).T
+    return np.asarray(displacement_mm, dtype=np.float64) @ np.linalg.inv(geometry.voxel_to_mm_matrix()).T
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -21,7 +21,7 @@ from .errors import IkrError
 from .features import mind_ssc
 from .fields import Field, jacobian_determinant, sample_field
 from .geometry import Geometry, Image
-from .pipeline import RegistrationConfig, RegistrationResult, load_kernel, resolve_device
+from .pipeline import RegistrationConfig, RegistrationResult, load_kernel, mm_to_voxels, resolve_device
 from .preprocess import normalise_ct, resample_to, to_tensor
 
 # A clicked pair gets the highest confidence an automatic match can have (1, the top of the range
@@ -207,11 +207,10 @@ class RefinementSession:
         fixed = np.concatenate([self.automatic.fixed_lps, user.fixed_lps])
         disp = np.concatenate([self.automatic.displacement_mm, user.displacement_mm])
         conf = np.concatenate([np.maximum(conf, 1e-6), np.full(len(user), USER_CONFIDENCE)])
-        to_vox = np.linalg.inv(working.direction_matrix * np.asarray(working.spacing_mm)[None, :])
         dev = self.model.device
         return (
             torch.tensor(working.lps_to_index(fixed), dtype=torch.float32, device=dev),
-            torch.tensor(disp @ to_vox.T, dtype=torch.float32, device=dev),
+            torch.tensor(mm_to_voxels(disp, working), dtype=torch.float32, device=dev),
             torch.tensor(conf, dtype=torch.float32, device=dev),
         )
 

@@ -156,7 +156,7 @@ def _sample_on_fine(
     vol = (vol[None] if vol.ndim == 3 else vol.permute(3, 0, 1, 2))[None]
     sizes = np.asarray(values.shape[:3][::-1], dtype=np.float64)  # x, y, z
     scale = 2.0 / (np.maximum(sizes - 1.0, 1.0) * factor)  # fine index -> normalised coordinate
-    to_norm = np.linalg.inv(fine.direction_matrix * np.asarray(fine.spacing_mm)[None, :]).T * scale[None, :]
+    to_norm = np.linalg.inv(fine.voxel_to_mm_matrix()).T * scale[None, :]
     to_norm = torch.from_numpy(to_norm.astype(np.float32))
     limit = torch.from_numpy((1.0 + scale * factor * 0.5).astype(np.float32))  # half a voxel beyond the edge
     nz, ny, nx = fine.shape_zyx
@@ -502,9 +502,7 @@ def _warp_cubic(values: np.ndarray, geometry: Geometry, displacement_mm: np.ndar
     coeff = ndimage.spline_filter(values.astype(np.float32), order=3, output=np.float32, mode="mirror")
     vol = torch.from_numpy(coeff)[None, None]
     sizes = np.asarray(values.shape[::-1], dtype=np.float64)
-    to_index = torch.from_numpy(
-        np.linalg.inv(geometry.direction_matrix * np.asarray(geometry.spacing_mm)[None, :]).T.astype(np.float32)
-    )
+    to_index = torch.from_numpy(np.linalg.inv(geometry.voxel_to_mm_matrix()).T.astype(np.float32))
     norm = torch.from_numpy((2.0 / np.maximum(sizes - 1.0, 1.0)).astype(np.float32))
     upper = torch.from_numpy((sizes - 0.5).astype(np.float32))
     nz, ny, nx = values.shape
