@@ -131,6 +131,49 @@ class DenseModel:
             return out
         to_working = np.linalg.inv(self.working.index_to_lps_matrix()) @ target.index_to_lps_matrix()
         to_mm = self.working.voxel_to_mm_matrix()
+        box = ((z0, z1), (y0, y1), (x0, x1))
+        off_diagonal = to_working[:3, :3] - np.diag(np.diag(to_working[:3, :3]))
+        if np.abs(off_diagonal).max() < 1e-9:  # target axes parallel to the working axes: separable
+            self._separable_into(out, box, to_working, to_mm)
+        else:
+            self._sampled_into(out, box, to_working, to_mm)
+        return out
+
+    def _axis_weights(self, axis: int, lo: int, hi: int, scale: float, shift: float) -> torch.Tensor:
+        """Linear-interpolation matrix (hi - lo, m) from the m control points of working axis `axis` (x=0)
+        to target indices lo..hi-1 whose working coordinate is scale * t + shift (clamped at the border)."""
+        n = self.working.size[axis]
+        m = self.control_shape[2 - axis]
+        t = torch.arange(lo, hi, dtype=torch.float64, device=self.device)
+        c = (scale * t + shift) * ((m - 1) / max(1, n - 1)) if m > 1 else torch.zeros_like(t)
+        c = c.clamp(0.0, m - 1)
+        left = c.floor().clamp(max=max(0, m - 2)).long()
+        frac = (c - left).float()
+        weights = torch.zeros(hi - lo, m, device=self.device)
+        rows = torch.arange(hi - lo, device=self.device)
+        weights[rows, left] = 1.0 - frac
+        if m > 1:
+            weights[rows, left + 1] += frac
+        return weights
+
+    def _separable_into(self, out: Field, box: Box, to_working: np.ndarray, to_mm: np.ndarray) -> None:
+        """Trilinear interpolation as three small matrix products (axis-aligned target), slab by slab."""
+        (z0, z1), (y0, y1), (x0, x1) = box
+        wx = self._axis_weights(0, x0, x1, to_working[0, 0], to_working[0, 3])
+        wy = self._axis_weights(1, y0, y1, to_working[1, 1], to_working[1, 3])
+        wz = self._axis_weights(2, z0, z1, to_working[2, 2], to_working[2, 3])
+        m = torch.tensor(to_mm, dtype=torch.float32, device=self.device)
+        control_mm = (self.values @ m.T).t().reshape(3, *self.control_shape)  # (3, cz, cy, cx), mm
+        in_plane = torch.matmul(wy, torch.matmul(control_mm, wx.t()))  # (3, cz, ny, nx)
+        slab = max(1, 4_000_000 // max(1, (y1 - y0) * (x1 - x0)))
+        for start in range(z0, z1, slab):
+            stop = min(z1, start + slab)
+            values = torch.einsum("zc,kcyx->zyxk", wz[start - z0 : stop - z0], in_plane)
+            out.displacement_mm[start:stop, y0:y1, x0:x1] = values.cpu().numpy()
+
+    def _sampled_into(self, out: Field, box: Box, to_working: np.ndarray, to_mm: np.ndarray) -> None:
+        """Trilinear interpolation by grid_sample at every target voxel (any orientation), slab by slab."""
+        (z0, z1), (y0, y1), (x0, x1) = box
         a = torch.tensor(to_working[:3, :3], dtype=torch.float32, device=self.device)
         b = torch.tensor(to_working[:3, 3], dtype=torch.float32, device=self.device)
         m = torch.tensor(to_mm, dtype=torch.float32, device=self.device)
@@ -150,7 +193,6 @@ class DenseModel:
             disp_vox = self.at_points((idx.reshape(-1, 3) @ a.T) + b)
             values = (disp_vox @ m.T).reshape(stop - start, ny, nx, 3).cpu().numpy()
             out.displacement_mm[start:stop, y0:y1, x0:x1] = values
-        return out
 
     def target_box(self, target: Geometry, control_index: torch.Tensor) -> Box:
         """The index box of `target` that the control points `control_index` (plus one cell) influence."""

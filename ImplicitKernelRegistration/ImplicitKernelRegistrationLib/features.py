@@ -11,6 +11,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from .filters import box_filter
+
 
 class FeatureExtractor(Protocol):
     """A dense feature extractor: image (1, 1, D, H, W) -> features (1, C, D, H, W) on the same grid."""
@@ -40,17 +42,6 @@ def _shifted(padded: torch.Tensor, offset: tuple[int, int, int], pad: int, shape
     return padded[..., oz : oz + d, oy : oy + h, ox : ox + w]
 
 
-def _box_filter(volume: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean over a (2r+1)^3 cube around every voxel, replicate padding."""
-    if radius <= 0:
-        return volume
-    padded = F.pad(volume, (radius,) * 6, mode="replicate")
-    side = 2 * radius + 1  # separable: three 1D means instead of one cube
-    out = F.avg_pool3d(padded, (side, 1, 1), stride=1)
-    out = F.avg_pool3d(out, (1, side, 1), stride=1)
-    return F.avg_pool3d(out, (1, 1, side), stride=1)
-
-
 def mind_ssc(
     image: torch.Tensor, radius: int = 1, dilation: int = 2, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
@@ -76,7 +67,7 @@ def mind_ssc(
             _shifted(padded, offsets[b], dilation, shape),
             out=dist[:, i : i + 1],
         )
-    dist = _box_filter(dist.square_(), radius)
+    dist = box_filter(dist.square_(), radius)
     dist -= dist.min(dim=1, keepdim=True).values
     var = dist.mean(dim=1, keepdim=True)
     mean_var = var.mean()

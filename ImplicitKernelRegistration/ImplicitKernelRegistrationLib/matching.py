@@ -59,10 +59,29 @@ def _chunk_size(per_item: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, per_item))
 
 
+def _on_voxels(centres: torch.Tensor, step: float) -> bool:
+    """Whether every lattice point centre + step * offset falls exactly on a voxel."""
+    return float(step).is_integer() and bool(torch.all(centres == centres.round()))
+
+
+def _gather_cubes(features: torch.Tensor, centres: torch.Tensor, radius: int, step: int) -> torch.Tensor:
+    """Like `_sample_cubes` with zero padding, for lattices on voxels: plain indexing, no interpolation."""
+    n, side = centres.shape[0], 2 * radius + 1
+    c, d, h, w = features.shape[1:]
+    pts = centres.long()[:, None, :] + (step * _lattice(radius, centres.device)).long()[None]
+    x, y, z = pts.reshape(-1, 3).unbind(-1)
+    inside = (x >= 0) & (x < w) & (y >= 0) & (y < h) & (z >= 0) & (z < d)
+    flat = (z.clamp(0, d - 1) * h + y.clamp(0, h - 1)) * w + x.clamp(0, w - 1)
+    out = features.reshape(c, -1)[:, flat].float() * inside
+    return out.reshape(c, n, side, side, side).transpose(0, 1)
+
+
 def _sample_cubes(
     features: torch.Tensor, centres: torch.Tensor, radius: int, step: float, padding: str
 ) -> torch.Tensor:
     """Features on the lattice centre + step * {-r..r}^3 around each centre: (n, C, L, L, L), float32."""
+    if padding == "zeros" and _on_voxels(centres, step):
+        return _gather_cubes(features, centres, radius, int(step))
     n, side = centres.shape[0], 2 * radius + 1
     pts = centres[:, None, :] + step * _lattice(radius, centres.device)[None]
     grid = points_to_grid(pts, tuple(features.shape[2:])).reshape(1, n * side**3, 1, 1, 3)
@@ -210,7 +229,8 @@ def match_keypoints(
     """Match keypoints (N, 3) xyz of the fixed features into the moving features within a search cube.
 
     The cube is centred on each keypoint's `prior` displacement (N, 3) when given (the current
-    estimate from coarser scales); the result's displacement is the total, prior included. Data costs
+    estimate from coarser scales), rounded to the nearest moving voxel when the step is a whole number
+    of voxels; the result's displacement is the total, prior included. Data costs
     are divided by their global mean (so `alpha` and `temperature` do not depend on the
     feature type), optionally regularised on the kNN graph (`regularise_costs`), then turned into a
     displacement by soft-argmin with a peakedness confidence (`soft_argmin`).
@@ -222,6 +242,9 @@ def match_keypoints(
     if n == 0:
         empty = torch.zeros(0, device=device)
         return MatchResult(torch.zeros(0, 3, device=device), empty, empty, empty)
+    if float(step_vox).is_integer():  # centre each search cube on a voxel: the moving cubes need no interpolation
+        moved = keypoints.float() if prior is None else keypoints.float() + prior.float()
+        prior = moved.round() - keypoints.float()
     raw = cost_volume(feat_fixed, feat_moving, keypoints, search_radius_vox, step_vox, patch_radius_vox, prior)
     cost = raw / raw.mean().clamp_min(torch.finfo(torch.float32).tiny)
     if regularise:

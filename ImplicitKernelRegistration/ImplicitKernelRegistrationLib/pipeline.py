@@ -26,7 +26,7 @@ from .fields import Field
 from .geometry import Geometry, Image
 from .kernel import KernelConfig, make_kernel
 from .keypoints import forstner_keypoints
-from .matching import match_consistent
+from .matching import match_consistent, match_keypoints
 from .preprocess import make_working_pair
 from .resources import weights_file
 
@@ -38,18 +38,25 @@ DEFAULT_WEIGHTS = weights_file("kernel_v1.pt")
 
 @dataclass(frozen=True)
 class ScaleSettings:
-    """One level of the hierarchy: image pooling factor, search cube radius and step (pooled voxels)."""
+    """One level of the hierarchy: image pooling factor, search cube radius and step (pooled voxels).
+
+    check: run the backward match and drop keypoints whose round trip fails (forward/backward
+    consistency); without it every forward match is kept with its own confidence.
+    """
 
     downsample: int
     search_radius_vox: int
     step_vox: float
+    check: bool = True
 
 
 # At a 2 mm working grid the five searches reach +-32, +-12, +-6, +-4 and +-2 mm around the
-# current estimate, on images pooled to 8, 4, 2, 2 and 2 mm.
+# current estimate, on images pooled to 8, 4, 2, 2 and 2 mm. The two coarse scales skip the backward
+# match: the finer scales search around their result again and do check it (this saves a quarter of
+# the runtime and left the TRE unchanged on the thorax and abdomen cases of bench/).
 DEFAULT_SCALES: tuple[ScaleSettings, ...] = (
-    ScaleSettings(4, 4, 1.0),
-    ScaleSettings(2, 3, 1.0),
+    ScaleSettings(4, 4, 1.0, check=False),
+    ScaleSettings(2, 3, 1.0, check=False),
     ScaleSettings(1, 3, 1.0),
     ScaleSettings(1, 2, 1.0),
     ScaleSettings(1, 2, 0.5),
@@ -246,16 +253,22 @@ def _register_on(
                 prior = kernel_at_points(
                     kernel, keypoints, keypoints[keep], total[keep], confidence[keep], kernel_features
                 )
-            forward, check = match_consistent(
-                *pyramid[f],
-                to_pooled(keypoints, f),
-                scale.search_radius_vox,
-                threshold_vox=config.consistency_threshold_vox,
-                step_vox=scale.step_vox,
-                prior=prior / f,
-            )
+            if scale.check:
+                forward, check = match_consistent(
+                    *pyramid[f],
+                    to_pooled(keypoints, f),
+                    scale.search_radius_vox,
+                    threshold_vox=config.consistency_threshold_vox,
+                    step_vox=scale.step_vox,
+                    prior=prior / f,
+                )
+                confidence, keep = check.confidence, check.keep
+            else:
+                forward = match_keypoints(
+                    *pyramid[f], to_pooled(keypoints, f), scale.search_radius_vox, scale.step_vox, prior=prior / f
+                )
+                confidence, keep = forward.confidence, torch.ones_like(keep)
             total = forward.displacement * f
-            confidence, keep = check.confidence, check.keep
             if int(keep.sum()) < 8:
                 keep = torch.ones_like(keep)
         report_progress(0.9, "reconstructing the dense field")

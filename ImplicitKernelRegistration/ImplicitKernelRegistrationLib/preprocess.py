@@ -16,6 +16,7 @@ import torch
 from scipy import ndimage
 
 from .errors import IkrError
+from .filters import binary_open, gaussian_smooth
 from .geometry import Geometry, Image
 
 MIN_SPACING_MM = 0.1
@@ -41,12 +42,21 @@ def working_geometry(fixed: Geometry, spacing_mm: float) -> Geometry:
 
 
 def _antialias(image: sitk.Image, target_spacing: tuple[float, ...]) -> sitk.Image:
-    """Gaussian pre-smoothing along axes that get coarser, so downsampling does not alias."""
-    sigmas = [0.5 * math.sqrt(max(t * t - s * s, 0.0)) for t, s in zip(target_spacing, image.GetSpacing(), strict=True)]
-    if max(sigmas) <= 0.0:
+    """Gaussian pre-smoothing along axes that get coarser, so downsampling does not alias.
+
+    sigma = 0.5 * sqrt(target^2 - source^2) mm per axis (the smoothing that takes the source's
+    resolution to the target's), as a sampled separable Gaussian in voxels.
+    """
+    source_spacing = image.GetSpacing()
+    sigmas_mm = [0.5 * math.sqrt(max(t * t - s * s, 0.0)) for t, s in zip(target_spacing, source_spacing, strict=True)]
+    if max(sigmas_mm) <= 0.0:
         return image
-    sigmas = [max(s, 1e-3) for s in sigmas]  # the recursive filter needs a positive sigma
-    return sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), sigmas)
+    sigmas_vox_xyz = [m / s for m, s in zip(sigmas_mm, image.GetSpacing(), strict=True)]
+    array = torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32, copy=False))[None, None]
+    smoothed = gaussian_smooth(array, tuple(sigmas_vox_xyz[::-1]))[0, 0].numpy()
+    out = sitk.GetImageFromArray(smoothed)
+    out.CopyInformation(image)
+    return out
 
 
 def resample_to(
@@ -88,10 +98,11 @@ def normalise_ct(array: np.ndarray, window_hu: tuple[float, float] = (-1000.0, 1
 
 def body_mask(image: Image) -> np.ndarray:
     """Body mask (z, y, x) bool of a CT in HU: > -500 HU, largest component, holes (lungs) filled."""
-    fg = sitk.GetImageFromArray((np.asarray(image.array) > BODY_THRESHOLD_HU).astype(np.uint8))
-    fg = sitk.BinaryMorphologicalOpening(fg, [1, 1, 1])  # detach the table and thin lines
-    if not np.any(sitk.GetArrayViewFromImage(fg)):
+    above = torch.from_numpy(np.asarray(image.array) > BODY_THRESHOLD_HU)[None, None]
+    opened = binary_open(above, 1)[0, 0].numpy()  # detach the table and thin lines
+    if not opened.any():
         return np.zeros(image.array.shape, dtype=bool)
+    fg = sitk.GetImageFromArray(opened.astype(np.uint8))
     labels = sitk.RelabelComponent(sitk.ConnectedComponent(fg), sortByObjectSize=True)
     largest = sitk.GetArrayFromImage(labels) == 1
     in_plane = np.zeros((3, 3, 3), dtype=bool)
