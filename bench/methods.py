@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ImplicitKernelRegistrationLib.pipeline import DEFAULT_WEIGHTS
+from ImplicitKernelRegistrationLib.pipeline import DEFAULT_ENCODER, DEFAULT_WEIGHTS
 
 BENCH = Path(__file__).resolve().parent
 ADAPTERS = BENCH / "adapters"
@@ -53,6 +53,14 @@ METHODS = (
         {"kernel": "learned", "heads": "spatial", "weights": str(SPATIAL_WEIGHTS)},
         SPATIAL_WEIGHTS,
         "learned kernel, spatial head only (no image features)",
+    ),
+    Method(
+        "ikr-encoder",
+        "ikr_adapter.py",
+        False,
+        {"kernel": "learned", "features": "learned"},
+        DEFAULT_ENCODER,
+        "learned kernel, matching on the learned encoder's features",
     ),
     Method("ikr-tps", "ikr_adapter.py", False, {"kernel": "tps"}, note="thin-plate spline kernel"),
     Method("ikr-gaussian", "ikr_adapter.py", False, {"kernel": "gaussian"}, note="Gaussian kernel"),

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -118,6 +119,8 @@ def _registration_config(args: argparse.Namespace) -> RegistrationConfig:
         kernel=args.kernel,
         heads=args.heads,
         weights=args.weights,
+        features=args.features,
+        encoder_weights=args.encoder_weights,
         max_keypoints=args.max_keypoints,
         device=args.device,
         seed=args.seed,
@@ -425,6 +428,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_encoder(args: argparse.Namespace) -> int:
+    """Train the learned feature encoder on synthetic deformations of the shared CTs."""
+    from .train_encoder import default_encoder_config, train_encoder_main
+
+    data = Path(args.data) if args.data else _shared_data_root()
+    config = replace(default_encoder_config(data, args.seed), threads=args.threads)
+    if args.steps is not None:
+        config = replace(config, steps=args.steps)
+    with _ProgressBar("training the encoder", enabled=not args.quiet) as progress:
+        command = "ikr train-encoder " + " ".join(sys.argv[2:])
+        result = train_encoder_main(Path(args.output), config, progress, command)
+    print(f"wrote {args.output} and its model card; validation: {json.dumps(result['validation'])[:400]}")
+    return 0
+
+
 def cmd_suggest(args: argparse.Namespace) -> int:
     """Where one clicked pair would reduce the expected error most (optionally near a tumour)."""
     from scipy import ndimage
@@ -478,6 +496,10 @@ def _add_registration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", default="learned", choices=["learned", "tps", "gaussian"])
     p.add_argument("--heads", default="both", choices=["both", "spatial", "semantic"])
     p.add_argument("--weights", default=None, help="learned kernel weights (default: the shipped ones)")
+    p.add_argument(
+        "--features", default="mind", choices=["mind", "learned"], help="matching features: MIND-SSC or the encoder"
+    )
+    p.add_argument("--encoder-weights", default=None, help="learned encoder weights (default: the shipped ones)")
     p.add_argument("--max-keypoints", type=int, default=2048)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
@@ -558,6 +580,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-encoder", help="train the learned feature encoder (CPU: minutes; never in CI)")
+    p.add_argument("-o", "--output", required=True, help="weights file to write (.pt); the model card goes beside it")
+    p.add_argument("--data", default=None, help="folder with ct/ (default: ../shared/data)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train_encoder)
 
     p = sub.add_parser("demo", help="register a synthetic breathing-like case and print the figures")
     p.add_argument("-o", "--output", default="ikr-demo")

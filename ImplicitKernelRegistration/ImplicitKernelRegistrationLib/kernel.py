@@ -40,7 +40,7 @@ from .io.atomic import atomic_path
 WEIGHTS_FORMAT = "ikr-kernel-v1"
 HEADS = ("both", "spatial", "semantic")
 KERNEL_NAMES = ("learned", "tps", "gaussian")
-ARCH_FIELDS = ("feat_dim", "heads", "dim", "n_heads", "n_freq", "hidden", "pair_hidden", "consistency")
+ARCH_FIELDS = ("feat_dim", "heads", "dim", "n_heads", "n_freq", "hidden", "pair_hidden", "consistency", "local_linear")
 _KNN_PAIRS_PER_CHUNK = 1 << 23  # bounds the (queries x keys) distance matrix of one kNN chunk
 
 
@@ -54,7 +54,10 @@ class KernelConfig:
     per-(query, neighbour) MLP of the spatial key (the costly one, kept narrow); bias_scale: s of the
     distance bias, working voxels;
     consistency: feed each key's deviation from its neighbourhood median displacement to the spatial
-    key (lets the kernel learn to down-weight outlier matches); conf_eps: eps in log(conf + eps);
+    key (lets the kernel learn to down-weight outlier matches); local_linear: use the attention
+    weights in a weighted local linear fit (value at x of the weighted least-squares affine fit to the
+    K keys, with a learned ridge on the slope) instead of a weighted mean, so that linear trends are
+    reproduced, not flattened; conf_eps: eps in log(conf + eps);
     tps_smoothing: regularisation of the TPS peer; gaussian_sigma: width of the Gaussian peer, voxels.
     """
 
@@ -68,6 +71,7 @@ class KernelConfig:
     pair_hidden: int = 64
     bias_scale: float = 1.0
     consistency: bool = True
+    local_linear: bool = False
     conf_eps: float = 1e-3
     tps_smoothing: float = 0.1
     gaussian_sigma: float = 3.0
@@ -199,6 +203,8 @@ class LearnedKernel(nn.Module):
             self.semantic_prior = nn.Linear(c.dim, 1, bias=False)
         self.bias_gain = nn.Parameter(torch.tensor(1.0))
         self.conf_gain = nn.Parameter(torch.tensor(1.0))
+        if c.local_linear:
+            self.log_ridge = nn.Parameter(torch.tensor(math.log(0.1)))
         for name in ("spatial_out", "semantic_out", "semantic_prior"):
             out = getattr(self, name, None)
             if out is not None:
@@ -255,7 +261,22 @@ class LearnedKernel(nn.Module):
             emb = gather_neighbours(sem_keys, idx)
             logits = logits + self._semantic_logits(x_feat, emb) + gather_neighbours(sem_prior, idx)
         w = torch.softmax(logits, dim=-1)
+        if self.config.local_linear:
+            return self._local_linear(w, rel, dist2, d)
         return (w.unsqueeze(-1) * d).sum(dim=2)
+
+    def _local_linear(self, w: torch.Tensor, rel: torch.Tensor, dist2: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Value at x of the weighted least-squares fit d(y) ~ a + B (y - x) over the K keys, ridge on B.
+
+        Offsets are scaled by the neighbourhood's mean distance, so the ridge is scale-free; with a large
+        ridge this tends to the weighted mean. Like the mean, it reproduces a constant field exactly.
+        """
+        scale = torch.sqrt(dist2 + 1e-12).mean(dim=-1, keepdim=True).clamp_min(0.5).unsqueeze(-1)
+        design = torch.cat([torch.ones_like(rel[..., :1]), rel / scale], dim=-1)  # (B,Q,K,4)
+        weighted = (design * w.unsqueeze(-1)).transpose(-1, -2)  # (B,Q,4,K)
+        ridge = torch.diag(torch.tensor([0.0, 1.0, 1.0, 1.0], device=w.device, dtype=w.dtype))
+        normal = weighted @ design + torch.exp(self.log_ridge) * ridge
+        return torch.linalg.solve(normal, weighted @ d)[..., 0, :]
 
     def _heads(self, q: torch.Tensor, k: torch.Tensor, mix: nn.Linear) -> torch.Tensor:
         """Multi-head scaled dot products of q (B,Q,dim) with k (B,Q,K,dim), mixed by `mix` -> (B,Q,K).

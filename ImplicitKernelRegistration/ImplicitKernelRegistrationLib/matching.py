@@ -64,7 +64,7 @@ def _on_voxels(centres: torch.Tensor, step: float) -> bool:
     return float(step).is_integer() and bool(torch.all(centres == centres.round()))
 
 
-def _gather_cubes(features: torch.Tensor, centres: torch.Tensor, radius: int, step: int) -> torch.Tensor:
+def gather_cubes(features: torch.Tensor, centres: torch.Tensor, radius: int, step: int) -> torch.Tensor:
     """Like `_sample_cubes` with zero padding, for lattices on voxels: plain indexing, no interpolation."""
     n, side = centres.shape[0], 2 * radius + 1
     c, d, h, w = features.shape[1:]
@@ -81,7 +81,7 @@ def _sample_cubes(
 ) -> torch.Tensor:
     """Features on the lattice centre + step * {-r..r}^3 around each centre: (n, C, L, L, L), float32."""
     if padding == "zeros" and _on_voxels(centres, step):
-        return _gather_cubes(features, centres, radius, int(step))
+        return gather_cubes(features, centres, radius, int(step))
     n, side = centres.shape[0], 2 * radius + 1
     pts = centres[:, None, :] + step * _lattice(radius, centres.device)[None]
     grid = points_to_grid(pts, tuple(features.shape[2:])).reshape(1, n * side**3, 1, 1, 3)
@@ -89,7 +89,7 @@ def _sample_cubes(
     return out.reshape(features.shape[1], n, side, side, side).transpose(0, 1)
 
 
-def _patch_ssd(cube: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def patch_ssd(cube: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Sum over channels and patch of (ref(o) - cube(v + o))^2 for every v: (n, side, side, side).
 
     Expanded as |cube|^2 (box-summed) - 2 <cube, ref> (a grouped 3D correlation) + |ref|^2, which
@@ -129,7 +129,7 @@ def cost_volume(
         centres = kp[start : start + chunk]
         cube = _sample_cubes(feat_moving, moved[start : start + chunk], radius + patch, step_vox, "zeros")
         ref = _sample_cubes(feat_fixed, centres, patch, step_vox, "border")
-        cost = _patch_ssd(cube, ref)
+        cost = patch_ssd(cube, ref)
         costs.append(cost.reshape(centres.shape[0], -1) / (channels * (2 * patch + 1) ** 3))
     return torch.cat(costs) if costs else torch.zeros(0, side**3, device=kp.device)
 

@@ -32,8 +32,10 @@ from .resources import weights_file
 
 Progress = Callable[[float, str], None]
 
-# The shipped weights (model card: Resources/weights/kernel_v1.md).
+# The shipped weights (model cards: Resources/weights/kernel_v1.md, encoder_v1.md).
 DEFAULT_WEIGHTS = weights_file("kernel_v1.pt")
+DEFAULT_ENCODER = weights_file("encoder_v1.pt")
+FEATURE_NAMES = ("mind", "learned")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class RegistrationConfig:
     kernel: str = "learned"
     heads: str = "both"
     weights: str | None = None
+    features: str = "mind"
+    encoder_weights: str | None = None
     max_keypoints: int = 2048
     device: str = "auto"
     seed: int = 0
@@ -132,6 +136,18 @@ def load_kernel(config: RegistrationConfig, device: torch.device) -> torch.nn.Mo
         if config.heads != kernel_config.heads:
             raise IkrError(f"these weights were trained with heads={kernel_config.heads!r}", weights)
     return make_kernel(config.kernel, kernel_config, weights).to(device)
+
+
+def load_features(config: RegistrationConfig, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The matching features named by the config: MIND-SSC, or the learned encoder (shipped weights by default)."""
+    if config.features == "mind":
+        return mind_ssc
+    if config.features != "learned":
+        raise IkrError(f"unknown features {config.features!r}; choose one of {', '.join(FEATURE_NAMES)}")
+    from .encoder import load_encoder
+
+    weights = Path(config.encoder_weights) if config.encoder_weights else DEFAULT_ENCODER
+    return load_encoder(weights)[0].to(device)
 
 
 def pool(volume: torch.Tensor, factor: int) -> torch.Tensor:
@@ -227,6 +243,7 @@ def _register_on(
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     kernel = load_kernel(config, device)
+    extract = load_features(config, device)
 
     report_progress(0.0, "resampling onto the working grid")
     pair = make_working_pair(fixed, moving, config.spacing_mm, device, fixed_mask, moving_mask)
@@ -246,8 +263,9 @@ def _register_on(
             f = scale.downsample
             report_progress(0.1 + 0.8 * s / n_scales, f"scale {s + 1}/{n_scales}: matching")
             if f not in pyramid:
-                fixed_features = kernel_features if f == 1 else mind_ssc(pool(pair.fixed, f))
-                pyramid[f] = (fixed_features, mind_ssc(pool(pair.moving, f)))
+                reuse = f == 1 and extract is mind_ssc
+                fixed_features = kernel_features if reuse else extract(pool(pair.fixed, f))
+                pyramid[f] = (fixed_features, extract(pool(pair.moving, f)))
             prior = total
             if s > 0:
                 prior = kernel_at_points(

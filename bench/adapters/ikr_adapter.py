@@ -11,7 +11,16 @@ from _common import Stopwatch, field_image, finish, options, parse_args, read_fl
 from ImplicitKernelRegistrationLib.geometry import Image
 from ImplicitKernelRegistrationLib.pipeline import RegistrationConfig, register
 
-DEFAULTS = {"kernel": "learned", "heads": "both", "weights": None, "spacing_mm": 2.0, "max_keypoints": 2048, "seed": 0}
+DEFAULTS = {
+    "kernel": "learned",
+    "heads": "both",
+    "weights": None,
+    "features": "mind",
+    "encoder_weights": None,
+    "spacing_mm": 2.0,
+    "max_keypoints": 2048,
+    "seed": 0,
+}
 
 
 def main() -> None:
@@ -27,7 +36,7 @@ def main() -> None:
         field = field_image(result.field.displacement_mm, fixed_sitk)
     report = result.report
     record = {
-        "method": f"ikr-{settings['kernel']}",
+        "method": f"ikr-{settings['kernel']}" + ("-encoder" if settings["features"] == "learned" else ""),
         "package": "ImplicitKernelRegistration",
         "version": version("implicit-kernel-registration"),
         "settings": settings,
