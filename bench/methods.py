@@ -15,7 +15,7 @@ from ImplicitKernelRegistrationLib.pipeline import DEFAULT_ENCODER, DEFAULT_WEIG
 BENCH = Path(__file__).resolve().parent
 ADAPTERS = BENCH / "adapters"
 PEERS_PYTHON = BENCH / ".venv-peers" / "bin" / "python"
-SPATIAL_WEIGHTS = DEFAULT_WEIGHTS.with_name("kernel_v1_spatial.pt")
+SPATIAL_WEIGHTS = DEFAULT_WEIGHTS.with_name(DEFAULT_WEIGHTS.stem + "_spatial.pt")
 DEFAULT_METHOD = "ikr-learned"  # RegistrationConfig's default kernel
 FALLBACK_REFERENCE = "ikr-tps"  # the ratio reference while the learned weights are missing
 

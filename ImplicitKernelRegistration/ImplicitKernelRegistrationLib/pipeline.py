@@ -28,13 +28,13 @@ from .kernel import KernelConfig, make_kernel
 from .keypoints import forstner_keypoints
 from .matching import match_consistent, match_keypoints
 from .preprocess import make_working_pair
-from .resources import weights_file
+from .resources import ENCODER_WEIGHTS, KERNEL_WEIGHTS, weights_file
 
 Progress = Callable[[float, str], None]
 
-# The shipped weights (model cards: Resources/weights/kernel_v1.md, encoder_v1.md).
-DEFAULT_WEIGHTS = weights_file("kernel_v1.pt")
-DEFAULT_ENCODER = weights_file("encoder_v1.pt")
+# The shipped weights (model cards beside them in Resources/weights/, same stem, .md).
+DEFAULT_WEIGHTS = weights_file(KERNEL_WEIGHTS)
+DEFAULT_ENCODER = weights_file(ENCODER_WEIGHTS)
 FEATURE_NAMES = ("mind", "learned")
 
 

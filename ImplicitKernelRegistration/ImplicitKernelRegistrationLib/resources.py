@@ -9,6 +9,12 @@ _HERE = Path(__file__).resolve().parent
 # them beside the module: <qt-scripted-modules>/Resources/weights (see ImplicitKernelRegistration/CMakeLists.txt).
 WEIGHT_FOLDERS = (_HERE.parents[1] / "Resources" / "weights", _HERE.parent / "Resources" / "weights")
 
+# The shipped files (each with a model card of the same stem, .md); ImplicitKernelRegistration/CMakeLists.txt
+# copies the same names beside the Slicer module.
+KERNEL_WEIGHTS = "kernel_v1.pt"
+ENCODER_WEIGHTS = "encoder_v1.pt"
+UNCERTAINTY_PARAMS = "uncertainty_v1.json"
+
 
 def weights_file(name: str) -> Path:
     """The shipped file `name` from the first weights folder that has it (else the checkout's path)."""

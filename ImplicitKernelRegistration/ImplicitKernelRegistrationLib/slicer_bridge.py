@@ -26,9 +26,7 @@ from .errors import IkrError
 from .fields import Field
 from .geometry import Geometry, Image, lps_ras
 from .io.points import PointSet, read_points, write_points
-
-WEIGHTS_NAME = "kernel_v1.pt"
-
+from .resources import KERNEL_WEIGHTS
 
 # ----------------------------------------------------------------------------- volumes
 
@@ -198,5 +196,5 @@ def margin_polydata_ras(points_lps: np.ndarray, triangles: np.ndarray, margins_m
 
 def find_weights(module_dir: str | os.PathLike) -> Path | None:
     """The kernel weights shipped beside the Slicer module (Resources/weights/), or None to use the library's."""
-    path = Path(module_dir) / "Resources" / "weights" / WEIGHTS_NAME
+    path = Path(module_dir) / "Resources" / "weights" / KERNEL_WEIGHTS
     return path if path.is_file() else None

@@ -34,10 +34,10 @@ from .io.atomic import write_text_atomic
 from .margin import compute_margin
 from .pipeline import RegistrationResult, voxels_to_mm
 from .refine import CORRECTION_RADIUS_MM, RefinementSession, wendland
-from .resources import weights_file
+from .resources import UNCERTAINTY_PARAMS, weights_file
 
 PARAMS_FORMAT = "ikr-uncertainty-v1"
-DEFAULT_PARAMS = weights_file("uncertainty_v1.json")
+DEFAULT_PARAMS = weights_file(UNCERTAINTY_PARAMS)
 FEATURE_NAMES = ("bias", "log_loo", "log_nearest", "log_kth", "unconfidence", "log_gradient")
 N_FOLDS = 10
 SHEPARD_VOX = 2.0
