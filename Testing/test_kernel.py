@@ -54,6 +54,7 @@ ALL_KERNELS = [
     ("semantic", lambda: _randomised(LearnedKernel(KernelConfig(heads="semantic")))),
     ("gaussian", lambda: GaussianKernel(sigma=3.0)),
     ("tps", lambda: TPSKernel()),
+    ("learned-local-linear", lambda: _randomised(LearnedKernel(KernelConfig(local_linear=True)))),
 ]
 
 
@@ -68,6 +69,24 @@ def test_every_kernel_reproduces_a_constant_field_exactly(name: str, factory: ob
         out = kernel(q, qf, xyz, disp, feat, conf)
     assert out.shape == (1, 500, 3)
     assert torch.allclose(out, disp[:, :1].expand_as(out), atol=1e-4)
+
+
+def test_local_linear_read_out_follows_a_linear_trend_that_the_mean_flattens() -> None:
+    """An affine field is reproduced by the local-linear fit (up to its ridge), and biased by the weighted mean."""
+    xyz, feat, conf = _keys(400)
+    matrix = torch.tensor([[0.10, 0.02, 0.0], [0.0, -0.05, 0.03], [0.01, 0.0, 0.08]])
+    disp = xyz @ matrix.T + torch.tensor([1.0, 2.0, 3.0])
+    q = torch.rand(1, 200, 3, generator=torch.Generator().manual_seed(5)) * 44.0 - 2.0  # reaches past the keys
+    qf = torch.rand(1, 200, 12)
+    truth = q @ matrix.T + torch.tensor([1.0, 2.0, 3.0])
+    errors = {}
+    for local_linear in (False, True):
+        kernel = LearnedKernel(KernelConfig(local_linear=local_linear)).eval()
+        if local_linear:
+            kernel.log_ridge.data.fill_(-7.0)  # a negligible ridge: the plain weighted least-squares fit
+        with torch.no_grad():
+            errors[local_linear] = (kernel(q, qf, xyz, disp, feat, conf) - truth).norm(dim=-1).mean().item()
+    assert errors[True] < 0.05 * errors[False], errors
 
 
 def test_untrained_learned_kernel_is_inverse_distance_weighting_times_confidence() -> None:

@@ -12,7 +12,6 @@ what is matched. Weights files have the format `ikr-encoder-v1` and are read wit
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from torch import nn
 from .errors import IkrError
 from .features import mind_ssc
 from .filters import box_filter
-from .io.atomic import atomic_path
+from .io.weights import load_payload, save_module
 
 ENCODER_FORMAT = "ikr-encoder-v1"
 IN_CHANNELS = 14
@@ -93,29 +92,12 @@ class FeatureEncoder(nn.Module):
 
 def save_encoder(encoder: FeatureEncoder, path: Path, metadata: dict) -> Path:
     """Write an ikr-encoder-v1 file atomically: format, config, state_dict (CPU), JSON-able metadata."""
-    payload = {
-        "format": ENCODER_FORMAT,
-        "config": encoder.config.to_dict(),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()},
-        "metadata": json.loads(json.dumps(metadata, default=str)),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
+    return save_module(path, ENCODER_FORMAT, encoder.config.to_dict(), encoder, metadata)
 
 
 def load_encoder(path: Path) -> tuple[FeatureEncoder, dict]:
     """Read an ikr-encoder-v1 file (weights_only) into an encoder in eval mode; refuse anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise IkrError("encoder weights file not found", path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated/corrupt/unsafe files
-        raise IkrError(f"not a readable encoder weights file: {type(exc).__name__}", path) from exc
-    if not isinstance(payload, dict) or payload.get("format") != ENCODER_FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise IkrError(f"not an {ENCODER_FORMAT} weights file (format: {found!r})", path)
+    payload = load_payload(Path(path), ENCODER_FORMAT, "encoder")
     try:
         encoder = FeatureEncoder(EncoderConfig.from_dict(dict(payload["config"])))
         encoder.load_state_dict(payload["state_dict"])

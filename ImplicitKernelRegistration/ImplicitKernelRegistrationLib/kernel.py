@@ -24,7 +24,6 @@ Because the weights sum to one, any constant field is reproduced exactly, traine
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -35,7 +34,7 @@ from scipy.spatial import cKDTree
 from torch import nn
 
 from .errors import IkrError
-from .io.atomic import atomic_path
+from .io.weights import load_payload, save_module
 
 WEIGHTS_FORMAT = "ikr-kernel-v1"
 HEADS = ("both", "spatial", "semantic")
@@ -439,32 +438,13 @@ def control_axes(shape_zyx: tuple[int, int, int], step: int) -> list[torch.Tenso
 
 def save_weights(kernel: LearnedKernel, config: KernelConfig, path: Path, metadata: dict) -> Path:
     """Write an ikr-kernel-v1 weights file atomically: format, config, state_dict (CPU), metadata (JSON-able)."""
-    state = {k: v.detach().cpu().clone() for k, v in kernel.state_dict().items()}
-    payload = {
-        "format": WEIGHTS_FORMAT,
-        "config": config.to_dict(),
-        "state_dict": state,
-        "metadata": json.loads(json.dumps(metadata, default=str)),  # plain types: loadable weights_only
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
+    return save_module(path, WEIGHTS_FORMAT, config.to_dict(), kernel, metadata)
 
 
 def load_weights(path: Path) -> tuple[LearnedKernel, dict]:
     """Read an ikr-kernel-v1 file (weights_only) into a LearnedKernel in eval mode; refuse anything else."""
     path = Path(path)
-    if not path.is_file():
-        raise IkrError("kernel weights file not found", path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated/corrupt/unsafe files
-        raise IkrError(
-            f"not a readable kernel weights file (corrupt or not a torch file): {type(exc).__name__}", path
-        ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise IkrError(f"not an {WEIGHTS_FORMAT} weights file (format: {found!r})", path)
+    payload = load_payload(path, WEIGHTS_FORMAT, "kernel")
     try:
         config = KernelConfig.from_dict(dict(payload["config"]))
     except (IkrError, TypeError, KeyError) as exc:
