@@ -11,7 +11,7 @@ WEIGHT_FOLDERS = (_HERE.parents[1] / "Resources" / "weights", _HERE.parent / "Re
 
 # The shipped files (each with a model card of the same stem, .md); ImplicitKernelRegistration/CMakeLists.txt
 # copies the same names beside the Slicer module.
-KERNEL_WEIGHTS = "kernel_v1.pt"
+KERNEL_WEIGHTS = "kernel_v2.pt"
 ENCODER_WEIGHTS = "encoder_v1.pt"
 UNCERTAINTY_PARAMS = "uncertainty_v1.json"
 
