@@ -47,6 +47,14 @@ REQUIREMENTS = {
 }
 MARGIN_COLOR_NODE_ID = "vtkMRMLColorTableNodeRainbow"
 MARGIN_RANGE_MM = (-5.0, 10.0)
+# The expected-registration-error overlay: Slicer's Viridis table (a file colour table; its node ID is
+# "vtkMRMLColorTableNodeFile" + file name, as Slicer's own code uses it), window 0-5 mm, blended over the CT.
+EXPECTED_ERROR_NAME = "IKR expected error (mm)"
+EXPECTED_ERROR_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileViridis.txt"
+EXPECTED_ERROR_RANGE_MM = (0.0, 5.0)
+EXPECTED_ERROR_OPACITY = 0.4
+SUGGESTIONS_NAME = "IKR suggested clicks"
+SUGGESTIONS_COLOR = (1.0, 0.75, 0.0)  # amber: apart from the default colour of the fixed/moving point lists
 
 
 class RegistrationCancelled(Exception):
@@ -92,6 +100,10 @@ class ImplicitKernelRegistrationParameterNode:
     marginModel: vtkMRMLModelNode
     outputFolder: pathlib.Path
     marginSummary: str = ""
+    expectedErrorVolume: vtkMRMLScalarVolumeNode
+    showExpectedError: bool = False
+    numberOfSuggestions: Annotated[int, WithinRange(1, 20)] = 5
+    suggestedClicks: vtkMRMLMarkupsFiducialNode
 
 
 class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -122,6 +134,8 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
         self.ui.deletePairButton.connect("clicked(bool)", self.onDeletePair)
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
         self.ui.showCorrespondencesCheckBox.connect("toggled(bool)", self.onShowCorrespondences)
+        self.ui.showExpectedErrorCheckBox.connect("toggled(bool)", self.onShowExpectedError)
+        self.ui.suggestClicksButton.connect("clicked(bool)", self.onSuggestClicks)
         self.ui.computeMarginsButton.connect("clicked(bool)", self.onComputeMargins)
         self.ui.jumpToMinimumButton.connect("clicked(bool)", self.onJumpToMinimum)
         self.ui.saveReportButton.connect("clicked(bool)", self.onSaveReport)
@@ -252,6 +266,28 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
             self.logic.undo(self._parameterNode)
             self._refreshPairTable()
 
+    # ------------------------------------------------------------------------------ expected error
+
+    def onShowExpectedError(self, show: bool) -> None:
+        """Show the expected-error map as the slice views' foreground (computed when stale), or hide it."""
+        if self._parameterNode is None:
+            return
+        try:
+            with slicer.util.tryWithErrorDisplay("Showing the expected error failed.", waitCursor=True):
+                self.logic.setExpectedErrorVisible(self._parameterNode, show)
+        except Exception:
+            if show:  # e.g. nothing registered yet: untick (the parameter node follows the check box)
+                self.ui.showExpectedErrorCheckBox.checked = False
+            raise
+
+    def onSuggestClicks(self) -> None:
+        """Suggest where a clicked pair would help most; the points go into the suggested-clicks list."""
+        if not self._ensureRequirements():
+            return
+        with slicer.util.tryWithErrorDisplay("Suggesting clicks failed.", waitCursor=True):
+            points = self.logic.suggestClicks(self._parameterNode)
+            self.ui.statusLabel.text = f"{len(points)} suggested clicks in {SUGGESTIONS_NAME!r} (the first is centred)"
+
     # ------------------------------------------------------------------------------ margins, export
 
     def onComputeMargins(self) -> None:
@@ -308,12 +344,16 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         self.reset()
 
     def reset(self) -> None:
-        """Forget the in-memory registration, refinement session and margins."""
+        """Forget the in-memory registration, refinement session, expected-error map and margins."""
         self.fixedImage = None
         self.movingImage = None
         self.result = None
         self.session = None
+        self.expectedError = None  # the session's expected-error map (library Image); None: not computed or stale
         self.marginResult = None
+        self.marginInterval = None  # the minimal margin's interval over the uncertainty (uncertainty.margin_interval)
+        self.marginErrorMap = None  # the expected-error map the interval was computed from
+        self._foregroundBefore = {}  # slice composite node ID -> (foreground volume ID, opacity) before the overlay
 
     def getParameterNode(self) -> ImplicitKernelRegistrationParameterNode:
         """The module's parameter node in the scene (typed)."""
@@ -391,6 +431,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         self.showField(p)
         self.showCorrespondences(p)
         self.ensurePairNodes(p)
+        self._afterFieldChange(p, compute=True)  # the expected-error map, written with the outputs below
         self.saveSession(p, full=True)
         logging.info("registration: %s", {k: self.result.report[k] for k in ("runtime_s", "device", "n_keypoints")})
 
@@ -527,6 +568,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
                 node.SetNthControlPointLabel(i, label)
         self.showField(p)
         self.saveSession(p)
+        self._afterFieldChange(p, compute=bool(p.showExpectedError))
 
     def saveSession(self, parameterNode, full: bool = False) -> None:
         """Write the session (and after a registration every output) into the output folder, if one is set."""
@@ -547,17 +589,167 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
             }
             warped = warp_image(self.movingImage, self.session.field)
             write_registration(
-                outdir, self.session.field, warped, self.result.correspondences, self.result.report, session
+                outdir,
+                self.session.field,
+                warped,
+                self.result.correspondences,
+                self.result.report,
+                session,
+                self.expectedError,  # uncertainty.nii.gz, read by `ikr suggest` and `ikr margin --uncertainty`
             )
             return
         saved = read_session(outdir)
         saved["user"] = self.session.to_dict()
         write_session(outdir, saved, self.session.automatic.concat(self.session.user_correspondences()))
 
+    # ------------------------------------------------------------------------------ expected error, suggestions
+
+    def _afterFieldChange(self, parameterNode, compute: bool) -> None:
+        """The field changed: the expected-error map is stale; recompute it when `compute` (see updateExpectedError).
+
+        A failure here (e.g. a session of an older version without the kernel's key set) only logs a warning:
+        the registration or the edit itself has succeeded.
+        """
+        p = parameterNode
+        self.expectedError = None
+        if compute:
+            try:
+                self.updateExpectedError(p)
+            except IkrError as err:
+                logging.warning("the expected-error map was not updated: %s", err)
+        if p.showExpectedError and p.expectedErrorVolume is not None:
+            self.setExpectedErrorVisible(p, True)  # the resampled moving volume may have taken the foreground
+
+    def updateExpectedError(self, parameterNode) -> Image:
+        """The expected registration error (mm, fixed grid) of the current session, also in its volume node.
+
+        The map is uncertainty.expected_error_map(session): one kernel pass over the keys plus a
+        resampling onto the fixed grid (about a tenth of a registration's time; each clicked pair adds a
+        blend over the whole fixed grid). So that clicking pairs stays fast it is computed:
+        - after every registration (it is also written to the output folder as uncertainty.nii.gz);
+        - after a refinement edit (add, delete, undo) only while *Show expected error* is on;
+        - otherwise here, on demand, when something needs it and the map is stale: turning the overlay
+          on, *Suggest where to click*, *Compute margins* (the margin's interval).
+        The node "IKR expected error (mm)" (parameter `expectedErrorVolume`) is made once and reused; it is
+        not put into the slice views here (see setExpectedErrorVisible).
+        """
+        from ImplicitKernelRegistrationLib.uncertainty import expected_error_map
+
+        p = parameterNode
+        if self.expectedError is None:
+            self.openSession(p)
+            self.expectedError = expected_error_map(self.session)
+            self._writeExpectedErrorNode(p, self.expectedError)
+        elif p.expectedErrorVolume is None:
+            self._writeExpectedErrorNode(p, self.expectedError)
+        return self.expectedError
+
+    @staticmethod
+    def _writeExpectedErrorNode(parameterNode, image: Image) -> None:
+        """Put the map into the expected-error volume node (made on first use) with its colour table and window."""
+        p = parameterNode
+        ijkToRas = slicer_bridge.ijk_to_ras_matrix(image.geometry)
+        if p.expectedErrorVolume is None:
+            p.expectedErrorVolume = slicer.util.addVolumeFromArray(
+                image.array, ijkToRAS=ijkToRas, name=EXPECTED_ERROR_NAME
+            )
+        else:
+            slicer.util.updateVolumeFromArray(p.expectedErrorVolume, image.array)
+            p.expectedErrorVolume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijkToRas))
+        if p.expectedErrorVolume.GetDisplayNode() is None:
+            p.expectedErrorVolume.CreateDefaultDisplayNodes()
+        display = p.expectedErrorVolume.GetDisplayNode()
+        display.SetAndObserveColorNodeID(EXPECTED_ERROR_COLOR_NODE_ID)
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(*EXPECTED_ERROR_RANGE_MM)
+
+    def setExpectedErrorVisible(self, parameterNode, visible: bool) -> None:
+        """Blend the expected-error map over every slice view (foreground layer), or put back what was there."""
+        p = parameterNode
+        composites = slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode")
+        if not visible:
+            node = p.expectedErrorVolume
+            for composite in composites:
+                if node is not None and composite.GetForegroundVolumeID() == node.GetID():
+                    previousId, opacity = self._foregroundBefore.get(composite.GetID(), (None, None))
+                    if previousId is not None and slicer.mrmlScene.GetNodeByID(previousId) is None:
+                        previousId = None
+                    composite.SetForegroundVolumeID(previousId)
+                    if opacity is not None:
+                        composite.SetForegroundOpacity(opacity)
+            self._foregroundBefore = {}
+            return
+        if self.session is not None or p.expectedErrorVolume is None:
+            self.updateExpectedError(p)  # a node saved with the scene is shown as it is until a session is open
+        node = p.expectedErrorVolume
+        for composite in composites:
+            if composite.GetForegroundVolumeID() != node.GetID():
+                self._foregroundBefore[composite.GetID()] = (
+                    composite.GetForegroundVolumeID(),
+                    composite.GetForegroundOpacity(),
+                )
+        slicer.util.setSliceViewerLayers(foreground=node, foregroundOpacity=EXPECTED_ERROR_OPACITY)
+
+    def suggestionMask(self, parameterNode) -> Image | None:
+        """Where suggestions should lie near (fixed space): the tumour warped through the current field when
+        one is chosen, else the ablation zone, else None (anywhere in the body)."""
+        from ImplicitKernelRegistrationLib.fields import warp_labels
+
+        p = parameterNode
+        if p.tumourSegmentation is not None:
+            tumour = self.maskFromSegmentation(p.tumourSegmentation, p.movingVolume)  # drawn on the moving CT
+            return warp_labels(tumour, self.session.field)
+        if p.ablationSegmentation is not None:
+            return self.maskFromSegmentation(p.ablationSegmentation, p.fixedVolume)
+        return None
+
+    def suggestClicks(self, parameterNode, n: int | None = None) -> np.ndarray:
+        """Fixed-space points (LPS, (k, 3), k <= n) where one clicked pair would remove the most expected error.
+
+        uncertainty.suggest_clicks on the current map, inside the body of the fixed CT (as `ikr suggest`)
+        and near suggestionMask(). The points replace those of the "IKR suggested clicks" list (parameter
+        `suggestedClicks`), labelled with the expected error there; the slice views jump to the first.
+        """
+        from ImplicitKernelRegistrationLib.preprocess import body_mask
+        from ImplicitKernelRegistrationLib.uncertainty import suggest_clicks
+
+        p = parameterNode
+        error = self.updateExpectedError(p)  # opens the session (and reads the fixed CT) when needed
+        fixed = self.fixedImage
+        body = Image(body_mask(fixed).astype(np.uint8), fixed.geometry)
+        n = int(p.numberOfSuggestions if n is None else n)
+        points = suggest_clicks(error, n, near_mask=self.suggestionMask(p), region=body)
+        if len(points) == 0:
+            raise IkrError("no place was found where a clicked pair would reduce the expected error")
+        index = np.rint(error.geometry.lps_to_index(points)).astype(int)
+        index = np.clip(index, 0, np.asarray(error.geometry.size) - 1)
+        values = error.array[index[:, 2], index[:, 1], index[:, 0]]  # the map at each point (nearest voxel)
+        if p.suggestedClicks is None:
+            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", SUGGESTIONS_NAME)
+            node.CreateDefaultDisplayNodes()
+            node.GetDisplayNode().SetSelectedColor(*SUGGESTIONS_COLOR)
+            p.suggestedClicks = node
+        slicer.util.updateMarkupsControlPointsFromArray(p.suggestedClicks, lps_ras(points))
+        for i, value in enumerate(values):
+            p.suggestedClicks.SetNthControlPointLabel(i, f"click {i + 1}: {value:.1f} mm")
+        p.suggestedClicks.SetLocked(True)
+        self.jumpToPoint(points[0])
+        return points
+
+    @staticmethod
+    def jumpToPoint(pointLps) -> None:
+        """Centre every slice view on a fixed-space (LPS) point."""
+        r, a, s = lps_ras(np.asarray(pointLps, dtype=np.float64))
+        slicer.modules.markups.logic().JumpSlicesToLocation(float(r), float(a), float(s), True)
+
     # ------------------------------------------------------------------------------ margins
 
     def computeMargins(self, parameterNode) -> dict:
-        """Margins of the tumour (moving) warped to the ablation zone (fixed); show the coloured surface."""
+        """Margins of the tumour (moving) warped to the ablation zone (fixed); show the coloured surface.
+
+        With a registration, also the minimal margin's 5-95 % interval over the expected error (its figures are
+        returned with the margin's, as in margin.json of `ikr margin --uncertainty`, and shown in the summary).
+        """
         from ImplicitKernelRegistrationLib.margin import compute_margin
 
         p = parameterNode
@@ -567,6 +759,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         ablation = self.maskFromSegmentation(p.ablationSegmentation, p.fixedVolume)
         field = self.session.field if self.session is not None else None
         self.marginResult = compute_margin(tumour, ablation, field)
+        self.marginInterval = self.marginErrorMap = None
         r = self.marginResult
         poly = slicer_bridge.margin_polydata_ras(r.surface.points_lps, r.surface.triangles, r.margins_mm)
         if p.marginModel is None:
@@ -582,21 +775,44 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         display.SetScalarVisibility(True)
         display.SetVisibility2D(True)
         figures = r.figures()
-        p.marginSummary = (
+        summary = (
             f"minimal margin {figures['min_margin_mm']:.1f} mm, coverage {figures['coverage_percent']:.1f} %, "
             f"tumour outside the zone {figures['outside_volume_ml']:.2f} ml"
         )
-        return figures
+        if field is not None:
+            summary += "\n" + self._computeMarginInterval(p, tumour, ablation)
+        p.marginSummary = summary
+        return {**figures, **(self.marginInterval or {})}
+
+    def _computeMarginInterval(self, parameterNode, tumour: Image, ablation: Image) -> str:
+        """The minimal margin's 5-95 % interval over the expected error (uncertainty.margin_interval); its line."""
+        from ImplicitKernelRegistrationLib.uncertainty import margin_interval
+
+        try:
+            error = self.updateExpectedError(parameterNode)
+            interval = margin_interval(tumour, ablation, self.session.field, error)
+        except IkrError as err:
+            logging.warning("no margin interval: %s", err)
+            return f"minimal margin 5-95 %: not available ({err.problem})"
+        interval.pop("sampled_min_margins_mm", None)
+        self.marginInterval, self.marginErrorMap = interval, error
+        return (
+            f"minimal margin 5-95 %: {interval['min_margin_p5_mm']:.1f} .. {interval['min_margin_p95_mm']:.1f} mm; "
+            f"P(<0 mm) {interval['p_min_margin_below_0mm']:.2f}, P(<5 mm) {interval['p_min_margin_below_5mm']:.2f}"
+        )
 
     def jumpToMinimalMargin(self) -> None:
         """Centre every slice view on the point of minimal margin."""
         if self.marginResult is None:
             raise IkrError("compute the margins first")
-        r, a, s = lps_ras(self.marginResult.min_margin_point_lps)
-        slicer.modules.markups.logic().JumpSlicesToLocation(float(r), float(a), float(s), True)
+        self.jumpToPoint(self.marginResult.min_margin_point_lps)
 
     def saveMarginReport(self, parameterNode, outdir) -> pathlib.Path:
-        """Write report.html, margin.json, margin_points.csv, the surface and the warped tumour (all or nothing)."""
+        """Write report.html, margin.json, margin_points.csv, the surface and the warped tumour (all or nothing).
+
+        With a margin interval (computed with the margins), margin.json carries its figures and the report
+        its row and the expected error's isolines, as `ikr margin --uncertainty` writes them.
+        """
         import json
 
         from ImplicitKernelRegistrationLib.io.atomic import atomic_directory, write_text_atomic
@@ -618,12 +834,15 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
                 "transform": "refinement session" if self.session is not None else "identity (none)",
             }
         }
+        if self.marginInterval is not None:
+            info["inputs"]["uncertainty"] = "expected-error map of the refinement session"
         background = self.imageFromVolume(p.fixedVolume)
+        page = report_html(self.marginResult, info, background, self.marginErrorMap, self.marginInterval)
         outdir = pathlib.Path(outdir)
         with atomic_directory(outdir) as tmp:
-            summary = {**self.marginResult.figures(), "coordinate_system": "LPS", **info}
+            summary = {**self.marginResult.figures(), **(self.marginInterval or {}), "coordinate_system": "LPS", **info}
             write_text_atomic(tmp / OUTPUT_FILES["json"], json.dumps(summary, indent=2))
-            write_text_atomic(tmp / OUTPUT_FILES["html"], report_html(self.marginResult, info, background))
+            write_text_atomic(tmp / OUTPUT_FILES["html"], page)
             write_text_atomic(tmp / OUTPUT_FILES["points"], points_csv(self.marginResult))
             write_surface_vtp(self.marginResult, tmp / OUTPUT_FILES["surface"])
             write_image(self.marginResult.warped_tumour, tmp / OUTPUT_FILES["warped"])
@@ -656,7 +875,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
 
 
 class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
-    """End-to-end self-test inside Slicer on the library's phantom: load, register, add a pair, margins."""
+    """End-to-end self-test inside Slicer on the library's phantom: register, add a pair, expected error, margins."""
 
     def setUp(self) -> None:
         """Start from an empty scene."""
@@ -685,7 +904,7 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
         return segmentation
 
     def test_RegisterRefineMargins(self) -> None:
-        """Phantom pair: register, check the field is non-trivial, add a pair, check it is honoured, margins."""
+        """Phantom pair: register, add a pair (honoured), expected error and suggestions, margins with interval."""
         logic = ImplicitKernelRegistrationLogic()
         missing = logic.missingRequirements()
         if missing:
@@ -722,6 +941,21 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
         after = sample_field(logic.session.field, fixedLps)[0]
         self.assertGreater(np.linalg.norm(after - before), 0.5)
         self.assertLess(logic.pairFeedback()[0]["residual_mm"], 0.5)
+
+        self.delayDisplay("Expected error and suggested clicks")
+        error = logic.updateExpectedError(p)
+        self.assertIsNotNone(p.expectedErrorVolume)
+        self.assertEqual(p.expectedErrorVolume.GetName(), EXPECTED_ERROR_NAME)
+        self.assertEqual(slicer.util.arrayFromVolume(p.expectedErrorVolume).shape, case.fixed.array.shape)
+        self.assertTrue(np.all(np.isfinite(error.array)) and float(error.array.max()) > 0.0)
+        logic.setExpectedErrorVisible(p, True)
+        logic.setExpectedErrorVisible(p, False)
+        p.numberOfSuggestions = 3
+        points = logic.suggestClicks(p)
+        self.assertGreaterEqual(len(points), 1)
+        self.assertLessEqual(len(points), 3)
+        self.assertTrue(np.all(case.fixed.geometry.contains_lps(points)), points)
+        self.assertEqual(p.suggestedClicks.GetNumberOfControlPoints(), len(points))
         logic.undo(p)
         np.testing.assert_allclose(sample_field(logic.session.field, fixedLps)[0], before, atol=1e-5)
 
@@ -732,5 +966,17 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
         figures = logic.computeMargins(p)
         self.assertLess(abs(figures["min_margin_mm"] - trueMargin), 3.0)
         self.assertIsNotNone(p.marginModel)
+        self.assertIsNotNone(logic.marginInterval, p.marginSummary)
+        self.assertLessEqual(figures["min_margin_p5_mm"], figures["min_margin_mm"])
+        self.assertLessEqual(figures["min_margin_mm"], figures["min_margin_p95_mm"])
+        self.assertIn("minimal margin 5-95 %", p.marginSummary)
         logic.jumpToMinimalMargin()
+        self.assertGreaterEqual(len(logic.suggestClicks(p)), 1)  # now near the warped tumour
+
+        self.delayDisplay("Margin report")
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            report = logic.saveMarginReport(p, pathlib.Path(folder) / "margin_report")
+            self.assertIn("5th-95th percentile", (report / "report.html").read_text(encoding="utf-8"))
         self.delayDisplay("Test passed")

@@ -176,3 +176,57 @@ def test_logic_calls_only_library_functions_that_exist() -> None:
         if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "slicer_bridge"
     }
     assert used and all(hasattr(bridge, name) for name in used), used
+
+
+def _field_annotations() -> dict[str, ast.AnnAssign]:
+    """The parameter node's fields by name."""
+    node = _class(_tree(), "ImplicitKernelRegistrationParameterNode")
+    return {s.target.id: s for s in node.body if isinstance(s, ast.AnnAssign)}
+
+
+def test_expected_error_and_suggestion_widgets_are_bound_and_connected() -> None:
+    """Issue #12: the overlay check box, the number of suggestions and both output nodes live in the parameter node."""
+    fields = _field_annotations()
+    bound = _ui_parameter_names()
+    widgets = _ui_widgets()
+    expected = {
+        "showExpectedErrorCheckBox": ("showExpectedError", "QCheckBox"),
+        "numberOfSuggestionsSpinBox": ("numberOfSuggestions", "QSpinBox"),
+        "expectedErrorSelector": ("expectedErrorVolume", "qMRMLNodeComboBox"),
+        "suggestedClicksSelector": ("suggestedClicks", "qMRMLNodeComboBox"),
+    }
+    for widget, (field, cls) in expected.items():
+        assert bound.get(widget) == field, widget
+        assert widgets[widget].get("class") == cls, widget
+        assert field in fields, field
+    assert widgets["suggestClicksButton"].get("class") == "QPushButton"
+    # Field defaults and range agree with the widgets: overlay off, 5 suggestions within 1..20.
+    assert ast.literal_eval(fields["showExpectedError"].value) is False
+    assert ast.literal_eval(fields["numberOfSuggestions"].value) == 5
+    spin = {p.get("name"): p.findtext("number") for p in widgets["numberOfSuggestionsSpinBox"].findall("property")}
+    assert (spin["minimum"], spin["maximum"], spin["value"]) == ("1", "20", "5")
+    assert "WithinRange(1, 20)" in ast.unparse(fields["numberOfSuggestions"].annotation)
+    # The button and the check box reach the logic.
+    text = MODULE.read_text()
+    assert 'self.ui.suggestClicksButton.connect("clicked(bool)", self.onSuggestClicks)' in text
+    assert 'self.ui.showExpectedErrorCheckBox.connect("toggled(bool)", self.onShowExpectedError)' in text
+
+
+def test_logic_wires_the_uncertainty_library_and_the_self_test_exercises_it() -> None:
+    """The logic calls the library's map, suggestions and interval; the Slicer self-test calls the logic's steps."""
+    tree = _tree()
+    logic = _class(tree, "ImplicitKernelRegistrationLogic")
+    methods = {n.name for n in logic.body if isinstance(n, ast.FunctionDef)}
+    assert {"updateExpectedError", "setExpectedErrorVisible", "suggestClicks", "jumpToPoint"} <= methods
+    imported = {
+        alias.name
+        for n in ast.walk(logic)
+        if isinstance(n, ast.ImportFrom) and n.module == "ImplicitKernelRegistrationLib.uncertainty"
+        for alias in n.names
+    }
+    assert imported == {"expected_error_map", "suggest_clicks", "margin_interval"}
+    test = _class(tree, "ImplicitKernelRegistrationTest")
+    called = {n.func.attr for n in ast.walk(test) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    assert {"updateExpectedError", "suggestClicks", "computeMargins", "saveMarginReport"} <= called
+    constants = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert {"IKR expected error (mm)", "IKR suggested clicks"} <= constants

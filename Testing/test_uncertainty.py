@@ -137,3 +137,30 @@ def test_expected_error_ranks_the_true_error(phantom_case, phantom_registration,
     expected = expected_error_at(session, lm, params)["expected"]
     rho = stats.spearmanr(expected, true).statistic
     assert rho > 0.1, rho  # phantom: never seen in fitting; benchmark figures on real CTs in the model card
+
+
+def test_margin_report_carries_the_interval_and_draws_the_uncertainty(
+    phantom_case, phantom_registration, error_map, tmp_path
+):
+    """`ikr margin --uncertainty`: margin.json has the interval, the HTML states it and draws the isolines."""
+    from ImplicitKernelRegistrationLib.io.images import write_image
+    from ImplicitKernelRegistrationLib.io.transforms import write_field
+    from ImplicitKernelRegistrationLib.margin_report import run_margin
+
+    labels = phantom_case.fixed_labels
+    liver = labels.with_array((labels.array == 4).astype(np.uint8))
+    tumour, zone, _ = demo_tumour_and_zone(phantom_case.fixed, phantom_registration.field, liver, seed=1)
+    paths = {name: tmp_path / f"{name}.nii.gz" for name in ("tumour", "zone", "error", "field")}
+    write_image(tumour, paths["tumour"])
+    write_image(zone, paths["zone"])
+    write_image(error_map, paths["error"])
+    write_field(phantom_registration.field, paths["field"])
+    out = tmp_path / "margin"
+    summary = run_margin(paths["tumour"], paths["zone"], paths["field"], out, uncertainty_path=paths["error"])
+    assert summary["min_margin_p5_mm"] <= summary["min_margin_mm"] <= summary["min_margin_p95_mm"]
+    page = (out / "report.html").read_text()
+    assert "5th-95th percentile" in page and "expected registration error" in page
+    assert summary["inputs"]["uncertainty"] == "error.nii.gz"
+    with pytest.raises(IkrError, match="transform"):
+        run_margin(paths["tumour"], paths["zone"], None, tmp_path / "m2", uncertainty_path=paths["error"])
+    assert not (tmp_path / "m2").exists()

@@ -349,14 +349,9 @@ def cmd_margin(args: argparse.Namespace) -> int:
         post_image_path=args.post_image,
         tumour_label=args.tumour_label,
         ablation_label=args.ablation_label,
+        uncertainty_path=args.uncertainty,
     )
-    if args.uncertainty:
-        if not args.transform:
-            raise IkrError("--uncertainty needs the --transform it belongs to")
-        from .io.atomic import write_text_atomic
-
-        figures.update(_margin_interval(args, figures))
-        write_text_atomic(Path(args.output) / "margin.json", json.dumps(figures, indent=2))
+    if "min_margin_p5_mm" in figures:
         print(
             f"minimal margin 5-95 %: {figures['min_margin_p5_mm']:.1f} .. {figures['min_margin_p95_mm']:.1f} mm;"
             f" P(< 0 mm) {figures['p_min_margin_below_0mm']:.2f}, P(< 5 mm) {figures['p_min_margin_below_5mm']:.2f}"
@@ -473,21 +468,6 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     write_text_atomic(outdir / "suggestions.csv", "\n".join(lines) + "\n")
     print(f"{len(values)} suggestions in {outdir / 'suggestions.csv'}")
     return 0
-
-
-def _margin_interval(args: argparse.Namespace, figures: dict) -> dict:
-    """The minimal margin's 5-95 % interval and probabilities from an expected-error map."""
-    from .io.images import read_image
-    from .io.transforms import read_field
-    from .margin_report import read_mask
-    from .uncertainty import margin_interval
-
-    ablation = read_mask(args.ablation, None, args.ablation_label, "ablation zone")
-    tumour = read_mask(args.tumour, None, args.tumour_label, "tumour")
-    field = read_field(Path(args.transform), ablation.geometry)
-    interval = margin_interval(tumour, ablation, field, read_image(Path(args.uncertainty)))
-    interval.pop("sampled_min_margins_mm", None)
-    return interval
 
 
 def _add_registration_flags(p: argparse.ArgumentParser) -> None:

@@ -44,6 +44,7 @@ OUTPUT_FILES = {
     "warped": "tumour_warped.nii.gz",
 }
 MARGIN_RANGE_MM = (-5.0, 10.0)
+UNCERTAINTY_LEVELS_MM = (1.0, 2.0, 4.0)  # isolines of the expected registration error on the overlays
 
 
 # ----------------------------------------------------------------------------- reading
@@ -169,8 +170,11 @@ VIEWS = (  # name, normal LPS axis, horizontal axis, vertical axis, vertical fli
 AXIS_NAMES = ("x (L+) mm", "y (P+) mm", "z (S+) mm")
 
 
-def _overlay(result: MarginResult, background: Image | None, view: tuple) -> str:
-    """One overlay (base64 PNG) through the minimal-margin point: CT, zone, tumour contour, margins."""
+def _overlay(result: MarginResult, background: Image | None, view: tuple, uncertainty: Image | None = None) -> str:
+    """One overlay (base64 PNG) through the minimal-margin point: CT, zone, tumour contour, margins.
+
+    With an expected-error map, its 1, 2 and 4 mm isolines are drawn too (dotted, labelled).
+    """
     from matplotlib.figure import Figure
 
     name, normal, h_axis, v_axis, superior_up = view
@@ -197,6 +201,13 @@ def _overlay(result: MarginResult, background: Image | None, view: tuple) -> str
     ax.imshow(np.ma.masked_less(zone, 0.5), cmap="autumn", alpha=0.3, extent=extent, origin=origin)
     ax.contour(zone, levels=[0.5], colors="orange", linewidths=1.2, extent=extent, origin=origin)
     ax.contour(tumour, levels=[0.5], colors="cyan", linewidths=1.2, extent=extent, origin=origin)
+    if uncertainty is not None:
+        error = _slice(uncertainty, plane, 0.0)
+        levels = [v for v in UNCERTAINTY_LEVELS_MM if error.min() < v < error.max()]
+        if levels:
+            lines = ax.contour(error, levels=levels, colors="white", linewidths=0.8, linestyles="dotted",
+                               extent=extent, origin=origin)  # fmt: skip
+            ax.clabel(lines, fmt="%g mm", fontsize=7)
     near = np.abs(extent_pts[:, normal] - m[normal]) <= max(step, 0.75)
     sc = ax.scatter(
         extent_pts[near, h_axis], extent_pts[near, v_axis], c=result.margins_mm[near], s=6,
@@ -236,14 +247,27 @@ def _rows(items: dict) -> str:
     return "\n".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in items.items())
 
 
-def report_html(result: MarginResult, info: dict, background: Image | None) -> str:
-    """The self-contained HTML report: overlays, histogram, figures, version and inputs."""
+def report_html(
+    result: MarginResult,
+    info: dict,
+    background: Image | None,
+    uncertainty: Image | None = None,
+    interval: dict | None = None,
+) -> str:
+    """The self-contained HTML report: overlays, histogram, figures (with the margin's interval), inputs."""
     figures = result.figures()
     rows = [
         ("Minimal ablative margin", f"{figures['min_margin_mm']:.2f} mm"),
         ("Margin 5th / 25th / 50th percentile", "{:.2f} / {:.2f} / {:.2f} mm".format(
             figures["margin_p5_mm"], figures["margin_p25_mm"], figures["margin_p50_mm"])),
     ]  # fmt: skip
+    if interval:
+        rows += [
+            ("Minimal margin, 5th-95th percentile over the registration's uncertainty",
+             f"{interval['min_margin_p5_mm']:.2f} .. {interval['min_margin_p95_mm']:.2f} mm"),
+            ("Probability that the minimal margin is below 0 mm / 5 mm",
+             f"{interval['p_min_margin_below_0mm']:.2f} / {interval['p_min_margin_below_5mm']:.2f}"),
+        ]  # fmt: skip
     for t, frac in result.surface_fractions.items():
         rows.append((f"Tumour surface with margin &ge; {t:g} mm", f"{100 * frac:.1f} %"))
     p = figures["min_margin_point_lps"]
@@ -269,8 +293,9 @@ def report_html(result: MarginResult, info: dict, background: Image | None) -> s
             + "</table>"
         )
     overlays = "".join(
-        f'<img alt="{v[0]}" src="data:image/png;base64,{_overlay(result, background, v)}">' for v in VIEWS
+        f'<img alt="{v[0]}" src="data:image/png;base64,{_overlay(result, background, v, uncertainty)}">' for v in VIEWS
     )
+    legend = " Dotted white lines: expected registration error (mm)." if uncertainty is not None else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Ablation margin report</title>
 <style>body{{font-family:sans-serif;margin:2em}} th{{text-align:left;padding-right:1.5em}} img{{margin:4px}}</style>
@@ -278,7 +303,7 @@ def report_html(result: MarginResult, info: dict, background: Image | None) -> s
 <h1>Ablation margin report</h1>
 <p>Margins are signed distances (mm) from the warped tumour surface to the ablation-zone boundary:
 positive inside the zone, negative outside. Coordinates are LPS mm. Tumour contour: cyan; ablation
-zone: orange; minimal margin: magenta cross.</p>
+zone: orange; minimal margin: magenta cross.{legend}</p>
 <table>{table}</table>
 <h2>Overlays</h2>{overlays}
 <h2>Surface margins</h2><img alt="histogram" src="data:image/png;base64,{_histogram(result)}">
@@ -319,8 +344,13 @@ def run_margin(
     post_image_path: str | os.PathLike | None = None,
     tumour_label: int | None = None,
     ablation_label: int | None = None,
+    uncertainty_path: str | os.PathLike | None = None,
 ) -> dict:
     """Measure the margins and write the report folder; returns the content of margin.json.
+
+    With `uncertainty_path` (the registration's expected-error map, uncertainty.nii.gz) the minimal
+    margin gets a 5th-95th percentile interval and probabilities (uncertainty.margin_interval), and the
+    overlays show the expected error.
 
     `pre_image_path` (the CT the tumour was segmented on) and `post_image_path` (the CT of the
     ablation zone, also the overlays' background) are optional; when given, each mask must lie on
@@ -333,6 +363,8 @@ def run_margin(
     tumour = read_mask(tumour_path, pre, tumour_label, "tumour")
     ablation = read_mask(ablation_path, post, ablation_label, "ablation-zone")
     field = _read_transform(transform_path, ablation.geometry)
+    if uncertainty_path is not None and field is None:
+        raise IkrError("an uncertainty map needs the transform it belongs to (--transform)", uncertainty_path)
     names = (str(tumour_path), str(ablation_path), None if transform_path is None else str(transform_path))
     result = compute_margin(tumour, ablation, field, tuple(thresholds_mm), names)
     inputs = {
@@ -345,17 +377,26 @@ def run_margin(
     if post_image_path:
         inputs["post_image"] = Path(post_image_path).name
     info = {"inputs": inputs}
+    uncertainty = interval = None
+    if uncertainty_path is not None:
+        from .uncertainty import margin_interval
+
+        uncertainty = read_image(uncertainty_path)
+        interval = margin_interval(tumour, ablation, field, uncertainty)
+        interval.pop("sampled_min_margins_mm", None)
+        inputs["uncertainty"] = Path(uncertainty_path).name
     if include_phi:
         info["patient"] = _patient(pre, post)
     summary = {
         **result.figures(),
+        **(interval or {}),
         "software": "ImplicitKernelRegistration",
         "software_version": __version__,
         "coordinate_system": "LPS",
         **info,
         "files": OUTPUT_FILES,
     }
-    page = report_html(result, info, post)
+    page = report_html(result, info, post, uncertainty, interval)
     with atomic_directory(outdir) as tmp:
         write_text_atomic(tmp / OUTPUT_FILES["json"], json.dumps(summary, indent=2))
         write_text_atomic(tmp / OUTPUT_FILES["html"], page)

@@ -322,29 +322,34 @@ def _on_grid(mask: Image, geometry: Geometry) -> np.ndarray:
     return sitk.GetArrayFromImage(out) > 0
 
 
+def _distance_in_box(box: tuple[slice, ...], centre: np.ndarray, spacing_zyx: np.ndarray) -> np.ndarray:
+    """Distance in mm from voxel `centre` (z, y, x) to every voxel of the index box."""
+    axes = np.ogrid[box]
+    return np.sqrt(sum(((axis - c) * sp) ** 2 for axis, c, sp in zip(axes, centre, spacing_zyx, strict=True)))
+
+
 def suggest_clicks(
     expected_error: Image,
     n: int = 5,
     near_mask: Image | None = None,
-    min_distance_mm: float = 20.0,
+    min_distance_mm: float = 10.0,
     region: Image | None = None,
 ) -> np.ndarray:
     """Fixed-space points (k <= n, 3; LPS mm) where one clicked pair would remove the most expected error.
 
-    The score of a voxel is the expected error summed over a Gaussian neighbourhood of about the reach
-    of one pair (NEIGHBOURHOOD_MM), counting error outside `region` or the image as zero;
-    points are chosen greedily, each at least `min_distance_mm` from the others; with `near_mask`
-    (fixed space, any grid) only voxels within NEAR_MASK_MM of it, with `region` (e.g. the body) only
-    voxels inside it. An empty mask is an error.
+    Greedy: each point maximises the expected error it would remove, the error map weighted by the
+    reach of one pair (a Gaussian of about NEIGHBOURHOOD_MM), and the error it removes (Wendland
+    weight of refine.CORRECTION_RADIUS_MM around it) is taken off the map before the next point is
+    chosen, so later points go where error remains. Only error that matters counts: inside `region`
+    (e.g. the body) and, with `near_mask` (fixed space, any grid; e.g. the tumour), within
+    NEAR_MASK_MM of it, where the points also lie; points keep `min_distance_mm` apart. An empty
+    mask is an error.
     """
     g = expected_error.geometry
     spacing_zyx = np.asarray(g.spacing_mm)[::-1]
     allowed = np.isfinite(expected_error.array)
     if region is not None:
         allowed &= _on_grid(region, g)
-    # error outside the region or the image cannot be removed: it counts as zero in the neighbourhood
-    removable = np.where(allowed, expected_error.array.astype(np.float64), 0.0)
-    score = ndimage.gaussian_filter(removable, NEIGHBOURHOOD_MM / 2.0 / spacing_zyx, mode="constant")
     if near_mask is not None:
         if not np.any(near_mask.array > 0):
             raise IkrError("the tumour mask is empty: nothing to suggest clicks near", near_mask.meta.get("path"))
@@ -352,17 +357,25 @@ def suggest_clicks(
         if not inside.any():
             raise IkrError("the tumour mask lies outside the fixed image", near_mask.meta.get("path"))
         allowed &= ndimage.distance_transform_edt(~inside, sampling=spacing_zyx) <= NEAR_MASK_MM
-    score = np.where(allowed, score, -np.inf)
-    zz, yy, xx = np.indices(g.shape_zyx, sparse=True)
+    # error outside the region of interest or the image is not the user's concern: it counts as zero
+    remaining = np.where(allowed, expected_error.array.astype(np.float64), 0.0)
+    sigma_vox = NEIGHBOURHOOD_MM / 2.0 / spacing_zyx
+    reach_vox = np.ceil(CORRECTION_RADIUS_MM / spacing_zyx).astype(int)
+    blocked = ~allowed
     chosen = []
     for _ in range(int(n)):
+        score = ndimage.gaussian_filter(remaining, sigma_vox, mode="constant")
+        score[blocked] = -np.inf
         flat = int(np.argmax(score))
-        if not np.isfinite(score.flat[flat]):
+        if not np.isfinite(score.flat[flat]) or score.flat[flat] <= 0.0:
             break
-        iz, iy, ix = np.unravel_index(flat, score.shape)
-        chosen.append(g.index_to_lps(np.array([[ix, iy, iz]], dtype=np.float64))[0])
-        d2 = ((zz - iz) * spacing_zyx[0]) ** 2 + ((yy - iy) * spacing_zyx[1]) ** 2 + ((xx - ix) * spacing_zyx[2]) ** 2
-        score[d2 < min_distance_mm**2] = -np.inf
+        centre = np.array(np.unravel_index(flat, score.shape))
+        chosen.append(g.index_to_lps(centre[::-1].astype(np.float64)[None])[0])
+        lo, hi = np.maximum(centre - reach_vox, 0), np.minimum(centre + reach_vox + 1, score.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        dist = _distance_in_box(box, centre, spacing_zyx)
+        remaining[box] *= 1.0 - wendland(dist, CORRECTION_RADIUS_MM)
+        blocked[box] |= dist < min_distance_mm
     return np.array(chosen, dtype=np.float64).reshape(-1, 3)
 
 
