@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def _add_shifted(out: torch.Tensor, volume: torch.Tensor, dim: int, offset: int, weight: float) -> None:
@@ -68,14 +67,18 @@ def gaussian_smooth(volume: torch.Tensor, sigma: float | tuple[float, float, flo
 
 
 def max_filter(volume: torch.Tensor, radius: int) -> torch.Tensor:
-    """Maximum over a (2r+1)^3 cube around every voxel (separable; -inf outside)."""
-    k = 2 * radius + 1
-    for axis in range(3):
-        kernel = [1, 1, 1]
-        kernel[axis] = k
-        pad = [0, 0, 0]
-        pad[axis] = radius
-        volume = F.max_pool3d(volume, tuple(kernel), stride=1, padding=tuple(pad))
+    """Maximum over a (2r+1)^3 cube around every voxel (separable; voxels outside the volume are ignored).
+
+    Running maxima of shifted views, in place: an order of magnitude faster than max_pool3d on the CPU.
+    """
+    for dim in (2, 3, 4):
+        n = volume.shape[dim]
+        out = volume.clone()
+        for offset in range(1, min(radius, n - 1) + 1):
+            ahead, behind = out.narrow(dim, 0, n - offset), out.narrow(dim, offset, n - offset)
+            torch.maximum(ahead, volume.narrow(dim, offset, n - offset), out=ahead)
+            torch.maximum(behind, volume.narrow(dim, 0, n - offset), out=behind)
+        volume = out
     return volume
 
 
