@@ -790,7 +790,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
 
         try:
             error = self.updateExpectedError(parameterNode)
-            interval = margin_interval(tumour, ablation, self.session.field, error)
+            interval = margin_interval(tumour, ablation, self.session.field, error, point=self.marginResult)
         except IkrError as err:
             logging.warning("no margin interval: %s", err)
             return f"minimal margin 5-95 %: not available ({err.problem})"

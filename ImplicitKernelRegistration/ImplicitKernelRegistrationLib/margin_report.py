@@ -382,7 +382,7 @@ def run_margin(
         from .uncertainty import margin_interval
 
         uncertainty = read_image(uncertainty_path)
-        interval = margin_interval(tumour, ablation, field, uncertainty)
+        interval = margin_interval(tumour, ablation, field, uncertainty, point=result)
         interval.pop("sampled_min_margins_mm", None)
         inputs["uncertainty"] = Path(uncertainty_path).name
     if include_phi:

@@ -31,8 +31,9 @@ from .errors import IkrError
 from .fields import Field
 from .geometry import Geometry, Image
 from .io.atomic import write_text_atomic
-from .margin import compute_margin
+from .margin import MarginResult, compute_margin
 from .pipeline import RegistrationResult, voxels_to_mm
+from .preprocess import resample_to
 from .refine import CORRECTION_RADIUS_MM, RefinementSession, wendland
 from .resources import UNCERTAINTY_PARAMS, weights_file
 
@@ -317,9 +318,7 @@ def _on_grid(mask: Image, geometry: Geometry) -> np.ndarray:
     """A mask (> 0) resampled by nearest neighbour onto `geometry` (identity in LPS)."""
     if mask.geometry == geometry:
         return mask.array > 0
-    src = Image((mask.array > 0).astype(np.uint8), mask.geometry).to_sitk()
-    out = sitk.Resample(src, geometry.reference_image(), sitk.Transform(3, sitk.sitkIdentity), sitk.sitkNearestNeighbor)
-    return sitk.GetArrayFromImage(out) > 0
+    return resample_to(mask, geometry, default_value=0.0, interpolation="nearest").array > 0
 
 
 def _distance_in_box(box: tuple[slice, ...], centre: np.ndarray, spacing_zyx: np.ndarray) -> np.ndarray:
@@ -409,14 +408,17 @@ def margin_interval(
     expected_error: Image,
     n_samples: int = 20,
     seed: int = 0,
+    point: MarginResult | None = None,
 ) -> dict:
     """The minimal margin with a 5th-95th percentile interval over fields sampled from the uncertainty.
+
+    `point` is the margin already measured through `field` (margin.compute_margin), when the caller has it.
 
     Each sample adds to `field` a smooth Gaussian perturbation (correlation about CORRELATION_MM) whose
     length has, voxel by voxel, the expected error as its mean; the margin is measured by
     margin.compute_margin. Also P(min margin < 0 mm) and P(< 5 mm) over the samples.
     """
-    point = compute_margin(tumour_moving, ablation_fixed, field)
+    point = point or compute_margin(tumour_moving, ablation_fixed, field)
     g = field.geometry
     error = expected_error.array
     if expected_error.geometry != g:
