@@ -7,7 +7,6 @@ Torch is imported only inside the logic, after the requirement check, never at m
 
 import importlib.util
 import logging
-import os
 import pathlib
 from typing import Annotated
 
@@ -421,10 +420,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         moving = self.imageFromVolume(p.movingVolume)
         fixedMask = self.maskFromSegmentation(p.fixedMask, p.fixedVolume)
         movingMask = self.maskFromSegmentation(p.movingMask, p.movingVolume)
-        weights = slicer_bridge.find_weights(os.path.dirname(__file__))
-        config = RegistrationConfig(
-            spacing_mm=float(p.spacingMm), device=p.device, weights=str(weights) if weights else None
-        )
+        config = RegistrationConfig(spacing_mm=float(p.spacingMm), device=p.device)  # shipped weights: resources
         self.result = register(fixed, moving, config, fixedMask, movingMask, progress)
         self.fixedImage, self.movingImage = fixed, moving
         self.session = session_from_result(self.result, fixed)

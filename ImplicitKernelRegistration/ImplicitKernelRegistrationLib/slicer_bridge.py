@@ -26,7 +26,6 @@ from .errors import IkrError
 from .fields import Field
 from .geometry import Geometry, Image, lps_ras
 from .io.points import PointSet, read_points, write_points
-from .resources import KERNEL_WEIGHTS
 
 # ----------------------------------------------------------------------------- volumes
 
@@ -192,9 +191,3 @@ def margin_polydata_ras(points_lps: np.ndarray, triangles: np.ndarray, margins_m
     scalars.SetName("margin_mm")
     poly.GetPointData().SetScalars(scalars)
     return poly
-
-
-def find_weights(module_dir: str | os.PathLike) -> Path | None:
-    """The kernel weights shipped beside the Slicer module (Resources/weights/), or None to use the library's."""
-    path = Path(module_dir) / "Resources" / "weights" / KERNEL_WEIGHTS
-    return path if path.is_file() else None
