@@ -120,6 +120,7 @@ def test_phantom_synth_register_refine_margin_end_to_end(capsys, tmp_path):
     assert code == 0, stdout
     report = json.loads((out / "report.json").read_text())
     assert "refine_s" in report
+    assert report["quality"]["verdict"] == "ok"  # refine updates the verdict
     assert len(report["user_pairs"]) == 3
     assert all(p["residual_mm"] < 0.5 for p in report["user_pairs"])
     session = json.loads((out / "session.json").read_text())

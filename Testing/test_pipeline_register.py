@@ -101,11 +101,11 @@ def test_missing_weights_are_named(phantom_case, tmp_path):
         register(phantom_case.fixed, phantom_case.moving, config)
 
 
-def test_images_that_do_not_overlap_are_refused(phantom_case):
+def test_images_that_do_not_overlap_are_refused_without_alignment(phantom_case):
     from ImplicitKernelRegistrationLib.geometry import Geometry, Image
 
     g = phantom_case.moving.geometry
     far = Geometry(g.size, g.spacing_mm, tuple(o + 5000.0 for o in g.origin_lps), g.direction)
     moving = Image(phantom_case.moving.array, far, {"path": "far.nii.gz"})
     with pytest.raises(IkrError, match="overlap"):
-        register(phantom_case.fixed, moving, RegistrationConfig(kernel="gaussian", spacing_mm=3.0))
+        register(phantom_case.fixed, moving, RegistrationConfig(kernel="gaussian", spacing_mm=3.0, alignment="none"))

@@ -18,12 +18,14 @@ from . import __version__
 from .errors import IkrError
 
 if TYPE_CHECKING:
+    from .alignment import Alignment
     from .fields import Field
     from .geometry import Image
     from .pipeline import RegistrationConfig
     from .synth import SynthCase
 
 EXIT_BAD_INPUT = 2
+EXIT_QUALITY = 3  # --strict: the quality verdict is doubtful or failed
 EXIT_CANCELLED = 130
 
 Progress = Callable[[float, str], None]
@@ -116,6 +118,7 @@ def _registration_config(args: argparse.Namespace) -> RegistrationConfig:
 
     return RegistrationConfig(
         spacing_mm=args.spacing,
+        alignment=args.align,
         kernel=args.kernel,
         heads=args.heads,
         weights=args.weights,
@@ -137,22 +140,27 @@ def _run_registration(
     moving_mask: Image | None = None,
     landmarks: tuple | None = None,
     quiet: bool = False,
+    initial: Alignment | None = None,
 ) -> dict:
     """Register, evaluate and write every output; return the report."""
     from .fields import warp_image
     from .io.outputs import check_output_folder, write_registration
     from .pipeline import register
+    from .quality import assess
     from .report import field_quality, landmark_errors
     from .uncertainty import expected_error_map
 
     check_output_folder(outdir)
     with _ProgressBar("registering", enabled=not quiet) as progress:
-        result = register(fixed, moving, config, fixed_mask, moving_mask, progress)
+        result = register(fixed, moving, config, fixed_mask, moving_mask, progress, initial)
     report = dict(result.report)
     report.update(field_quality(result.field))
     if landmarks is not None:
         report.update(landmark_errors(result.field, *landmarks))
     report["inputs"] = inputs
+    report["quality"] = assess(
+        fixed, moving, result.field, result.correspondences, result.alignment, report.get("n_keypoints_consistent")
+    )
     start = time.perf_counter()
     uncertainty = expected_error_map(result)
     report["uncertainty_s"] = round(time.perf_counter() - start, 3)
@@ -161,6 +169,7 @@ def _run_registration(
         "inputs": inputs,
         "config": config.to_dict(),
         "working_geometry": result.working_geometry.to_dict(),
+        "alignment": result.alignment.to_dict(),
         "user": {"next_id": 1, "pairs": []},
     }
     write_registration(outdir, result.field, warped, result.correspondences, report, session, uncertainty)
@@ -179,6 +188,21 @@ def _print_summary(report: dict, outdir: Path) -> None:
         f" {report['n_keypoints']} keypoints"
     )
     print(f"outputs in {outdir}/")
+    _warn_quality(report)
+
+
+def _warn_quality(report: dict) -> None:
+    """A warning line on stderr when the quality verdict is doubtful or failed."""
+    quality = report.get("quality") or {}
+    if quality.get("verdict") in ("doubtful", "failed"):
+        reasons = "; ".join(quality.get("reasons", []))
+        print(f"ikr: warning: registration {quality['verdict']}: {reasons} (see report.json)", file=sys.stderr)
+
+
+def _strict_status(report: dict, strict: bool) -> int:
+    """Exit status 3 under --strict when the verdict is doubtful or failed, else 0."""
+    verdict = (report.get("quality") or {}).get("verdict", "ok")
+    return EXIT_QUALITY if strict and verdict != "ok" else 0
 
 
 def _read_landmark_pair(fixed_path: str | None, moving_path: str | None, fixed: Image, moving: Image) -> tuple | None:
@@ -208,6 +232,12 @@ def cmd_register(args: argparse.Namespace) -> int:
     if landmarks is not None:
         inputs["fixed_landmarks"] = str(Path(args.fixed_landmarks).resolve())
         inputs["moving_landmarks"] = str(Path(args.moving_landmarks).resolve())
+    initial = None
+    if args.initial:
+        from .alignment import read_initial_transform
+
+        initial = read_initial_transform(args.initial)
+        inputs["initial"] = str(Path(args.initial).resolve())
     outdir = Path(args.output)
     report = _run_registration(
         fixed,
@@ -219,9 +249,10 @@ def cmd_register(args: argparse.Namespace) -> int:
         moving_mask,
         landmarks,
         args.quiet,
+        initial,
     )
     _print_summary(report, outdir)
-    return 0
+    return _strict_status(report, args.strict)
 
 
 def _shared_data_root() -> Path:
@@ -285,6 +316,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     from .fields import warp_image
     from .io.images import read_image
     from .io.outputs import OUTPUT_FILES, read_correspondences_csv, read_session, write_registration, write_session
+    from .quality import assess
     from .refine import open_session
     from .report import field_quality
     from .uncertainty import expected_error_map
@@ -311,6 +343,9 @@ def cmd_refine(args: argparse.Namespace) -> int:
     report.update(field_quality(session.field))
     report.update({"refine_s": round(refine_s, 3), "session_open_s": round(opened_s, 3)})
     report["user_pairs"] = session.feedback()
+    report["quality"] = assess(
+        fixed, moving, session.field, automatic.concat(session.user_correspondences()), session.model.alignment
+    )
     if "fixed_landmarks" in saved["inputs"]:
         landmarks = _read_landmark_pair(
             saved["inputs"]["fixed_landmarks"], saved["inputs"]["moving_landmarks"], fixed, moving
@@ -324,7 +359,8 @@ def cmd_refine(args: argparse.Namespace) -> int:
         note = "; ".join(item["warnings"]) or "ok"
         print(f"pair {item['id']} ({item['label']}): residual {item['residual_mm']:.2f} mm, {note}")
     print(f"field rebuilt in {refine_s:.2f} s ({len(session.pairs)} user pairs); outputs in {outdir}/")
-    return 0
+    _warn_quality(report)
+    return _strict_status(report, args.strict)
 
 
 def _landmark_report(field: Field, landmarks: tuple) -> dict:
@@ -473,6 +509,12 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 def _add_registration_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by `register` and `demo`."""
     p.add_argument("--spacing", type=float, default=2.0, help="working grid spacing in mm (default 2)")
+    p.add_argument(
+        "--align",
+        default="affine",
+        choices=["affine", "rigid", "none"],
+        help="automatic initial alignment before the deformable stage (default: rigid, then affine)",
+    )
     p.add_argument("--kernel", default="learned", choices=["learned", "tps", "gaussian"])
     p.add_argument("--heads", default="both", choices=["both", "spatial", "semantic"])
     p.add_argument("--weights", default=None, help="learned kernel weights (default: the shipped ones)")
@@ -484,6 +526,7 @@ def _add_registration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--strict", action="store_true", help="exit with status 3 when the quality verdict is not ok")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -520,6 +563,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moving-mask")
     p.add_argument("--fixed-landmarks", help="landmarks in the fixed image (CSV, .mrk.json, .fcsv, DIR-Lab .txt)")
     p.add_argument("--moving-landmarks", help="the matching landmarks in the moving image, same order")
+    p.add_argument(
+        "--initial",
+        metavar="TRANSFORM",
+        help="start transform, fixed -> moving, ITK convention (.h5/.tfm/.txt; rigid or affine); "
+        "refined by --align unless --align none",
+    )
     _add_registration_flags(p)
     p.set_defaults(func=cmd_register)
 
@@ -528,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add", nargs="+", metavar="FILE", help="a pair CSV, or fixed and moving point files")
     p.add_argument("--match", default="order", choices=["order", "label"], help="how to pair two point files")
     p.add_argument("--remove", type=int, action="append", metavar="ID", help="remove the user pair with this id")
+    p.add_argument("--strict", action="store_true", help="exit with status 3 when the quality verdict is not ok")
     p.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("margin", help="minimal ablative margin and an HTML report")

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .alignment import Alignment
 from .features import points_to_grid, sample_features
 from .fields import Field
 from .geometry import Geometry
@@ -32,8 +33,10 @@ class DenseModel:
         control_step_vox: int = 3,
         k: int = 30,
         chunk: int = 16384,
+        alignment: Alignment | None = None,
     ) -> None:
         self.kernel = kernel
+        self.alignment = None if alignment is None or alignment.is_identity else alignment
         # TPS is fitted on every key at once: any change moves the whole field, so it is not local.
         self.local = not isinstance(kernel, TPSKernel)
         self.features = features
@@ -137,7 +140,28 @@ class DenseModel:
             self._separable_into(out, box, to_working, to_mm)
         else:
             self._sampled_into(out, box, to_working, to_mm)
+        if self.alignment is not None:
+            self._align_into(out, box)
         return out
+
+    def key_displacement_mm(self, fixed_lps: np.ndarray, moving_lps: np.ndarray) -> np.ndarray:
+        """The displacement (N, 3) in mm that a key at `fixed_lps` needs so that the field maps it to `moving_lps`."""
+        moving = np.asarray(moving_lps, dtype=np.float64)
+        aligned = moving if self.alignment is None else self.alignment.inverse_apply(moving)
+        return aligned - np.asarray(fixed_lps, dtype=np.float64)
+
+    def _align_into(self, out: Field, box: Box) -> None:
+        """Compose the alignment in a box of `out`: d(x) <- A(x + d(x)) - x = M d(x) + (M - I) x + t."""
+        (z0, z1), (y0, y1), (x0, x1) = box
+        target = out.geometry
+        matrix = self.alignment.matrix
+        shift = (matrix - np.eye(3)) @ target.index_to_lps_matrix()[:3, :3]
+        offset = (matrix - np.eye(3)) @ target.index_to_lps_matrix()[:3, 3] + self.alignment.translation
+        yy, xx = np.meshgrid(np.arange(y0, y1), np.arange(x0, x1), indexing="ij")
+        in_plane = xx[..., None] * shift[:, 0] + yy[..., None] * shift[:, 1] + offset  # (ny, nx, 3)
+        for z in range(z0, z1):
+            block = out.displacement_mm[z, y0:y1, x0:x1]
+            block[...] = (block @ matrix.T.astype(np.float32)) + (in_plane + z * shift[:, 2]).astype(np.float32)
 
     def _axis_weights(self, axis: int, lo: int, hi: int, scale: float, shift: float) -> torch.Tensor:
         """Linear-interpolation matrix (hi - lo, m) from the m control points of working axis `axis` (x=0)

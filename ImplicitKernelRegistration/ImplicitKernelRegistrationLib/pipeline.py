@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .alignment import ALIGN_MODES, Alignment, align
 from .correspondences import Correspondences
 from .dense import DenseModel
 from .errors import IkrError
@@ -27,7 +28,7 @@ from .geometry import Geometry, Image
 from .kernel import KernelConfig, make_kernel
 from .keypoints import forstner_keypoints
 from .matching import match_consistent, match_keypoints
-from .preprocess import make_working_pair
+from .preprocess import MOVING_VIEW_MARGIN_MM, make_working_pair
 from .resources import ENCODER_WEIGHTS, KERNEL_WEIGHTS, weights_file
 
 Progress = Callable[[float, str], None]
@@ -70,6 +71,7 @@ class RegistrationConfig:
     """Settings of one registration; every field is recorded in the report."""
 
     spacing_mm: float = 2.0
+    alignment: str = "affine"
     kernel: str = "learned"
     heads: str = "both"
     weights: str | None = None
@@ -108,6 +110,7 @@ class RegistrationResult:
     working_geometry: Geometry
     report: dict
     model: DenseModel
+    alignment: Alignment = field(default_factory=Alignment.identity)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -211,22 +214,35 @@ def register(
     fixed_mask: Image | None = None,
     moving_mask: Image | None = None,
     progress: Progress | None = None,
+    initial: Alignment | None = None,
 ) -> RegistrationResult:
     """Register `moving` to `fixed`: a Field on the fixed grid mapping fixed to moving points (LPS mm).
 
-    On a GPU that runs out of memory the registration is run again on the CPU, and the report says so.
+    First the initial alignment (`config.alignment`: affine, rigid or none; started from `initial`
+    when given), then the deformable hierarchy on the moving image seen through it; the field
+    includes the alignment. On a GPU that runs out of memory the registration is run again on the
+    CPU, and the report says so.
     """
     config = config or RegistrationConfig()
+    if config.alignment not in ALIGN_MODES:
+        raise IkrError(f"unknown alignment {config.alignment!r}; choose one of {', '.join(ALIGN_MODES)}")
     device = resolve_device(config.device)
+    start = time.perf_counter()
+    if progress is not None:
+        progress(0.0, "aligning (rigid, then affine)" if config.alignment != "none" else "starting")
+    aligned = align(fixed, moving, config.alignment, initial)
     try:
-        return _register_on(fixed, moving, config, device, fixed_mask, moving_mask, progress)
+        result = _register_on(fixed, moving, config, device, fixed_mask, moving_mask, progress, aligned.alignment)
     except torch.cuda.OutOfMemoryError:
         if device.type != "cuda":
             raise
         torch.cuda.empty_cache()
-        result = _register_on(fixed, moving, config, torch.device("cpu"), fixed_mask, moving_mask, progress)
+        cpu = torch.device("cpu")
+        result = _register_on(fixed, moving, config, cpu, fixed_mask, moving_mask, progress, aligned.alignment)
         result.report["device_note"] = "the GPU ran out of memory; this registration ran on the CPU"
-        return result
+    result.report["alignment"] = aligned.report
+    result.report["runtime_s"] = round(time.perf_counter() - start, 3)
+    return result
 
 
 def _register_on(
@@ -237,8 +253,9 @@ def _register_on(
     fixed_mask: Image | None,
     moving_mask: Image | None,
     progress: Progress | None,
+    alignment: Alignment,
 ) -> RegistrationResult:
-    """The registration on one device (see `register`)."""
+    """The deformable registration on one device, after the alignment (see `register`)."""
     report_progress = progress or (lambda fraction, message: None)
     start = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -246,7 +263,8 @@ def _register_on(
     extract = load_features(config, device)
 
     report_progress(0.0, "resampling onto the working grid")
-    pair = make_working_pair(fixed, moving, config.spacing_mm, device, fixed_mask, moving_mask)
+    start_transform = None if alignment.is_identity else alignment.to_sitk()
+    pair = make_working_pair(fixed, moving, config.spacing_mm, device, fixed_mask, moving_mask, start_transform)
     report_progress(0.05, "detecting keypoints")
     keypoints = forstner_keypoints(pair.fixed, pair.fixed_mask, config.max_keypoints, config.seed)
     if keypoints.shape[0] < 8:
@@ -290,16 +308,15 @@ def _register_on(
             if int(keep.sum()) < 8:
                 keep = torch.ones_like(keep)
         report_progress(0.9, "reconstructing the dense field")
-        model = DenseModel(kernel, kernel_features, pair.geometry, config.control_step_vox)
+        model = DenseModel(kernel, kernel_features, pair.geometry, config.control_step_vox, alignment=alignment)
         model.set_keys(keypoints[keep], total[keep], confidence[keep])
         report_progress(0.95, "sampling the field onto the fixed grid")
         field_fixed = model.field_on(fixed.geometry)
 
-    kp = keypoints.cpu().numpy().astype(np.float64)
+    fixed_points = pair.geometry.index_to_lps(keypoints.cpu().numpy().astype(np.float64))
+    moving_points = alignment.apply(fixed_points + voxels_to_mm(total.cpu().numpy(), pair.geometry))
     correspondences = Correspondences(
-        pair.geometry.index_to_lps(kp),
-        voxels_to_mm(total.cpu().numpy(), pair.geometry),
-        (confidence * keep.float()).cpu().numpy(),
+        fixed_points, moving_points - fixed_points, (confidence * keep.float()).cpu().numpy()
     )
     report = {
         "runtime_s": round(time.perf_counter() - start, 3),
@@ -308,8 +325,14 @@ def _register_on(
         "n_keypoints": int(keypoints.shape[0]),
         "n_keypoints_consistent": int(keep.sum()),
         "working_spacing_mm": config.spacing_mm,
+        "masks": {
+            "keypoints": "the given fixed mask" if fixed_mask is not None else "automatic body mask of the fixed image",
+            "moving": "the given moving mask" if moving_mask is not None else "none",
+            "moving_field_of_view": f"keys kept {MOVING_VIEW_MARGIN_MM:g} mm inside the moving image (after alignment)",
+            "alignment_metric": "automatic body mask of the fixed image",
+        },
         "working_size": list(pair.geometry.size),
         "config": config.to_dict(),
     }
     report_progress(1.0, "done")
-    return RegistrationResult(field_fixed, correspondences, pair.geometry, report, model)
+    return RegistrationResult(field_fixed, correspondences, pair.geometry, report, model, alignment)

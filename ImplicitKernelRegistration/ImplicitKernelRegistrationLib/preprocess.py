@@ -22,6 +22,7 @@ from .geometry import Geometry, Image
 MIN_SPACING_MM = 0.1
 MAX_SPACING_MM = 20.0
 BODY_THRESHOLD_HU = -500.0
+MOVING_VIEW_MARGIN_MM = 6.0  # keypoints keep this far inside the moving image's (aligned) field of view
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
 
 
@@ -60,9 +61,14 @@ def _antialias(image: sitk.Image, target_spacing: tuple[float, ...]) -> sitk.Ima
 
 
 def resample_to(
-    image: Image, geometry: Geometry, default_value: float = -1024.0, interpolation: str = "linear"
+    image: Image,
+    geometry: Geometry,
+    default_value: float = -1024.0,
+    interpolation: str = "linear",
+    transform: sitk.Transform | None = None,
 ) -> Image:
-    """Resample `image` onto `geometry` (identity transform); linear output is float32, antialiased."""
+    """Resample `image` onto `geometry` through `transform` (grid point -> image point; identity by
+    default); linear output is float32, antialiased."""
     if interpolation not in _INTERPOLATORS:
         raise IkrError(f"unknown interpolation {interpolation!r}; choose one of {sorted(_INTERPOLATORS)}")
     src = image.to_sitk()
@@ -73,12 +79,25 @@ def resample_to(
     out = sitk.Resample(
         src,
         geometry.reference_image(),
-        sitk.Transform(),
+        transform if transform is not None else sitk.Transform(),
         _INTERPOLATORS[interpolation],
         float(default_value),
         pixel_type,
     )
     return Image(sitk.GetArrayFromImage(out), geometry, dict(image.meta))
+
+
+def block_factors(geometry: Geometry, spacing_mm: float) -> list[int]:
+    """Whole-voxel block sizes (x, y, z) that bring a grid's spacing to about `spacing_mm`."""
+    return [max(1, round(spacing_mm / s)) for s in geometry.spacing_mm]
+
+
+def block_average(image: Image, spacing_mm: float) -> Image:
+    """The image averaged over blocks of whole voxels (SimpleITK's BinShrink) to about `spacing_mm` per axis:
+    a fast, alias-free coarse copy on a grid of its own (float32)."""
+    factors = block_factors(image.geometry, spacing_mm)
+    src = sitk.Cast(image.to_sitk(), sitk.sitkFloat32)
+    return Image.from_sitk(sitk.BinShrink(src, factors) if max(factors) > 1 else src, dict(image.meta))
 
 
 def normalise_ct(array: np.ndarray, window_hu: tuple[float, float] = (-1000.0, 1000.0)) -> np.ndarray:
@@ -185,19 +204,46 @@ class WorkingPair:
 
 
 def _working_mask(
-    hu: Image, mask: Image | None, geometry: Geometry, device: torch.device | str, name: str
+    hu: Image,
+    mask: Image | None,
+    geometry: Geometry,
+    device: torch.device | str,
+    name: str,
+    transform: sitk.Transform | None = None,
 ) -> torch.Tensor:
-    """A bool mask tensor on the working grid: the given mask resampled, or the body mask of `hu`."""
+    """A bool mask tensor on the working grid: the given mask resampled (through `transform`), or the body
+    mask of `hu`."""
     if mask is None:
         arr = body_mask(hu)
         problem = "the automatic body mask is empty (no voxel above -500 HU on the working grid)"
     else:
-        arr = resample_to(mask, geometry, default_value=0.0, interpolation="nearest").array > 0
+        arr = resample_to(mask, geometry, 0.0, "nearest", transform).array > 0
         name = _name(mask, name + " mask")
         problem = "the mask is empty on the working grid (no foreground voxel inside the fixed image's extent)"
     if not np.any(arr):
         raise IkrError(problem, name)
     return torch.from_numpy(np.ascontiguousarray(arr)).to(device)[None, None]
+
+
+def moving_view(working: Geometry, moving: Geometry, transform: sitk.Transform | None, margin_mm: float) -> np.ndarray:
+    """Bool (z, y, x) on the working grid: where the moving image (seen through `transform`) has data,
+    at least `margin_mm` inside its edge (a cut field of view gives no matches beyond it)."""
+    probe = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float64)
+    points = working.index_to_lps(probe)
+    if transform is not None:
+        points = np.array([transform.TransformPoint(p.tolist()) for p in points])
+    moving_index = moving.lps_to_index(points)
+    offset, steps = moving_index[0], moving_index[1:] - moving_index[0]  # moving index = offset + i @ steps
+    margin = margin_mm / np.asarray(moving.spacing_mm)
+    lo, hi = margin - 0.5, np.asarray(moving.size) - 0.5 - margin
+    nz, ny, nx = working.shape_zyx
+    yy, xx = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
+    in_plane = offset + xx[..., None] * steps[0] + yy[..., None] * steps[1]
+    out = np.empty((nz, ny, nx), dtype=bool)
+    for z in range(nz):
+        index = in_plane + z * steps[2]
+        out[z] = np.all((index >= lo) & (index <= hi), axis=-1)
+    return out
 
 
 def make_working_pair(
@@ -207,20 +253,32 @@ def make_working_pair(
     device: torch.device | str = "cpu",
     fixed_mask: Image | None = None,
     moving_mask: Image | None = None,
+    alignment: sitk.Transform | None = None,
 ) -> WorkingPair:
-    """Check the pair, resample both onto the working grid, normalise HU, build masks (body mask by default)."""
+    """Check the pair, resample both onto the working grid, normalise HU, build masks (body mask by default).
+
+    `alignment` (fixed -> moving, e.g. the automatic rigid/affine start) is applied to the moving
+    image (and its mask) as it is resampled; without it the two must overlap physically.
+    """
     geometry = working_geometry(fixed.geometry, spacing_mm)
     check_looks_like_ct(fixed, _name(fixed, "fixed image"))
     check_looks_like_ct(moving, _name(moving, "moving image"))
-    check_overlap(fixed, moving)
+    if alignment is None:
+        check_overlap(fixed, moving)
     fixed_hu = resample_to(fixed, geometry)
-    moving_hu = resample_to(moving, geometry)
+    moving_hu = resample_to(moving, geometry, transform=alignment)
+    keys_mask = _working_mask(fixed_hu, fixed_mask, geometry, device, _name(fixed, "fixed image"))
+    view = moving_view(geometry, moving.geometry, alignment, MOVING_VIEW_MARGIN_MM)
+    if not view.all():
+        keys_mask = keys_mask & torch.from_numpy(view).to(device)[None, None]
+        if not bool(keys_mask.any()):
+            raise IkrError("the moving image does not cover the fixed image's body", _name(moving, "moving image"))
     return WorkingPair(
         geometry=geometry,
         fixed=to_tensor(normalise_ct(fixed_hu.array), device),
         moving=to_tensor(normalise_ct(moving_hu.array), device),
-        fixed_mask=_working_mask(fixed_hu, fixed_mask, geometry, device, _name(fixed, "fixed image")),
+        fixed_mask=keys_mask,
         moving_mask=None
         if moving_mask is None
-        else _working_mask(moving_hu, moving_mask, geometry, device, _name(moving, "moving image")),
+        else _working_mask(moving_hu, moving_mask, geometry, device, _name(moving, "moving image"), alignment),
     )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .alignment import Alignment
 from .correspondences import USER, Correspondences
 from .dense import EMPTY_BOX, Box, DenseModel, box_slices, full_box, index_box, union_box
 from .errors import IkrError
@@ -205,7 +206,8 @@ class RefinementSession:
             diff = np.linalg.norm(self.automatic.displacement_mm[near] - d, axis=1)
             conf[near] *= np.exp(-0.5 * (diff / CONTRADICTION_TOLERANCE_MM) ** 2)
         fixed = np.concatenate([self.automatic.fixed_lps, user.fixed_lps])
-        disp = np.concatenate([self.automatic.displacement_mm, user.displacement_mm])
+        moving = np.concatenate([self.automatic.moving_lps, user.moving_lps])
+        disp = self.model.key_displacement_mm(fixed, moving)  # in the aligned space of the keys
         conf = np.concatenate([np.maximum(conf, 1e-6), np.full(len(user), USER_CONFIDENCE)])
         dev = self.model.device
         return (
@@ -309,10 +311,14 @@ def open_session(fixed: Image, saved: dict, automatic: Correspondences) -> Refin
         next_id = int(saved.get("user", {}).get("next_id", 1))
     except (KeyError, TypeError, ValueError) as err:
         raise IkrError(f"the saved session is incomplete or from an incompatible version ({err})") from err
+    try:
+        alignment = Alignment.from_dict(saved["alignment"]) if saved.get("alignment") else None
+    except (KeyError, TypeError, ValueError) as err:
+        raise IkrError(f"the saved session's alignment is unreadable ({err})") from err
     device = resolve_device(config.device)
     kernel = load_kernel(config, device)
     features = mind_ssc(to_tensor(normalise_ct(resample_to(fixed, working).array), device))
-    model = DenseModel(kernel, features, working, config.control_step_vox)
+    model = DenseModel(kernel, features, working, config.control_step_vox, alignment=alignment)
     session = RefinementSession(model, fixed.geometry, automatic, pairs)
     session.next_id = max(session.next_id, next_id)
     return session
