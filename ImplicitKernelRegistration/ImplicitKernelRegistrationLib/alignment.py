@@ -6,10 +6,14 @@ its coarsest. This stage finds an affine map A (fixed LPS -> moving LPS, ITK's c
 direction of the displacement field) with SimpleITK's registration framework, on both images
 downsampled to a coarse isotropic grid:
 
-1. a start: the translation between the body masks' centres (or the user's transform);
-2. rigid (Euler3D), Mattes mutual information inside the fixed body, from a few start rotations
-   about the long axis; the best metric wins;
-3. affine from the rigid result.
+1. a start: the translation between the body masks' centres, turned about the long axis and shifted
+   along it over a grid of starts (a cut field of view moves the centre), each scored on a 12 mm
+   copy; or the user's transform;
+2. rigid (Euler3D) from the best three starts on the 12 mm copy, the best again on a 6 mm copy;
+3. affine (or rigid) on a 3 mm copy, kept when it improves the metric there.
+
+Every stage uses Mattes mutual information inside the fixed body (robust to contrast change) on
+block-averaged copies of the images.
 
 The deformable hierarchy then registers the fixed image to the moving image seen through A, and the
 final field is A(x + u(x)) - x: `displacement.nii.gz` and `transform.h5` include the alignment.
@@ -29,18 +33,16 @@ from .geometry import Geometry, Image
 from .preprocess import block_average, body_mask
 
 ALIGN_MODES = ("affine", "rigid", "none")
-ALIGN_SPACING_MM = 5.0  # the coarse grid: the body's outline and organs, 0.5 s per stage on the thorax
+FINE_SPACING_MM = 3.0  # the pyramid: the last stage (rigid or affine) runs on a 3 mm grid,
+ALIGN_SPACING_MM = 6.0  # the rigid refinement on 6 mm,
+SEARCH_SPACING_MM = 12.0  # and the search over starts on 12 mm
 START_ANGLES_DEG = (-20.0, -10.0, 0.0, 10.0, 20.0)  # start rotations about the long (z) axis
-SEARCH_SPACING_MM = 10.0
-FINE_SPACING_MM = 3.0  # the last stage (rigid or affine) runs on this grid  # the grid of the start search
-SEARCH_Z_FRACTION = 0.3  # start shifts along z reach +-40 % of the fixed body's length
+SEARCH_Z_FRACTION = 0.3  # start shifts along z reach +-30 % of the fixed body's length
 SEARCH_STEP_MM = 15.0
-N_REFINED_STARTS = 3
-_HU_WINDOW = (-1000.0, 1000.0)
-METRIC_SAMPLES = 50_000  # voxels of the fixed body the metric samples (a regular subset) at each grid
+N_REFINED_STARTS = 3  # the best starts that are optimised on the search grid
 ITERATIONS = 40
 FINE_ITERATIONS = 80
-HISTOGRAM_BINS = 64
+_HU_WINDOW = (-1000.0, 1000.0)
 _LINEARITY_TOLERANCE_MM = 1e-3
 
 
@@ -143,20 +145,42 @@ def read_initial_transform(path: str) -> Alignment:
     return Alignment.from_sitk(transform, where=path)
 
 
-def _coarse(image: sitk.Image, spacing_mm: float) -> tuple[sitk.Image, sitk.Image]:
-    """The image block-averaged to about `spacing_mm` (HU clipped, float32) and its body mask (uint8)."""
-    shrunk = block_average(Image.from_sitk(image), spacing_mm)
-    mask = body_mask(shrunk).astype(np.uint8)
-    clipped = shrunk.with_array(np.clip(shrunk.array, *_HU_WINDOW))
-    return clipped.to_sitk(), Image(mask, shrunk.geometry).to_sitk()
+def _to_sitk(image: Image) -> sitk.Image:
+    """HU clipped to the window, as a float32 SimpleITK image."""
+    return image.with_array(np.clip(image.array, *_HU_WINDOW).astype(np.float32)).to_sitk()
 
 
-def _sampling(fixed_mask: sitk.Image) -> float:
-    """The fraction of the whole grid to sample so that about METRIC_SAMPLES body voxels are used."""
+def _level(image: Image, mask: np.ndarray | None, spacing_mm: float) -> tuple[Image, np.ndarray | None]:
+    """A coarser level: the image block-averaged to about `spacing_mm`, and its mask (block majority)."""
+    coarse = block_average(image, spacing_mm)
+    if mask is None:
+        return coarse, None
+    coarse_mask = block_average(Image(mask.astype(np.float32), image.geometry), spacing_mm).array > 0.5
+    return coarse, coarse_mask
+
+
+@dataclass
+class _Pair:
+    """Fixed and moving at one level of the alignment pyramid, the fixed body mask, the metric's settings."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    fixed_mask: sitk.Image
+    bins: int
+    samples: int
+
+
+def _pair(fixed: Image, mask: np.ndarray, moving: Image, bins: int, samples: int) -> _Pair:
+    """One level of the pyramid as SimpleITK images."""
+    mask_image = Image(mask.astype(np.uint8), fixed.geometry).to_sitk()
+    return _Pair(_to_sitk(fixed), _to_sitk(moving), mask_image, bins, samples)
+
+
+def _sampling(fixed_mask: sitk.Image, samples: int) -> float:
+    """The fraction of the whole grid to sample so that about `samples` body voxels are used."""
     stats = sitk.StatisticsImageFilter()
     stats.Execute(fixed_mask)
-    body = max(1.0, stats.GetSum())
-    return float(min(1.0, METRIC_SAMPLES / body))
+    return float(min(1.0, samples / max(1.0, stats.GetSum())))
 
 
 def _mask_centre(mask: sitk.Image) -> np.ndarray:
@@ -169,69 +193,50 @@ def _mask_centre(mask: sitk.Image) -> np.ndarray:
     return geometry.index_to_lps((np.asarray(geometry.size, float) - 1)[None] / 2)[0]
 
 
-def _method(
-    fixed_mask: sitk.Image, iterations: int, shrink: tuple[int, ...], learning_rate: float = 4.0
-) -> sitk.ImageRegistrationMethod:
-    """Mattes MI inside the fixed body, regular-step gradient descent with physical-shift scales."""
+def _method(level: _Pair, iterations: int = 0, learning_rate: float = 4.0) -> sitk.ImageRegistrationMethod:
+    """Mattes MI inside the fixed body; regular-step gradient descent with physical-shift scales."""
     method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=HISTOGRAM_BINS)
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=level.bins)
     method.SetMetricSamplingStrategy(method.REGULAR)
-    method.SetMetricSamplingPercentage(_sampling(fixed_mask), seed=1)
-    method.SetMetricFixedMask(fixed_mask)
+    method.SetMetricSamplingPercentage(_sampling(level.fixed_mask, level.samples), seed=1)
+    method.SetMetricFixedMask(level.fixed_mask)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=learning_rate,
-        minStep=0.02,
-        numberOfIterations=iterations,
-        relaxationFactor=0.6,
-        gradientMagnitudeTolerance=1e-6,
-    )
-    method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel(list(shrink))
-    method.SetSmoothingSigmasPerLevel([0.5 * (f - 1) for f in shrink])
-    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    if iterations:
+        method.SetOptimizerAsRegularStepGradientDescent(
+            learningRate=learning_rate,
+            minStep=0.02,
+            numberOfIterations=iterations,
+            relaxationFactor=0.6,
+            gradientMagnitudeTolerance=1e-6,
+        )
+        method.SetOptimizerScalesFromPhysicalShift()
     return method
 
 
-def _metric(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, transform: sitk.Transform) -> float:
+def _metric(level: _Pair, transform: sitk.Transform) -> float:
     """Mattes MI (negative: lower is better) of the pair under `transform`, on the fixed body."""
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=HISTOGRAM_BINS)
-    method.SetMetricSamplingStrategy(method.REGULAR)
-    method.SetMetricSamplingPercentage(_sampling(fixed_mask), seed=1)
-    method.SetMetricFixedMask(fixed_mask)
-    method.SetInterpolator(sitk.sitkLinear)
+    method = _method(level)
     method.SetInitialTransform(transform, inPlace=False)
-    return float(method.MetricEvaluate(fixed, moving))
+    return float(method.MetricEvaluate(level.fixed, level.moving))
 
 
-def _rigid_from(
-    fixed: sitk.Image,
-    moving: sitk.Image,
-    fixed_mask: sitk.Image,
-    centre: np.ndarray,
-    start: Alignment,
-    angle: float,
-    shrink: tuple[int, ...],
-) -> tuple[sitk.Euler3DTransform, float]:
-    """Rigid registration from `start` turned by `angle` degrees about z at `centre`; (transform, metric)."""
+def _optimise(level: _Pair, transform: sitk.Transform, iterations: int, learning_rate: float) -> float:
+    """Optimise `transform` in place on one level; the final metric."""
+    method = _method(level, iterations, learning_rate)
+    method.SetInitialTransform(transform, inPlace=True)
+    method.Execute(level.fixed, level.moving)
+    return _metric(level, transform)
+
+
+def _rigid(centre: np.ndarray, start: Alignment) -> sitk.Euler3DTransform:
+    """The rigid transform about `centre` closest to `start` (its rotation part and its shift of `centre`)."""
+    u, _, vt = np.linalg.svd(start.matrix)
+    rotation = u @ np.diag([1.0, 1.0, float(np.sign(np.linalg.det(u @ vt)))]) @ vt
     rigid = sitk.Euler3DTransform()
     rigid.SetCenter(centre.tolist())
-    turn = sitk.Euler3DTransform()
-    turn.SetCenter(centre.tolist())
-    turn.SetRotation(0.0, 0.0, math.radians(angle))
-    begin = Alignment.from_sitk(sitk.CompositeTransform([start.to_sitk(), turn]))
-    # start = begin, written as a rotation about `centre` plus a translation (rigid part only)
-    u, _, vt = np.linalg.svd(begin.matrix)
-    rotation = u @ vt
-    if np.linalg.det(rotation) < 0:
-        rotation = u @ np.diag([1, 1, -1]) @ vt
     rigid.SetMatrix(rotation.reshape(-1).tolist())
-    rigid.SetTranslation((begin.apply(centre) - centre).tolist())
-    method = _method(fixed_mask, ITERATIONS, shrink)
-    method.SetInitialTransform(rigid, inPlace=True)
-    method.Execute(fixed, moving)
-    return rigid, float(method.GetMetricValue())
+    rigid.SetTranslation((start.apply(centre) - centre).tolist())
+    return rigid
 
 
 def _start_candidates(centre: np.ndarray, start: Alignment, extent_z_mm: float) -> list[Alignment]:
@@ -253,7 +258,6 @@ def align(
     moving: Image,
     mode: str = "affine",
     initial: Alignment | None = None,
-    spacing_mm: float = ALIGN_SPACING_MM,
 ) -> AlignmentResult:
     """Find the affine (or rigid) map fixed -> moving; `mode="none"` keeps `initial` (or the identity)."""
     if mode not in ALIGN_MODES:
@@ -264,56 +268,49 @@ def align(
         return AlignmentResult(
             alignment, {"mode": "none", "initial": initial is not None, **_summary(alignment, fixed)}
         )
-    fixed_c, fixed_mask = _coarse(fixed.to_sitk(), spacing_mm)
-    moving_c, moving_mask = _coarse(moving.to_sitk(), spacing_mm)
-    fixed_s, fixed_mask_s = _coarse(fixed_c, SEARCH_SPACING_MM)
-    moving_s, _ = _coarse(moving_c, SEARCH_SPACING_MM)
-    fixed_centre = _mask_centre(fixed_mask)
+    fixed_f, moving_f = block_average(fixed, FINE_SPACING_MM), block_average(moving, FINE_SPACING_MM)
+    mask_f = body_mask(fixed_f)
+    fixed_m, mask_m = _level(fixed_f, mask_f, ALIGN_SPACING_MM)
+    fixed_s, mask_s = _level(fixed_f, mask_f, SEARCH_SPACING_MM)
+    moving_m, moving_s = _level(moving_f, None, ALIGN_SPACING_MM)[0], _level(moving_f, None, SEARCH_SPACING_MM)[0]
+    fine = _pair(fixed_f, mask_f, moving_f, bins=64, samples=40_000)
+    mid = _pair(fixed_m, mask_m, moving_m, bins=32, samples=30_000)
+    search = _pair(fixed_s, mask_s, moving_s, bins=32, samples=20_000)
+    fixed_centre = _mask_centre(mid.fixed_mask)
     user_start = initial is not None
     if initial is None:
-        initial = Alignment(np.eye(3), _mask_centre(moving_mask) - fixed_centre)
-    metric_start = _metric(fixed_c, moving_c, fixed_mask, initial.to_sitk())
-    # 1. a coarse search over start rotations and shifts along the body's long axis (cut fields of view)
-    extent_z = float(np.ptp(Geometry.from_sitk(fixed_mask).corners_lps()[:, 2]))
+        moving_body = Image(body_mask(moving_m).astype(np.uint8), moving_m.geometry).to_sitk()
+        initial = Alignment(np.eye(3), _mask_centre(moving_body) - fixed_centre)
+    metric_start = _metric(mid, initial.to_sitk())
+    # 1. a search over start rotations and shifts along the body's long axis (for cut fields of view)
+    extent_z = float(np.ptp(fixed_m.geometry.corners_lps()[:, 2]))
     candidates = [initial] if user_start else _start_candidates(fixed_centre, initial, extent_z)
-    scored = sorted(
-        ((_metric(fixed_s, moving_s, fixed_mask_s, c.to_sitk()), i) for i, c in enumerate(candidates)),
-        key=lambda item: item[0],
-    )
-    # 2. rigid from the best few starts on the search grid, then on the alignment grid
-    best: tuple[sitk.Euler3DTransform, float] | None = None
+    scored = sorted((_metric(search, c.to_sitk()), i) for i, c in enumerate(candidates))
+    # 2. rigid from the best few starts on the search grid; the best of them again on the middle grid
+    best: tuple[float, sitk.Euler3DTransform] | None = None
     for _, i in scored[:N_REFINED_STARTS]:
-        candidate = _rigid_from(fixed_s, moving_s, fixed_mask_s, fixed_centre, candidates[i], 0.0, (1,))
-        if best is None or candidate[1] < best[1]:
-            best = candidate
+        rigid = _rigid(fixed_centre, candidates[i])
+        value = _optimise(search, rigid, ITERATIONS, 4.0)
+        if best is None or value < best[0]:
+            best = (value, rigid)
     assert best is not None
-    t_starts = time.perf_counter() - start_time
-    rigid, metric_rigid = _rigid_from(
-        fixed_c, moving_c, fixed_mask, fixed_centre, Alignment.from_sitk(best[0]), 0.0, (1,)
-    )
+    rigid = best[1]
+    _optimise(mid, rigid, ITERATIONS, 2.0)
     # 3. the chosen model (rigid or affine) on the fine grid, kept when it improves the metric there
-    fixed_f, fixed_mask_f = _coarse(fixed.to_sitk(), FINE_SPACING_MM)
-    moving_f, _ = _coarse(moving.to_sitk(), FINE_SPACING_MM)
-    result = Alignment.from_sitk(rigid)
-    metric_final = _metric(fixed_f, moving_f, fixed_mask_f, rigid)
+    result, metric_final = Alignment.from_sitk(rigid), _metric(fine, rigid)
     final = sitk.AffineTransform(3) if mode == "affine" else sitk.Euler3DTransform()
     final.SetCenter(fixed_centre.tolist())
     final.SetMatrix(rigid.GetMatrix())
     final.SetTranslation(rigid.GetTranslation())
-    method = _method(fixed_mask_f, FINE_ITERATIONS, (1,), learning_rate=1.0)
-    method.SetInitialTransform(final, inPlace=True)
-    method.Execute(fixed_f, moving_f)
-    metric_fine = _metric(fixed_f, moving_f, fixed_mask_f, final)
+    metric_fine = _optimise(fine, final, FINE_ITERATIONS, 1.0)
     if metric_fine <= metric_final:
         result, metric_final = Alignment.from_sitk(final), metric_fine
     report = {
         "mode": mode,
         "initial": "user" if user_start else "body centres",
-        "spacing_mm": spacing_mm,
-        "mattes_mi_start": round(metric_start, 4),
-        "mattes_mi_final_fine_grid": round(metric_final, 4),
+        "mattes_mi_start_6mm": round(metric_start, 4),
+        "mattes_mi_final_3mm": round(metric_final, 4),
         "align_s": round(time.perf_counter() - start_time, 3),
-        "starts_s": round(t_starts, 3),
         **_summary(result, fixed),
     }
     return AlignmentResult(result, report)

@@ -227,7 +227,8 @@ def _working_mask(
 
 def moving_view(working: Geometry, moving: Geometry, transform: sitk.Transform | None, margin_mm: float) -> np.ndarray:
     """Bool (z, y, x) on the working grid: where the moving image (seen through `transform`) has data,
-    at least `margin_mm` inside its edge (a cut field of view gives no matches beyond it)."""
+    at least `margin_mm` inside its edge (a cut field of view gives no matches beyond it). Near the
+    working grid's own edge the margin is waived: two images on one grid keep every key."""
     probe = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float64)
     points = working.index_to_lps(probe)
     if transform is not None:
@@ -236,13 +237,18 @@ def moving_view(working: Geometry, moving: Geometry, transform: sitk.Transform |
     offset, steps = moving_index[0], moving_index[1:] - moving_index[0]  # moving index = offset + i @ steps
     margin = margin_mm / np.asarray(moving.spacing_mm)
     lo, hi = margin - 0.5, np.asarray(moving.size) - 0.5 - margin
+    edge = margin_mm / np.asarray(working.spacing_mm)
     nz, ny, nx = working.shape_zyx
     yy, xx = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
     in_plane = offset + xx[..., None] * steps[0] + yy[..., None] * steps[1]
+    near_edge_xy = (np.minimum(xx, nx - 1 - xx) < edge[0]) | (np.minimum(yy, ny - 1 - yy) < edge[1])
     out = np.empty((nz, ny, nx), dtype=bool)
     for z in range(nz):
         index = in_plane + z * steps[2]
-        out[z] = np.all((index >= lo) & (index <= hi), axis=-1)
+        has_data = np.all((index >= -0.5) & (index <= np.asarray(moving.size) - 0.5), axis=-1)
+        well_inside = np.all((index >= lo) & (index <= hi), axis=-1)
+        near_edge = near_edge_xy | (min(z, nz - 1 - z) < edge[2])
+        out[z] = has_data & (well_inside | near_edge)
     return out
 
 
