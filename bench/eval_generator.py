@@ -99,7 +99,7 @@ def exponentiate(velocity: Field, steps: int = SQUARING_STEPS) -> Field:
     return u
 
 
-def _field_transform(field: Field) -> sitk.DisplacementFieldTransform:
+def displacement_transform(field: Field) -> sitk.DisplacementFieldTransform:
     """A SimpleITK displacement transform of a field (linear interpolation, zero beyond its grid)."""
     return field.to_sitk_transform()
 
@@ -108,7 +108,7 @@ def _field_transform(field: Field) -> sitk.DisplacementFieldTransform:
 
 
 @dataclass
-class _Anatomy:
+class Anatomy:
     """What the velocity builders see on the working grid: points, HU, body mask and its smoothed weight."""
 
     geometry: Geometry
@@ -118,7 +118,7 @@ class _Anatomy:
     weight: np.ndarray
 
 
-def _anatomy(ct: Image) -> _Anatomy:
+def anatomy(ct: Image) -> Anatomy:
     """The CT on the working grid, its body mask and a smooth weight that fades in air."""
     grid = working_geometry(ct.geometry)
     coarse = resample_image(ct, grid)
@@ -127,7 +127,7 @@ def _anatomy(ct: Image) -> _Anatomy:
         raise IkrError("no body found in the CT (nothing above -500 HU)")
     weight = ndimage.gaussian_filter(body.astype(np.float32), 12.0 / grid.spacing_mm[0], mode="nearest")
     weight /= max(float(weight[body].max()), 1e-6)
-    return _Anatomy(grid, grid.grid_points_lps(), coarse.array, body, np.clip(weight, 0.0, 1.0))
+    return Anatomy(grid, grid.grid_points_lps(), coarse.array, body, np.clip(weight, 0.0, 1.0))
 
 
 def _scaled(v: np.ndarray, body: np.ndarray, mean_mm: float) -> np.ndarray:
@@ -136,7 +136,7 @@ def _scaled(v: np.ndarray, body: np.ndarray, mean_mm: float) -> np.ndarray:
     return (v * (mean_mm / max(norm, 1e-9))).astype(np.float32)
 
 
-def _breathing(a: _Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+def _breathing(a: Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     """Inferior motion with a raised-cosine z profile, anterior and lateral expansion, fading in air."""
     z = a.points[..., 2]
     zb = z[a.body]
@@ -157,7 +157,7 @@ def _breathing(a: _Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, dict]
     return _scaled(v, a.body, mean), {**params, "mean_velocity_mm": mean}
 
 
-def _random(a: _Anatomy, rng: np.random.Generator, mean: float | None = None) -> tuple[np.ndarray, dict]:
+def _random(a: Anatomy, rng: np.random.Generator, mean: float | None = None) -> tuple[np.ndarray, dict]:
     """White noise smoothed at 10, 20 and 40 mm, per-scale unit RMS in the body, Dirichlet weights."""
     scales = (10.0, 20.0, 40.0)
     weights = rng.dirichlet((2.0, 2.0, 2.0))
@@ -174,7 +174,7 @@ def _random(a: _Anatomy, rng: np.random.Generator, mean: float | None = None) ->
     return _scaled(v, a.body, mean), params
 
 
-def _local_centre(a: _Anatomy, rng: np.random.Generator) -> np.ndarray:
+def soft_tissue_point(a: Anatomy, rng: np.random.Generator) -> np.ndarray:
     """A soft-tissue point (0-120 HU) at least 30 mm inside the body (deepest soft tissue if none is)."""
     depth = ndimage.distance_transform_edt(a.body, sampling=a.geometry.spacing_mm[::-1])
     soft = (a.hu > 0.0) & (a.hu < 120.0) & a.body
@@ -186,9 +186,9 @@ def _local_centre(a: _Anatomy, rng: np.random.Generator) -> np.ndarray:
     return a.points[tuple(zyx)]
 
 
-def _local(a: _Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+def _local(a: Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     """Gaussian radial velocity s (x - c) exp(-|x - c|^2 / 2 r^2) around a soft-tissue point, plus a weak random SVF."""
-    centre = _local_centre(a, rng)
+    centre = soft_tissue_point(a, rng)
     radius = rng.uniform(12.0, 25.0)
     shrink = rng.random() < 2.0 / 3.0
     volume = rng.uniform(0.55, 0.85) if shrink else rng.uniform(1.2, 1.5)
@@ -205,7 +205,7 @@ def _local(a: _Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     return (v + background).astype(np.float32), params
 
 
-def _mixed(a: _Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+def _mixed(a: Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     """Breathing (x 0.6) + random (x 0.5) + local."""
     breathing, p_breathing = _breathing(a, rng)
     random, p_random = _random(a, rng)
@@ -214,7 +214,7 @@ def _mixed(a: _Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     return v.astype(np.float32), {"breathing": p_breathing, "random": p_random, "local": p_local}
 
 
-_BUILDERS: dict[str, Callable[[_Anatomy, np.random.Generator], tuple[np.ndarray, dict]]] = {
+_BUILDERS: dict[str, Callable[[Anatomy, np.random.Generator], tuple[np.ndarray, dict]]] = {
     "breathing": _breathing,
     "random": _random,
     "local": _local,
@@ -226,9 +226,9 @@ def draw_velocity(ct: Image, kind: str, rng: np.random.Generator) -> tuple[Field
     """A stationary velocity field of the given kind on the CT's working grid, and its parameters."""
     if kind not in KINDS:
         raise IkrError(f"unknown evaluation kind {kind!r}; choose one of {', '.join(KINDS)}")
-    anatomy = _anatomy(ct)
-    v, params = _BUILDERS[kind](anatomy, rng)
-    return Field(v, anatomy.geometry), params
+    grid_anatomy = anatomy(ct)
+    v, params = _BUILDERS[kind](grid_anatomy, rng)
+    return Field(v, grid_anatomy.geometry), params
 
 
 # ----------------------------------------------------------------------------- intensities
@@ -352,48 +352,71 @@ def body_samples(ct: Image, count: int, rng: np.random.Generator) -> np.ndarray:
     return ct.geometry.index_to_lps(chosen[:, ::-1].astype(np.float64))
 
 
-def make_eval_case(ct: Image, kind: str, seed: int, intensity: bool = True) -> SynthCase:
-    """A case: fixed = CT + noise, moving = CT deformed by exp(v) (+ gamma, bias, noise), true field, landmarks.
+@dataclass
+class Deformation:
+    """A drawn deformation: exp(v) and exp(-v) - id on the working grid, the seeded generator, its parameters."""
 
-    `intensity=False` leaves out the gamma change, the bias field and the noise (for checks).
-    """
+    forward: Field
+    inverse: Field
+    rng: np.random.Generator
+    params: dict
+
+
+def draw_deformation(ct: Image, kind: str, seed: int) -> Deformation:
+    """Draw a velocity of the given kind (seeded by kind and seed), integrate it both ways, and check the pair."""
     rng = np.random.default_rng([int(seed), KINDS.index(kind) if kind in KINDS else 99, 20261202])
     velocity, kind_params = draw_velocity(ct, kind, rng)
     forward, inverse = exponentiate(velocity), exponentiate(Field(-velocity.displacement_mm, velocity.geometry))
-    true_field = field_from_transform(_field_transform(forward), ct.geometry)
-    clean = sitk.Cast(ct.to_sitk(), sitk.sitkFloat32)
-    moved = sitk.Resample(clean, clean, _field_transform(inverse), sitk.sitkBSpline, AIR_HU, sitk.sitkFloat32)
-    moving_hu = sitk.GetArrayFromImage(moved)
-    fixed_hu = ct.array.astype(np.float32)
-    intensity_params: dict = {}
-    if intensity:
-        moving_hu, intensity_params = intensity_model(moving_hu, ct.geometry, rng)
-        sigma_fixed, sigma_moving = rng.uniform(6.0, 14.0, 2)
-        fixed_hu, moving_hu = noisy(fixed_hu, sigma_fixed, rng), noisy(moving_hu, sigma_moving, rng)
-        intensity_params.update(noise_sigma_fixed_hu=sigma_fixed, noise_sigma_moving_hu=sigma_moving)
-    lm_fixed, lm_moving = pick_landmarks(ct, true_field, inside_grid(ct.geometry, 6.0))
     residual = inverse_residual(forward, inverse, body_samples(ct, 20_000, rng))
-    norm = np.linalg.norm(true_field.displacement_mm, axis=-1)
     params = {
-        "source": "bench eval_generator (evaluation only)",
         "kind": kind,
         "seed": int(seed),
         "kind_params": kind_params,
-        "intensity_params": intensity_params,
         "working_spacing_mm": velocity.geometry.spacing_mm[0],
         "squaring_steps": SQUARING_STEPS,
         "inverse_residual_max_mm": float(residual.max()),
         "inverse_residual_mean_mm": float(residual.mean()),
         "min_jacobian_working": min_jacobian(forward),
-        "max_displacement_mm": float(norm.max()),
+    }
+    return Deformation(forward, inverse, rng, params)
+
+
+def fixed_image(ct: Image, sigma_hu: float, rng: np.random.Generator) -> Image:
+    """The fixed image: the CT with fresh noise (int16)."""
+    return Image(to_int16(noisy(ct.array.astype(np.float32), sigma_hu, rng)), ct.geometry, {"role": "fixed"})
+
+
+def make_eval_case(ct: Image, kind: str, seed: int, intensity: bool = True) -> SynthCase:
+    """A case: fixed = CT + noise, moving = CT deformed by exp(v) (+ gamma, bias, noise), true field, landmarks.
+
+    `intensity=False` leaves out the gamma change, the bias field and the noise (for checks).
+    """
+    deformation = draw_deformation(ct, kind, seed)
+    rng = deformation.rng
+    true_field = field_from_transform(displacement_transform(deformation.forward), ct.geometry)
+    clean = sitk.Cast(ct.to_sitk(), sitk.sitkFloat32)
+    inverse = displacement_transform(deformation.inverse)
+    moving_hu = sitk.GetArrayFromImage(sitk.Resample(clean, clean, inverse, sitk.sitkBSpline, AIR_HU, sitk.sitkFloat32))
+    fixed = Image(to_int16(ct.array.astype(np.float32)), ct.geometry, {"role": "fixed"})
+    intensity_params: dict = {}
+    if intensity:
+        moving_hu, intensity_params = intensity_model(moving_hu, ct.geometry, rng)
+        sigma_fixed, sigma_moving = rng.uniform(6.0, 14.0, 2)
+        fixed, moving_hu = fixed_image(ct, sigma_fixed, rng), noisy(moving_hu, sigma_moving, rng)
+        intensity_params.update(noise_sigma_fixed_hu=sigma_fixed, noise_sigma_moving_hu=sigma_moving)
+    lm_fixed, lm_moving = pick_landmarks(ct, true_field, inside_grid(ct.geometry, 6.0))
+    params = {
+        "source": "bench eval_generator (evaluation only)",
+        **deformation.params,
+        "intensity_params": intensity_params,
+        "max_displacement_mm": float(np.linalg.norm(true_field.displacement_mm, axis=-1).max()),
         "landmarks_found": int(len(lm_fixed)),
         "ct_size": [int(v) for v in ct.geometry.size],
         "ct_spacing_mm": [float(v) for v in ct.geometry.spacing_mm],
     }
-    meta = {"source": "bench eval_generator", "kind": kind, "seed": int(seed)}
     return SynthCase(
-        fixed=Image(to_int16(fixed_hu), ct.geometry, {**meta, "role": "fixed"}),
-        moving=Image(to_int16(moving_hu), ct.geometry, {**meta, "role": "moving"}),
+        fixed=fixed,
+        moving=Image(to_int16(moving_hu), ct.geometry, {"role": "moving"}),
         true_field=true_field,
         landmarks_fixed_lps=lm_fixed,
         landmarks_moving_lps=lm_moving,
@@ -401,16 +424,16 @@ def make_eval_case(ct: Image, kind: str, seed: int, intensity: bool = True) -> S
         moving_labels=None,
         family=f"eval-{kind}",
         seed=int(seed),
-        params=_plain(params),
+        params=plain(params),
     )
 
 
-def _plain(value: object) -> object:
+def plain(value: object) -> object:
     """A JSON-ready copy of nested dicts and lists of numpy scalars."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple | np.ndarray):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     return value
@@ -420,3 +443,25 @@ def write_eval_case(case: SynthCase, folder: Path) -> Path:
     """Write a case in synth's layout (fixed, moving, true_displacement, landmark CSVs, case.json), atomically."""
     write_case(case, folder)
     return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write one evaluation case: `python bench/eval_generator.py CT -o FOLDER --kind mixed --seed 0`."""
+    import argparse
+
+    from ImplicitKernelRegistrationLib.io.images import read_image
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("ct", type=Path)
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    parser.add_argument("--kind", default="mixed", choices=KINDS)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    case = make_eval_case(read_image(args.ct), args.kind, args.seed)
+    write_eval_case(case, args.output)
+    print(f"{args.output}: {len(case.landmarks_fixed_lps)} landmark pairs")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
