@@ -1,4 +1,4 @@
-"""The benchmark's independent evaluation generator (bench/eval_generator.py) on the project's phantom."""
+"""The benchmark's independent evaluation generator and clinical cases (bench/) on the project's phantom."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from scipy import ndimage
 
 from ImplicitKernelRegistrationLib.fields import Field, jacobian_determinant, transform_points, warp_image
@@ -17,7 +18,15 @@ from ImplicitKernelRegistrationLib.synth import read_case
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-from eval_generator import KINDS, draw_velocity, exponentiate, make_eval_case, write_eval_case  # noqa: E402
+from clinical_cases import Clinical, make_clinical_case  # noqa: E402
+from eval_generator import (  # noqa: E402
+    KINDS,
+    draw_deformation,
+    draw_velocity,
+    exponentiate,
+    make_eval_case,
+    write_eval_case,
+)
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +120,54 @@ def test_realistic_case_writes_files_the_bench_reads(smooth_phantom, tmp_path: P
     np.testing.assert_allclose(back.landmarks_moving_lps, case.landmarks_moving_lps, atol=1e-9)
     np.testing.assert_allclose(back.true_field.displacement_mm, case.true_field.displacement_mm, atol=1e-5)
     assert back.params["kind"] == "local"
+
+
+@pytest.fixture(scope="module")
+def clinical_case(smooth_phantom):
+    """A repositioned (15 deg, 40 mm), cut (60 %), resampled (3 x 3 x 6 mm), contrast-changed case with an ablation."""
+    clinical = Clinical(15.0, 40.0, (3.0, 3.0, 6.0), 0.6, contrast=True, ablation=True)
+    return make_clinical_case(smooth_phantom, "breathing", 2, clinical)
+
+
+def test_clinical_true_field_includes_the_rigid_motion(smooth_phantom, clinical_case) -> None:
+    """T(x) = R(x + d(x)): the true field is the generator's exp(v) followed by the recorded rigid motion."""
+    params = clinical_case.params["clinical"]
+    matrix = np.asarray(params["rigid_matrix"]).reshape(3, 3)
+    centre, shift = np.asarray(params["rigid_centre_lps"]), np.asarray(params["rigid_translation_mm"])
+    assert np.isclose(np.degrees(np.arccos((np.trace(matrix) - 1) / 2)), 15.0)
+    assert np.isclose(np.linalg.norm(shift), 40.0)
+    forward = draw_deformation(smooth_phantom, "breathing", 2).forward
+    points = clinical_case.landmarks_fixed_lps
+    deformed = transform_points(forward, points)
+    expected = (deformed - centre) @ matrix.T + centre + shift
+    np.testing.assert_allclose(transform_points(clinical_case.true_field, points), expected, atol=1e-3)
+    assert float(jacobian_determinant(clinical_case.true_field).min()) > 0.0
+
+
+def test_clinical_moving_scan_has_its_own_cut_grid_and_landmarks_where_it_has_data(clinical_case) -> None:
+    """The moving grid has the asked spacing and 60 % of the z extent; every moving landmark lies inside it."""
+    geometry, fixed_geometry = clinical_case.moving.geometry, clinical_case.fixed.geometry
+    assert geometry.spacing_mm == (3.0, 3.0, 6.0)
+    moving_z = (geometry.size[2] - 1) * 6.0
+    assert moving_z < 0.75 * (fixed_geometry.size[2] - 1) * fixed_geometry.spacing_mm[2]
+    moving = clinical_case.landmarks_moving_lps
+    assert len(moving) >= 10
+    assert geometry.contains_lps(moving, margin_voxels=-1.0).all()
+    np.testing.assert_allclose(transform_points(clinical_case.true_field, clinical_case.landmarks_fixed_lps), moving)
+    ablation = clinical_case.params["intensity_params"]["ablation"]
+    far = np.linalg.norm(moving - np.asarray(ablation["centre_lps"]), axis=1)
+    assert far.min() > min(ablation["semi_axes_mm"])
+
+
+def test_clinical_moving_image_shows_the_anatomy_where_the_true_field_says(clinical_case) -> None:
+    """Smoothed HU at landmark pairs agree far better than at mismatched pairs (contrast and noise aside)."""
+
+    def smoothed_at(image, points: np.ndarray) -> np.ndarray:
+        smooth = sitk.SmoothingRecursiveGaussian(sitk.Cast(image.to_sitk(), sitk.sitkFloat32), 4.0)
+        return np.array([smooth.EvaluateAtPhysicalPoint([float(v) for v in p], sitk.sitkLinear) for p in points])
+
+    fixed_hu = smoothed_at(clinical_case.fixed, clinical_case.landmarks_fixed_lps)
+    moving_hu = smoothed_at(clinical_case.moving, clinical_case.landmarks_moving_lps)
+    matched = np.median(np.abs(fixed_hu - moving_hu))
+    shuffled = np.median(np.abs(fixed_hu - np.roll(moving_hu, len(moving_hu) // 2)))
+    assert matched < 0.3 * shuffled
