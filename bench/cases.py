@@ -1,6 +1,10 @@
-"""The benchmark's cases: seeded synthetic deformations of the real CTs, and the translation check case.
+"""The benchmark's cases: seeded deformations of the real CTs by two generators, and the translation check case.
 
-Cases are written once under bench/work/cases/<name>/ (synth.write_case) and read back afterwards.
+Three sets: `synth` (the project's own generator, `synth.make_case`), `independent` (bench's
+evaluation generator, `eval_generator.make_eval_case`: stationary velocity fields, never used in
+training) and `clinical` (`clinical_cases.make_clinical_case`: the independent generator's
+deformation plus repositioning, own moving grid, field-of-view cut, contrast change, ablation).
+Cases are written once under bench/work/cases/<name>/ (synth.write_case layout) and read back.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from clinical_cases import Clinical, make_clinical_case
+from eval_generator import make_eval_case, write_eval_case
 from scipy import ndimage
 
 from ImplicitKernelRegistrationLib.geometry import Image
@@ -50,6 +56,53 @@ class CaseSpec:
         parts = [w for w, hit in (("family", self.family in UNSEEN_FAMILIES), ("CT", self.ct in UNSEEN_CTS)) if hit]
         return " + ".join(parts)
 
+    @property
+    def set(self) -> str:
+        """The case set: 'synth'."""
+        return "synth"
+
+    def build(self, data_dir: Path, work_dir: Path) -> Path:
+        """The case's folder, generated if absent."""
+        return build_case(self, data_dir, work_dir)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """One case of the independent generator: CT, kind, seed, and (for the clinical set) what makes it clinical."""
+
+    ct: str
+    kind: str
+    seed: int = 0
+    clinical: Clinical | None = None
+
+    @property
+    def name(self) -> str:
+        """'ev-abdomen-random-s0', or 'cl-abdomen-breathing-s0-r20-t60-fov60-2x2x5-contrast' for a clinical case."""
+        base = f"{self.ct.split('_')[0]}-{self.kind}-s{self.seed}"
+        return f"ev-{base}" if self.clinical is None else f"cl-{base}-{self.clinical.label()}"
+
+    @property
+    def unseen(self) -> str:
+        """The generator is never used in training; the liver slab CT is held out too."""
+        return "generator" + (" + CT" if self.ct in UNSEEN_CTS else "")
+
+    @property
+    def set(self) -> str:
+        """The case set: 'independent' or 'clinical'."""
+        return "independent" if self.clinical is None else "clinical"
+
+    def build(self, data_dir: Path, work_dir: Path) -> Path:
+        """The case's folder under work_dir/cases, generated (and written atomically) if absent."""
+        folder = work_dir / "cases" / self.name
+        if not (folder / "case.json").exists():
+            ct = read_image(data_dir / "ct" / self.ct)
+            if self.clinical is None:
+                case = make_eval_case(ct, self.kind, self.seed)
+            else:
+                case = make_clinical_case(ct, self.kind, self.seed, self.clinical)
+            write_eval_case(case, folder)
+        return folder
+
 
 QUICK_CASES = (
     CaseSpec(LIVER, "bspline", 0),
@@ -63,6 +116,30 @@ FULL_CASES = (
     CaseSpec(LIVER, "breathing", 1),
     CaseSpec(LIVER, "sliding", 0),
 )
+
+
+INDEPENDENT_CASES = (
+    EvalSpec(ABDOMEN, "breathing"),
+    EvalSpec(ABDOMEN, "random"),
+    EvalSpec(ABDOMEN, "local"),
+    EvalSpec(THORAX, "breathing"),
+    EvalSpec(LIVER, "mixed"),
+    EvalSpec(LIVER, "local"),
+)
+QUICK_INDEPENDENT_CASES = (EvalSpec(LIVER, "mixed"), EvalSpec(LIVER, "local"))
+
+CLINICAL_CASES = (
+    EvalSpec(ABDOMEN, "breathing", 0, Clinical()),  # aligned, same grid: the reference of the two below
+    EvalSpec(ABDOMEN, "breathing", 0, Clinical(8.0, 25.0)),
+    EvalSpec(ABDOMEN, "breathing", 0, Clinical(20.0, 60.0, (2.0, 2.0, 5.0), 0.6, contrast=True)),
+    EvalSpec(LIVER, "mixed", 0, Clinical(contrast=True, ablation=True)),
+    EvalSpec(LIVER, "mixed", 0, Clinical(12.0, 40.0, (0.8, 0.8, 2.5), contrast=True, ablation=True)),
+    EvalSpec(THORAX, "breathing", 0, Clinical(15.0, 50.0, (0.8, 0.8, 2.5), 0.6, contrast=True)),
+)
+QUICK_CLINICAL_CASES = CLINICAL_CASES[3:5]
+
+CASE_SETS = {"synth": FULL_CASES, "independent": INDEPENDENT_CASES, "clinical": CLINICAL_CASES}
+QUICK_SETS = {"synth": QUICK_CASES, "independent": QUICK_INDEPENDENT_CASES, "clinical": QUICK_CLINICAL_CASES}
 
 
 def _labels_for(spec: CaseSpec, data_dir: Path) -> Image | None:

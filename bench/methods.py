@@ -64,10 +64,31 @@ METHODS = (
     ),
     Method("ikr-tps", "ikr_adapter.py", False, {"kernel": "tps"}, note="thin-plate spline kernel"),
     Method("ikr-gaussian", "ikr_adapter.py", False, {"kernel": "gaussian"}, note="Gaussian kernel"),
-    Method("elastix", "elastix_adapter.py", True, note="default bspline map, 4 levels, 10 mm final grid"),
+    Method("elastix", "elastix_adapter.py", True, note="default bspline map only, 4 levels, 10 mm final grid"),
     Method("convexadam", "convexadam_adapter.py", True, note="MIND-SSC, grid 6, Adam 80 its, float32 on CPU"),
-    Method("greedy", "greedy_adapter.py", True, note="NCC 2x2x2, -n 100x50x20"),
-    Method("demons", "demons_adapter.py", True, note="SimpleITK diffeomorphic, 3 levels"),
+    Method(
+        "elastix-affine",
+        "elastix_adapter.py",
+        True,
+        {"affine": True},
+        note="default affine map, then default bspline map (as its users run it)",
+    ),
+    Method("greedy", "greedy_adapter.py", True, note="deformable only: NCC 2x2x2, -n 100x50x20"),
+    Method(
+        "greedy-affine",
+        "greedy_adapter.py",
+        True,
+        {"affine": True},
+        note="greedy -a (dof 12, NMI, image centres), then deformable -it affine (as its users run it)",
+    ),
+    Method("demons", "demons_adapter.py", True, note="SimpleITK diffeomorphic, 3 levels (no affine stage)"),
+    Method(
+        "demons-affine",
+        "demons_adapter.py",
+        True,
+        {"affine": True},
+        note="SimpleITK affine (geometry centring, Mattes MI), then diffeomorphic demons",
+    ),
     Method("ants", "ants_adapter.py", True, note="antspyx SyN defaults (affine + SyN, MI)"),
 )
 
@@ -130,6 +151,28 @@ def run_method(
         return {"method": method.name, "status": "failed", "reason": _last_line(log_path), "exit_code": code}
     record = json.loads(record_path.read_text(encoding="utf-8"))
     return {**record, "method": method.name, "status": "ok", "wall_s": wall, "field": str(field_path)}
+
+
+def run_command(fixed: Path, moving: Path, outdir: Path, device: str, threads: int, timeout_s: float) -> dict:
+    """Time the whole `ikr register FIXED MOVING -o OUTDIR` as a user waits for it (start to every output written)."""
+    ikr = Path(sys.executable).with_name("ikr")
+    outdir.mkdir(parents=True, exist_ok=True)
+    report = outdir / "report.json"
+    report.unlink(missing_ok=True)
+    command = [str(ikr), "register", str(fixed), str(moving), "-o", str(outdir), "--device", device, "--quiet"]
+    start = time.perf_counter()
+    with open(outdir.with_name(outdir.name + ".log"), "w", encoding="utf-8") as log:
+        try:
+            code = subprocess.run(
+                command, stdout=log, stderr=subprocess.STDOUT, env=_environment(threads), timeout=timeout_s
+            ).returncode
+        except subprocess.TimeoutExpired:
+            return {"status": "timeout", "reason": f"over {timeout_s:.0f} s"}
+    wall = round(time.perf_counter() - start, 3)
+    if code != 0 or not report.exists():
+        return {"status": "failed", "reason": _last_line(Path(log.name)), "exit_code": code}
+    runtime = json.loads(report.read_text(encoding="utf-8")).get("runtime_s")
+    return {"status": "ok", "wall_s": wall, "runtime_s": runtime}
 
 
 def _last_line(path: Path) -> str:

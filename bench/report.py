@@ -14,6 +14,7 @@ VALUE_COLUMNS = (
     ("SDlogJ", lambda r: r["jacobian"]["sdlogj"], "{:.3f}"),
     ("fold %", lambda r: r["jacobian"]["folding_percent"], "{:.3f}"),
     ("time s", lambda r: r["time_s"], "{:.1f}"),
+    ("command s", lambda r: r.get("command_s"), "{:.1f}"),
     ("peak MB", lambda r: r["memory_mb"], "{:.0f}"),
 )
 
@@ -86,7 +87,7 @@ def ratios_table(rows: list[dict]) -> str:
 
 def summary_table(rows: list[dict]) -> str:
     """Per method, the mean over the cases it finished: TRE mean and p90, SDlogJ, time, memory."""
-    header = ["method", "cases", "TRE mean", "TRE p90", "SDlogJ", "fold %", "time s", "peak MB"]
+    header = ["method", "cases", "TRE mean", "TRE p90", "SDlogJ", "fold %", "time s", "command s", "peak MB"]
     lines = []
     for method in dict.fromkeys(r["method"] for r in rows):
         done = [r for r in rows if r["method"] == method and r["status"] == "ok"]
@@ -95,6 +96,65 @@ def summary_table(rows: list[dict]) -> str:
         columns = [c for c in VALUE_COLUMNS if c[0] in header]
         means = [_format(_mean([get(r) for r in done]), fmt) for _, get, fmt in columns]
         lines.append([method, str(len(done)), *means])
+    return _table(header, lines)
+
+
+def sets_table(rows: list[dict], sets: list[str]) -> str:
+    """Per method, mean TRE and time over the cases of each set, the sets side by side."""
+    header = ["method"]
+    for name in sets:
+        header += [f"{name}: cases", f"{name}: TRE mean", f"{name}: TRE p90", f"{name}: time s"]
+    lines = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = [method]
+        for name in sets:
+            done = [r for r in rows if r["method"] == method and r.get("set", "synth") == name and r["status"] == "ok"]
+            tre_mean = _mean([r["tre"]["mean"] for r in done])
+            tre_p90 = _mean([r["tre"]["p90"] for r in done])
+            time_s = _mean([r["time_s"] for r in done])
+            cells += [
+                str(len(done)),
+                _format(tre_mean, "{:.2f}"),
+                _format(tre_p90, "{:.2f}"),
+                _format(time_s, "{:.1f}"),
+            ]
+        lines.append(cells)
+    return _table(header, lines)
+
+
+def most_accurate_peer(rows: list[dict], case: str) -> dict | None:
+    """The peer (not this project, not 'none') with the lowest mean TRE on a case."""
+    peers = [
+        r
+        for r in rows
+        if r["case"] == case and r["status"] == "ok" and r["method"] != "none" and not r["method"].startswith("ikr")
+    ]
+    return min(peers, key=lambda r: r["tre"]["mean"], default=None)
+
+
+def time_to_result_table(rows: list[dict]) -> str:
+    """Per case: this project's registration call and whole command against the most accurate peer's time."""
+    header = ["case", "ikr TRE", "ikr registration s", "ikr whole command s", "best peer", "peer TRE", "peer s",
+              "peer s / ikr command s"]  # fmt: skip
+    lines = []
+    for row in rows:
+        if row["method"] != DEFAULT_METHOD or row["status"] != "ok":
+            continue
+        peer = most_accurate_peer(rows, row["case"])
+        command = row.get("command_s")
+        cells = [row["case"], _format(row["tre"]["mean"], "{:.2f}"), _format(row["time_s"], "{:.1f}")]
+        cells.append(_format(command, "{:.1f}"))
+        if peer is None:
+            cells += ["-", "-", "-", "-"]
+        else:
+            speedup = _ratio(peer["time_s"], command)
+            cells += [
+                peer["method"],
+                _format(peer["tre"]["mean"], "{:.2f}"),
+                _format(peer["time_s"], "{:.1f}"),
+                speedup,
+            ]
+        lines.append(cells)
     return _table(header, lines)
 
 

@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py --quick          # 2 cases on the 3 mm CTs, under 10 minutes on 2 cores
     .venv/bin/python bench/run.py                  # the full set, under an hour on 2 cores
     .venv/bin/python bench/run.py --device cuda    # this project and ConvexAdam on the GPU
+    .venv/bin/python bench/run.py --set synth independent clinical   # both generators, side by side
 
 Steps: install the peers into bench/.venv-peers (setup_peers.sh, once), build the cases under
 bench/work/cases, check every method's displacement convention on a known translation, run every
@@ -22,10 +23,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from cases import FULL_CASES, QUICK_CASES, TRANSLATION_MM, CaseSpec, build_case, build_translation_case, load_case
-from methods import ADAPTERS, BENCH, METHODS, PEERS_PYTHON, Method, get_method, method_names, run_method
-from report import convention_table, ratios_table, summary_table, values_table
-from scoring import convention_check, score
+from cases import CASE_SETS, QUICK_SETS, TRANSLATION_MM, CaseSpec, EvalSpec, build_translation_case, load_case
+from methods import (
+    ADAPTERS,
+    BENCH,
+    DEFAULT_METHOD,
+    METHODS,
+    PEERS_PYTHON,
+    Method,
+    get_method,
+    method_names,
+    run_command,
+    run_method,
+)
+from report import convention_table, ratios_table, sets_table, summary_table, time_to_result_table, values_table
+from scoring import convention_check, score, score_tre
 
 from ImplicitKernelRegistrationLib.fields import Field
 from ImplicitKernelRegistrationLib.io.atomic import write_text_atomic
@@ -37,7 +49,15 @@ ROOT = BENCH.parent
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 cases on the 3 mm CTs (under 10 minutes)")
+    parser.add_argument("--quick", action="store_true", help="2 cases of each set on the 3 mm CTs")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=["synth"],
+        choices=tuple(CASE_SETS),
+        dest="sets",
+        help="case sets: synth (the project's generator), independent (bench's SVF generator), clinical",
+    )
     parser.add_argument(
         "--device", default="cpu", choices=("cpu", "cuda", "auto"), help="for this project and ConvexAdam"
     )
@@ -48,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data", help="the shared data folder")
     parser.add_argument("--work", type=Path, default=BENCH / "work", help="cases and fields")
     parser.add_argument("--results", type=Path, default=BENCH / "results", help="where latest.{md,json,png} go")
+    parser.add_argument("--name", default="latest", help="results file name stem (default latest)")
+    parser.add_argument(
+        "--no-command", action="store_true", help="skip timing the whole `ikr register` command for ikr-learned"
+    )
     parser.add_argument("--skip-check", action="store_true", help="skip the convention check (not advised)")
     return parser.parse_args(argv)
 
@@ -111,11 +135,15 @@ def run_checks(methods: list[Method], args: argparse.Namespace) -> dict[str, dic
     return checks
 
 
-def identity_row(spec: CaseSpec, case) -> dict:
+Spec = CaseSpec | EvalSpec
+
+
+def identity_row(spec: Spec, case) -> dict:
     """The 'no registration' row: TRE of the zero field (the initial misalignment)."""
     zero = Field.identity(case.fixed.geometry)
     return {
         "case": spec.name,
+        "set": spec.set,
         "unseen": spec.unseen,
         "method": "none",
         "status": "ok",
@@ -127,9 +155,9 @@ def identity_row(spec: CaseSpec, case) -> dict:
     }
 
 
-def result_row(spec: CaseSpec, case, run: dict) -> dict:
+def result_row(spec: Spec, case, run: dict) -> dict:
     """A table row from a run record: its figures when it finished, else its status and reason."""
-    row = {"case": spec.name, "unseen": spec.unseen, **{k: v for k, v in run.items() if k != "field"}}
+    row = {"case": spec.name, "set": spec.set, "unseen": spec.unseen, **{k: v for k, v in run.items() if k != "field"}}
     if run["status"] != "ok":
         return row
     row.update(score(Path(run["field"]), case))
@@ -138,10 +166,20 @@ def result_row(spec: CaseSpec, case, run: dict) -> dict:
     return row
 
 
-def run_case(spec: CaseSpec, methods: list, args: argparse.Namespace, timeout: float) -> list[dict]:
+def time_command(spec: Spec, case, folder: Path, args: argparse.Namespace, timeout: float) -> dict:
+    """Wall time of the whole `ikr register FIXED MOVING -o OUT` (every output written), and its TRE."""
+    out = args.work / "runs" / spec.name / "ikr-command"
+    run = run_command(folder / "fixed.nii.gz", folder / "moving.nii.gz", out, args.device, args.threads, timeout)
+    if run["status"] != "ok":
+        return {"command_status": f"{run['status']}: {run.get('reason', '')}"}
+    tre_mean = score_tre(out / "displacement.nii.gz", case)["mean"]
+    return {"command_s": run["wall_s"], "command_registration_s": run["runtime_s"], "command_tre_mean": tre_mean}
+
+
+def run_case(spec: Spec, methods: list, args: argparse.Namespace, timeout: float) -> list[dict]:
     """Build (or reuse) one case and run every method on it."""
     print(f"case {spec.name}: building ...", flush=True)
-    folder = build_case(spec, args.data, args.work)
+    folder = spec.build(args.data, args.work)
     case = load_case(folder)
     rows = [identity_row(spec, case)]
     for method in methods:
@@ -152,10 +190,14 @@ def run_case(spec: CaseSpec, methods: list, args: argparse.Namespace, timeout: f
         )
         rows.append(result_row(spec, case, run))
         last = rows[-1]
-        if last["status"] == "ok":
-            print(f"  TRE {last['tre']['mean']:.2f} mm, {last['time_s']:.1f} s, {last['memory_mb']:.0f} MB", flush=True)
-        else:
+        if last["status"] != "ok":
             print(f"  {last['status']}: {last.get('reason', '')}", flush=True)
+            continue
+        print(f"  TRE {last['tre']['mean']:.2f} mm, {last['time_s']:.1f} s, {last['memory_mb']:.0f} MB", flush=True)
+        if method.name == DEFAULT_METHOD and not args.no_command:
+            last.update(time_command(spec, case, folder, args, timeout))
+            if "command_s" in last:
+                print(f"  whole `ikr register`: {last['command_s']:.1f} s", flush=True)
     return rows
 
 
@@ -174,6 +216,7 @@ def git_version() -> str:
 def markdown(results: dict) -> str:
     """The results page."""
     rows, checks = results["rows"], results["checks"]
+    sets = results.get("sets", ["synth"])
     versions = ", ".join(f"{k} {v}" for k, v in results["peer_versions"].items()) or "none installed"
     lines = [
         f"# Benchmark: {results['mode']} run",
@@ -182,13 +225,28 @@ def markdown(results: dict) -> str:
         f"{results['threads']} threads; device {results['device']}.",
         f"Peers: {versions}.",
         "",
-        "Cases are synthetic deformations of the real CTs in shared/data/ct (`synth.make_case`), with"
-        " a small rigid offset, an intensity change and noise. TRE at the case's landmarks (mm);"
+        f"Case sets: {', '.join(sets)}. 'synth': the project's generator (`synth.make_case`, a small rigid"
+        " offset, an intensity change and noise). 'independent': bench's evaluation generator"
+        " (`bench/eval_generator.py`: stationary velocity fields by scaling and squaring, gamma/bias/"
+        "heteroscedastic noise, DoG landmarks; never used in training). 'clinical': the independent"
+        " generator plus repositioning, the moving scan's own grid, a field-of-view cut, a contrast"
+        " change and an ablation-like region (`bench/clinical_cases.py`). TRE at the case's landmarks (mm);"
         " SDlogJ (std of log J over J > 0) and folding (% of J <= 0) inside the fixed image's body"
         " mask; time is the registration itself (each method in a process of its own, after reading"
-        " the images); peak memory is that process's peak resident set (+ CUDA peak on a GPU)."
-        " 'unseen': what of the case training never saw (the family 'sliding' and the liver slab"
-        " CT are held out by `train.default_config`).",
+        " the images); 'whole command' is `ikr register FIXED MOVING -o OUT` from start to every output"
+        " written; peak memory is that process's peak resident set (+ CUDA peak on a GPU)."
+        " 'unseen': what of the case training never saw (the family 'sliding', the liver slab CT and"
+        " the independent generator).",
+        "",
+        "## Mean TRE (mm) and time (s) per case set",
+        "",
+        sets_table(rows, sets),
+        "",
+        "## Time to result: the whole `ikr register` against the most accurate peer of each case",
+        "",
+        time_to_result_table(rows),
+        "",
+        "## Mean over every case",
         "",
         summary_table(rows),
         "",
@@ -209,7 +267,7 @@ def markdown(results: dict) -> str:
         "",
         *(f"- {m.name}: {m.note}; options {json.dumps(m.options)}" for m in METHODS),
         "",
-        "![TRE against time](latest.png)",
+        f"![TRE against time]({results.get('name', 'latest')}.png)",
         "",
     ]
     return "\n".join(lines)
@@ -235,9 +293,11 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when every convention check passed."""
     args = parse_args(argv)
-    specs = QUICK_CASES if args.quick else FULL_CASES
+    chosen = QUICK_SETS if args.quick else CASE_SETS
+    specs = tuple(spec for name in args.sets for spec in chosen[name])
     if args.cases:
-        specs = tuple(s for s in specs if s.name in args.cases)
+        specs = tuple(s for name in args.sets for s in (*CASE_SETS[name], *QUICK_SETS[name]) if s.name in args.cases)
+        specs = tuple(dict.fromkeys(specs))
     methods = [get_method(n) for n in (args.methods or method_names())]
     timeout = args.timeout or (600.0 if args.quick else 1800.0)
     np.seterr(all="ignore")
@@ -248,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     runnable = [m for m in methods if m.name not in failed]
     rows = [row for spec in specs for row in run_case(spec, runnable, args, timeout)]
     results = {
-        "mode": "quick" if args.quick else "full",
+        "mode": ("quick" if args.quick else "full") + f" ({' + '.join(args.sets)})",
+        "sets": args.sets,
+        "name": args.name,
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "project_version": git_version(),
         "machine": machine(),
@@ -259,15 +321,17 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     args.results.mkdir(parents=True, exist_ok=True)
-    results_json = args.results / "latest.json"
+    results_json = args.results / f"{args.name}.json"
     write_text_atomic(results_json, json.dumps(results, indent=1, default=float) + "\n")
-    write_text_atomic(args.results / "latest.md", markdown(results))
-    plot(results_json, args.results / "latest.png")
+    write_text_atomic(args.results / f"{args.name}.md", markdown(results))
+    plot(results_json, args.results / f"{args.name}.png")
     print()
-    print(summary_table(rows))
+    print(sets_table(rows, args.sets))
+    print()
+    print(time_to_result_table(rows))
     print()
     print(values_table(rows))
-    print(f"\nwritten: {args.results / 'latest.md'}, latest.json, latest.png")
+    print(f"\nwritten: {args.results / args.name}.md, .json, .png")
     return 1 if failed else 0
 
 

@@ -52,12 +52,24 @@ def convention_check(field_path: Path, fixed_path: Path) -> dict:
     }
 
 
+def seen_by_moving(case: SynthCase) -> np.ndarray:
+    """Fixed voxels whose true moving point lies inside the moving image (a cut field of view sees less)."""
+    geometry = case.true_field.geometry
+    mapped = geometry.grid_points_lps() + case.true_field.displacement_mm
+    return case.moving.geometry.contains_lps(mapped.reshape(-1, 3)).reshape(geometry.shape_zyx)
+
+
 def score(field_path: Path, case: SynthCase) -> dict:
-    """TRE at the case's landmarks; Jacobian statistics and endpoint error inside the fixed body mask."""
+    """TRE at the landmarks; Jacobian statistics in the fixed body; endpoint error where the moving image sees it."""
     field = read_field(field_path)
     body = body_mask(case.fixed)
     return {
         "tre": tre(case.landmarks_fixed_lps, case.landmarks_moving_lps, field),
         "jacobian": sdlogj(field, body),
-        "endpoint_error": endpoint_error(field, case.true_field, body),
+        "endpoint_error": endpoint_error(field, case.true_field, body & seen_by_moving(case)),
     }
+
+
+def score_tre(field_path: Path, case: SynthCase) -> dict:
+    """TRE at the case's landmarks of a field file (any format io.transforms reads)."""
+    return tre(case.landmarks_fixed_lps, case.landmarks_moving_lps, read_field(field_path, case.fixed.geometry))

@@ -4,6 +4,7 @@
 the moving image sampled at p + d(p) (its `apply_convex`): fixed -> moving. We pass SimpleITK's
 (z, y, x) arrays, padded at the far end to a multiple of the coarse grid step, so the components
 come back as (z, y, x) voxel steps; they are reordered to (x, y, z) and turned into LPS mm.
+A moving image on another grid is first resampled onto the fixed grid (identity, linear).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def main() -> None:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     fixed = read_float(args.fixed)
     fixed_zyx = sitk.GetArrayFromImage(fixed)
-    moving_zyx = sitk.GetArrayFromImage(read_float(args.moving))
+    moving = sitk.Resample(read_float(args.moving), fixed, sitk.Transform(), sitk.sitkLinear, -1024.0)
+    moving_zyx = sitk.GetArrayFromImage(moving)
     multiple = int(np.lcm(settings["grid_sp"], settings["grid_sp_adam"]))
     with Stopwatch() as clock:
         disp = convex_adam_pt(
