@@ -565,10 +565,12 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         fixedMask = self.maskFromSegmentation(p.fixedMask, p.fixedVolume)
         movingMask = self.maskFromSegmentation(p.movingMask, p.movingVolume)
         config = RegistrationConfig(spacing_mm=float(p.spacingMm), device=p.device)  # shipped weights: resources
+        note = self.lastMessage  # e.g. that a hardened copy was registered
+        self.lastMessage = "nothing was changed"
         result = register(fixed, moving, config, fixedMask, movingMask, progress)
-        note = self.lastMessage
+        foregroundBefore = self._foregroundBefore  # what the expected-error overlay covers, kept across runs
         self.reset()
-        self.lastMessage = "registered; the output folder was not written"
+        self._foregroundBefore = foregroundBefore
         self.result, self.fixedImage, self.movingImage = result, fixed, moving
         self.session = session_from_result(result, fixed)
         self.savedSession = {
@@ -576,14 +578,15 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
             "config": result.report["config"],
             "working_geometry": result.working_geometry.to_dict(),
         }
-        step(1.0, "showing the result")
         self.showField(p)
         self.showCorrespondences(p)
         self.ensurePairNodes(p)
         self._syncListsToSession(p)  # points of an earlier registration's pairs are removed
         self.storeSessionInScene(p)
+        self.lastMessage = "the registration is shown; no expected-error map, the output folder was not written"
         step(1.0, "computing the expected-error map")
         self._afterFieldChange(p, compute=True)  # the expected-error map, written with the outputs below
+        self.lastMessage = "the registration is shown; the output folder was not written"
         step(1.0, "writing the output folder")
         self.saveSession(p, full=True)
         report = {k: result.report.get(k) for k in ("runtime_s", "device", "n_keypoints")}
@@ -969,7 +972,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         display.SetAndObserveColorNodeID(EXPECTED_ERROR_COLOR_NODE_ID)
         display.AutoWindowLevelOff()
         display.SetWindowLevelMinMax(*EXPECTED_ERROR_RANGE_MM)
-        display.SetThreshold(EXPECTED_ERROR_THRESHOLD_MM, float(max(np.max(image.array), EXPECTED_ERROR_THRESHOLD_MM)))
+        display.SetThreshold(EXPECTED_ERROR_THRESHOLD_MM, 1.0e6)
         display.SetApplyThreshold(1)  # below the threshold the overlay is transparent
 
     def setExpectedErrorVisible(self, parameterNode, visible: bool) -> None:
@@ -1323,7 +1326,7 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
         drawnAfter = warp_labels(tumour, logic.session.field)
         p.tumourSegmentation = self._addSegmentation(drawnAfter, "tumour drawn after", p.fixedVolume)
         after = logic.computeMargins(p)
-        self.assertLess(abs(after["min_margin_mm"] - figures["min_margin_mm"]), 2.0)
+        self.assertLess(abs(after["min_margin_mm"] - figures["min_margin_mm"]), 3.0)  # one 3 mm voxel
 
         self.delayDisplay("Registering again (the moving volume is under the module's transform)")
         logic.register(p)
@@ -1383,6 +1386,7 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
             self.assertTrue(logic.exportTransform(p, pathlib.Path(folder) / "transform.h5").is_file())
             with self.assertRaises(IkrError):
                 logic.exportTransform(p, pathlib.Path(folder) / "field.nii.gz")
+            logic.computeMargins(p)
             report = logic.saveMarginReport(p, pathlib.Path(folder) / "margin_report")
             self.assertIn("5th-95th percentile", (report / "report.html").read_text(encoding="utf-8"))
         self.delayDisplay("Test passed")
