@@ -583,6 +583,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         self.ensurePairNodes(p)
         self._syncListsToSession(p)  # points of an earlier registration's pairs are removed
         self.storeSessionInScene(p)
+        self.showReviewLayout(p)
         self.lastMessage = "the registration is shown; no expected-error map, the output folder was not written"
         step(1.0, "computing the expected-error map")
         self._afterFieldChange(p, compute=True)  # the expected-error map, written with the outputs below
@@ -677,7 +678,34 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
             p.outputVolume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijkToRas))
         if p.outputVolume.GetDisplayNode() is None:
             p.outputVolume.CreateDefaultDisplayNodes()
-        slicer.util.setSliceViewerLayers(background=p.fixedVolume, foreground=p.outputVolume, foregroundOpacity=0.5)
+
+    @staticmethod
+    def showReviewLayout(parameterNode) -> None:
+        """Three linked axial views: fixed | moving (registered: under the transform, or its resampled copy) | fused.
+
+        Points for pairs are clicked in the first two; the third fades the registered moving CT over the fixed.
+        Nothing happens without Slicer's main window (e.g. a test run without GUI).
+        """
+        p = parameterNode
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is None:
+            return
+        layoutNode = layoutManager.layoutLogic().GetLayoutNode()
+        if not layoutNode.IsLayoutDescription(slicer_bridge.REVIEW_LAYOUT_ID):
+            layoutNode.AddLayoutDescription(slicer_bridge.REVIEW_LAYOUT_ID, slicer_bridge.review_layout_xml())
+        layoutManager.setLayout(slicer_bridge.REVIEW_LAYOUT_ID)
+        moving = p.outputVolume if p.resampleMoving else p.movingVolume
+        layers = {
+            "Red": (p.fixedVolume, None, 0.0),
+            "Yellow": (moving, None, 0.0),
+            "Green": (p.fixedVolume, moving, 0.5),
+        }
+        for tag, (background, foreground, opacity) in layers.items():
+            composite = layoutManager.sliceWidget(tag).mrmlSliceCompositeNode()
+            composite.SetBackgroundVolumeID(background.GetID())
+            composite.SetForegroundVolumeID(foreground.GetID() if foreground is not None else None)
+            composite.SetForegroundOpacity(opacity)
+            composite.SetLinkedControl(True)
 
     def showCorrespondences(self, parameterNode) -> None:
         """The automatic correspondences' fixed points as a locked point list, hidden until asked for."""
@@ -770,13 +798,13 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         """The session's per-pair feedback (empty without a session)."""
         return self.session.feedback() if self.session is not None else []
 
-    def _deletePoints(self, parameterNode, pointIds) -> None:
-        """Delete control points by ID from the fixed and moving lists."""
-        for node in (parameterNode.fixedPoints, parameterNode.movingPoints):
-            for pointId in pointIds:
-                index = node.GetNthControlPointIndexByID(pointId)
-                if index >= 0:
-                    node.RemoveNthControlPoint(index)
+    @staticmethod
+    def _deletePoints(markupsNode, pointIds) -> None:
+        """Delete control points of one list by ID (IDs are unique within a list only)."""
+        for pointId in pointIds:
+            index = markupsNode.GetNthControlPointIndexByID(pointId)
+            if index >= 0:
+                markupsNode.RemoveNthControlPoint(index)
 
     def syncPairs(self, parameterNode) -> list[int]:
         """Bring the session in line with the point lists (pairs by stored point IDs); return the new pair ids.
@@ -807,7 +835,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
             ids = self.session.add_correspondences(edits.add_fixed_lps, edits.add_moving_lps)
             links.update(zip(ids, edits.add_links, strict=True))
         p.pairLinks = slicer_bridge.links_to_json(links)
-        self._editLists(p, edits.delete_points)
+        self._editLists(p, edits.delete_fixed, edits.delete_moving)
         self._afterEdit(p)
         return ids
 
@@ -825,12 +853,13 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         self._syncListsToSession(parameterNode)
         self._afterEdit(parameterNode)
 
-    def _editLists(self, parameterNode, deletePointIds) -> None:
+    def _editLists(self, parameterNode, deleteFixed, deleteMoving) -> None:
         """Delete points and label every linked point with its pair's label (observers ignore these edits)."""
         p = parameterNode
         self.editingLists = True
         try:
-            self._deletePoints(p, deletePointIds)
+            self._deletePoints(p.fixedPoints, deleteFixed)
+            self._deletePoints(p.movingPoints, deleteMoving)
             labels = {pair.id: pair.label for pair in self.session.pairs}
             for pairId, (fixedId, movingId) in slicer_bridge.links_from_json(p.pairLinks).items():
                 for node, pointId in ((p.fixedPoints, fixedId), (p.movingPoints, movingId)):
@@ -845,15 +874,16 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         p = parameterNode
         self.ensurePairNodes(p)
         pairs = {pair.id: pair for pair in self.session.pairs}
-        pointIds = {pt.point_id for node in (p.fixedPoints, p.movingPoints) for pt in self._listPoints(node)}
-        links, delete, missing = slicer_bridge.sync_lists_to_session(
+        links, deleteFixed, deleteMoving, missing = slicer_bridge.sync_lists_to_session(
             slicer_bridge.links_from_json(p.pairLinks),
-            pointIds,
+            {pt.point_id for pt in self._listPoints(p.fixedPoints)},
+            {pt.point_id for pt in self._listPoints(p.movingPoints)},
             {k: (v.fixed_lps, v.moving_lps) for k, v in pairs.items()},
         )
         self.editingLists = True
         try:
-            self._deletePoints(p, delete)
+            self._deletePoints(p.fixedPoints, deleteFixed)
+            self._deletePoints(p.movingPoints, deleteMoving)
             for pairId in missing:
                 pair = pairs[pairId]
                 fixedIndex = p.fixedPoints.AddControlPoint(*lps_ras(pair.fixed_lps), pair.label)
@@ -865,7 +895,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         finally:
             self.editingLists = False
         p.pairLinks = slicer_bridge.links_to_json(links)
-        self._editLists(p, [])
+        self._editLists(p, [], [])
 
     def jumpToPair(self, pairId: int) -> None:
         """Centre every slice view on a pair's fixed point."""

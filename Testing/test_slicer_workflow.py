@@ -32,6 +32,7 @@ from ImplicitKernelRegistrationLib.slicer_bridge import (
     margin_lookup_table,
     reconcile_pairs,
     residual_rms_mm,
+    review_layout_xml,
     segmentations_following_moving,
     session_state_from_json,
     session_state_json,
@@ -54,7 +55,7 @@ def _ras(lps: list[float]) -> np.ndarray:
 def test_a_point_waiting_for_its_partner_is_kept_and_pairs_when_the_partner_comes() -> None:
     fixed = [ListPoint("F1", _ras([1.0, 2.0, 3.0]))]
     edits = reconcile_pairs({}, fixed, [], {})
-    assert edits.empty and edits.delete_points == []
+    assert edits.empty and edits.delete_fixed == edits.delete_moving == []
     edits = reconcile_pairs({}, fixed, [ListPoint("M1", _ras([4.0, 5.0, 6.0]))], {})
     assert edits.add_links == [("F1", "M1")]
     np.testing.assert_allclose(edits.add_fixed_lps, [[1.0, 2.0, 3.0]])
@@ -65,15 +66,23 @@ def test_a_point_waiting_for_its_partner_is_kept_and_pairs_when_the_partner_come
 
 
 def test_deleting_one_point_in_the_markups_module_removes_only_its_pair() -> None:
-    """Pairing by list position would pair C with B here (every later pair shifted); by ID only pair 1 goes."""
+    """Pairing by list position would pair fixed 2 with moving 1 here (every later pair shifted); by ID only pair 1
+    goes. Slicer numbers each list's points on its own, so both lists have points "1" and "2"."""
     session = {1: (np.array([0.0, 0, 0]), np.array([1.0, 0, 0])), 2: (np.array([5.0, 0, 0]), np.array([6.0, 0, 0]))}
-    links = {1: ("A", "B"), 2: ("C", "D")}
-    fixed = [ListPoint("C", _ras([5.0, 0, 0]))]  # A deleted
-    moving = [ListPoint("B", _ras([1.0, 0, 0])), ListPoint("D", _ras([6.0, 0, 0]))]
+    links = {1: ("1", "1"), 2: ("2", "2")}
+    fixed = [ListPoint("2", _ras([5.0, 0, 0]))]  # fixed point 1 deleted
+    moving = [ListPoint("1", _ras([1.0, 0, 0])), ListPoint("2", _ras([6.0, 0, 0]))]
     edits = reconcile_pairs(links, fixed, moving, session)
     assert edits.remove == [1]
-    assert edits.delete_points == ["B"]
+    assert edits.delete_fixed == [] and edits.delete_moving == ["1"]
     assert edits.add_links == []
+    # A new fixed point "3" waits even though a moving point "3" is linked elsewhere: the lists are not mixed.
+    links = {2: ("2", "3")}
+    moving = [ListPoint("3", _ras([6.0, 0, 0]))]
+    edits = reconcile_pairs(
+        links, [ListPoint("2", _ras([5.0, 0, 0])), ListPoint("3", _ras([9, 9, 9]))], moving, session
+    )
+    assert edits.empty
 
 
 def test_dragging_a_point_moves_its_pair() -> None:
@@ -89,11 +98,11 @@ def test_dragging_a_point_moves_its_pair() -> None:
 
 def test_lists_follow_the_session_after_delete_or_undo() -> None:
     session = {2: (np.zeros(3), np.ones(3)), 3: (np.zeros(3), np.ones(3))}
-    links = {1: ("A", "B"), 2: ("C", "D")}
-    kept, delete, missing = sync_lists_to_session(links, {"A", "B", "C", "D", "X"}, session)
-    assert kept == {2: ("C", "D")}
-    assert sorted(delete) == ["A", "B"]  # pair 1 is gone from the session
-    assert missing == [3]  # e.g. restored by undo: needs new points; X waits for a partner, untouched
+    links = {1: ("1", "1"), 2: ("2", "2")}
+    kept, delete_fixed, delete_moving, missing = sync_lists_to_session(links, {"1", "2", "3"}, {"1", "2"}, session)
+    assert kept == {2: ("2", "2")}
+    assert delete_fixed == ["1"] and delete_moving == ["1"]  # pair 1 is gone from the session
+    assert missing == [3]  # e.g. restored by undo: needs new points; fixed point 3 waits for a partner, untouched
 
 
 def test_links_round_trip_as_json() -> None:
@@ -286,3 +295,16 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["seg.nrrd", "needs", "slicerio", "ok"]
+
+
+def test_review_layout_is_three_linked_axial_views_fixed_moving_fused() -> None:
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(review_layout_xml())
+    assert root.tag == "layout" and root.get("type") == "horizontal"
+    views = root.findall("./item/view")
+    assert [v.get("singletontag") for v in views] == ["Red", "Yellow", "Green"]
+    props = [{p.get("name"): p.text for p in v.findall("property")} for v in views]
+    assert [p["viewlabel"] for p in props] == ["fixed", "moving", "fused"]
+    assert {p["orientation"] for p in props} == {"Axial"}
+    assert all(v.get("class") == "vtkMRMLSliceNode" for v in views)

@@ -188,12 +188,13 @@ class PairEdits:
     add_fixed_lps: np.ndarray
     add_moving_lps: np.ndarray
     remove: list[int]  # session pair IDs to remove (a point deleted, or moved: it comes back in the adds)
-    delete_points: list[str]  # point IDs whose partner was deleted: the pair is gone, so is this point
+    delete_fixed: list[str]  # fixed point IDs whose partner was deleted: the pair is gone, so is this point
+    delete_moving: list[str]  # the same for moving points
 
     @property
     def empty(self) -> bool:
         """Whether nothing changes."""
-        return not (self.add_links or self.remove or self.delete_points)
+        return not (self.add_links or self.remove or self.delete_fixed or self.delete_moving)
 
 
 def reconcile_pairs(
@@ -205,8 +206,9 @@ def reconcile_pairs(
 ) -> PairEdits:
     """Compare the two point lists with the session's pairs, pairing points by their stored IDs.
 
-    `links` maps each session pair ID to the IDs of its fixed and moving points. A linked pair with a point
-    deleted in the lists is removed (its surviving partner is deleted too); a linked pair whose point was
+    `links` maps each session pair ID to the IDs of its fixed and moving points (IDs are unique within one
+    list only: Slicer numbers each list's points on its own, so the two lists are never mixed). A linked pair
+    with a point deleted in the lists is removed (its surviving partner is deleted too); a linked pair whose point was
     dragged is removed and added again at the new place. Points not linked to a pair wait for a partner:
     the k-th waiting fixed point pairs with the k-th waiting moving point, in list order; an extra point on
     one side keeps waiting (it is never deleted). Deleting a pair in the Markups module therefore never
@@ -214,17 +216,19 @@ def reconcile_pairs(
     """
     f_by_id = {p.point_id: p for p in fixed}
     m_by_id = {p.point_id: p for p in moving}
-    remove, delete_points = [], []
+    remove, delete_fixed, delete_moving = [], [], []
     add_links, add_f, add_m = [], [], []
-    linked = set()
+    linked_f, linked_m = set(), set()
     for pair_id, (fid, mid) in sorted(links.items()):
         if pair_id not in session_pairs:
             continue  # stale link (sync_lists_to_session prunes it)
-        linked.update((fid, mid))
+        linked_f.add(fid)
+        linked_m.add(mid)
         f, m = f_by_id.get(fid), m_by_id.get(mid)
         if f is None or m is None:
             remove.append(pair_id)
-            delete_points += [pid for pid, p in ((fid, f), (mid, m)) if p is not None]
+            delete_fixed += [fid] if f is not None else []
+            delete_moving += [mid] if m is not None else []
             continue
         f_lps, m_lps = lps_ras(np.asarray(f.ras, dtype=np.float64)), lps_ras(np.asarray(m.ras, dtype=np.float64))
         old_f, old_m = (np.asarray(v, dtype=np.float64) for v in session_pairs[pair_id])
@@ -233,8 +237,8 @@ def reconcile_pairs(
             add_links.append((fid, mid))
             add_f.append(f_lps)
             add_m.append(m_lps)
-    waiting_f = [p for p in fixed if p.point_id not in linked]
-    waiting_m = [p for p in moving if p.point_id not in linked]
+    waiting_f = [p for p in fixed if p.point_id not in linked_f]
+    waiting_m = [p for p in moving if p.point_id not in linked_m]
     for f, m in zip(waiting_f, waiting_m, strict=False):
         add_links.append((f.point_id, m.point_id))
         add_f.append(lps_ras(np.asarray(f.ras, dtype=np.float64)))
@@ -244,27 +248,32 @@ def reconcile_pairs(
         np.asarray(add_f, dtype=np.float64).reshape(-1, 3),
         np.asarray(add_m, dtype=np.float64).reshape(-1, 3),
         remove,
-        delete_points,
+        delete_fixed,
+        delete_moving,
     )
 
 
 def sync_lists_to_session(
-    links: dict[int, tuple[str, str]], point_ids: set[str], session_pairs: dict[int, tuple[np.ndarray, np.ndarray]]
-) -> tuple[dict[int, tuple[str, str]], list[str], list[int]]:
+    links: dict[int, tuple[str, str]],
+    fixed_ids: set[str],
+    moving_ids: set[str],
+    session_pairs: dict[int, tuple[np.ndarray, np.ndarray]],
+) -> tuple[dict[int, tuple[str, str]], list[str], list[str], list[int]]:
     """After the session changed on its own (delete in the table, undo, a reopened session): what the lists need.
 
-    Returns the links that still hold (pair in the session, both points present), the point IDs to delete
-    (linked to a pair the session no longer has) and the session pair IDs that need new points (no link).
-    Points that wait for a partner (linked to nothing) are left alone.
+    Returns the links that still hold (pair in the session, both points present), the fixed and the moving
+    point IDs to delete (linked to a pair the session no longer has) and the session pair IDs that need new
+    points (no link). Points that wait for a partner (linked to nothing) are left alone.
     """
-    kept, delete_points = {}, []
+    kept, delete_fixed, delete_moving = {}, [], []
     for pair_id, (fid, mid) in links.items():
-        if pair_id in session_pairs and fid in point_ids and mid in point_ids:
+        if pair_id in session_pairs and fid in fixed_ids and mid in moving_ids:
             kept[pair_id] = (fid, mid)
         else:
-            delete_points += [pid for pid in (fid, mid) if pid in point_ids]
+            delete_fixed += [fid] if fid in fixed_ids else []
+            delete_moving += [mid] if mid in moving_ids else []
     missing = sorted(pair_id for pair_id in session_pairs if pair_id not in kept)
-    return kept, delete_points, missing
+    return kept, delete_fixed, delete_moving, missing
 
 
 def links_to_json(links: dict[int, tuple[str, str]]) -> str:
@@ -408,6 +417,25 @@ def segmentations_following_moving(
         for seg_id, parent_id, reference_id in candidates
         if parent_id == moving_parent_id and (reference_id == moving_id or seg_id in chosen_ids)
     ]
+
+
+# The module's review layout: three linked axial slice views side by side. The view colours are Slicer's own
+# for these singleton tags (vtkMRMLLayoutLogic); the layout ID is the module's (any number Slicer does not use).
+REVIEW_LAYOUT_ID = 8621
+REVIEW_VIEWS = (("Red", "fixed", "#F34A33"), ("Yellow", "moving", "#EDD54C"), ("Green", "fused", "#6EB04B"))
+
+
+def review_layout_xml() -> str:
+    """Slicer layout XML: fixed | moving | fused axial slice views in one row."""
+    items = "".join(
+        f'<item><view class="vtkMRMLSliceNode" singletontag="{tag}">'
+        '<property name="orientation" action="default">Axial</property>'
+        f'<property name="viewlabel" action="default">{label}</property>'
+        f'<property name="viewcolor" action="default">{colour}</property>'
+        "</view></item>"
+        for tag, label, colour in REVIEW_VIEWS
+    )
+    return f'<layout type="horizontal">{items}</layout>'
 
 
 # Margin colours (mm): red where the tumour is not covered (< 0), yellow for a thin margin (0-5), green >= 5.
