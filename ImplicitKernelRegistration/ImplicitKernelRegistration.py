@@ -207,11 +207,25 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
         """Connect the GUI to `parameterNode` (None disconnects)."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanRegister)
         self._parameterNode = parameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanRegister)
             self._observePointLists(self._parameterNode)
             self._refreshPairTable()
+            self._checkCanRegister()
+
+    def _checkCanRegister(self, caller=None, event=None) -> None:
+        """Enable Register when it can run; otherwise its tooltip says why not."""
+        p = self._parameterNode
+        blocker = slicer_bridge.register_blocker(
+            p.fixedVolume.GetID() if p and p.fixedVolume else None,
+            p.movingVolume.GetID() if p and p.movingVolume else None,
+            self._running,
+        )
+        self.ui.registerButton.enabled = not blocker
+        self.ui.registerButton.toolTip = blocker or "Register the moving volume to the fixed volume"
 
     # ------------------------------------------------------------------------------ registration
 
@@ -246,6 +260,7 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
         for name in BUSY_DISABLED:
             getattr(self.ui, name).enabled = not busy
         self.ui.cancelButton.enabled = busy
+        self._checkCanRegister()
 
     def onRegister(self) -> None:
         """Register the moving volume to the fixed one and show the result."""

@@ -31,6 +31,7 @@ from ImplicitKernelRegistrationLib.slicer_bridge import (
     links_to_json,
     margin_lookup_table,
     reconcile_pairs,
+    register_blocker,
     residual_rms_mm,
     review_layout_xml,
     segmentations_following_moving,
@@ -308,3 +309,11 @@ def test_review_layout_is_three_linked_axial_views_fixed_moving_fused() -> None:
     assert [p["viewlabel"] for p in props] == ["fixed", "moving", "fused"]
     assert {p["orientation"] for p in props} == {"Axial"}
     assert all(v.get("class") == "vtkMRMLSliceNode" for v in views)
+
+
+def test_register_button_says_why_it_is_disabled() -> None:
+    assert register_blocker("vtkMRMLScalarVolumeNode1", "vtkMRMLScalarVolumeNode2") == ""
+    assert register_blocker(None, None) == "choose the fixed volume and the moving volume"
+    assert register_blocker("a", None) == "choose the moving volume"
+    assert "same volume" in register_blocker("a", "a")
+    assert "running" in register_blocker("a", "b", running=True)

@@ -305,6 +305,19 @@ def feedback_rows(feedback: list[dict]) -> list[tuple[str, str, str, str]]:
     ]
 
 
+def register_blocker(fixed_id: str | None, moving_id: str | None, running: bool = False) -> str:
+    """Why Register cannot run now ('' when it can): shown as the disabled button's tooltip."""
+    if running:
+        return "a registration is running (Cancel stops it)"
+    if not fixed_id or not moving_id:
+        return "choose the " + " and the ".join(
+            name for name, node in (("fixed volume", fixed_id), ("moving volume", moving_id)) if not node
+        )
+    if fixed_id == moving_id:
+        return "the fixed and the moving volume are the same volume"
+    return ""
+
+
 def residual_rms_mm(feedback: list[dict]) -> float:
     """The root-mean-square residual over a session's user pairs (0 without pairs)."""
     residuals = np.asarray([p["residual_mm"] for p in feedback], dtype=np.float64)
