@@ -3,9 +3,13 @@
 The widget only binds the UI to a parameter node; the logic converts MRML nodes to library types
 (through ImplicitKernelRegistrationLib.slicer_bridge) and calls the library. No algorithm lives here.
 Torch is imported only inside the logic, after the requirement check, never at module import.
+
+Frames: the module's grid transform ("IKR transform") maps fixed (world) points to moving points (a transform
+*from parent*). The moving volume, the moving point list and every segmentation drawn on the moving CT
+before registration sit under it, so their own coordinates stay moving-CT coordinates; a segmentation drawn
+after registration in the registered views lies in the fixed frame and Slicer's export brings it back.
 """
 
-import importlib.util
 import logging
 import pathlib
 from typing import Annotated
@@ -15,11 +19,13 @@ import qt
 import slicer
 import vtk
 from slicer import (
+    vtkMRMLColorTableNode,
     vtkMRMLGridTransformNode,
     vtkMRMLMarkupsFiducialNode,
     vtkMRMLModelNode,
     vtkMRMLScalarVolumeNode,
     vtkMRMLSegmentationNode,
+    vtkMRMLTextNode,
 )
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -33,27 +39,42 @@ from slicer.util import VTKObservationMixin
 from ImplicitKernelRegistrationLib import slicer_bridge
 from ImplicitKernelRegistrationLib.errors import IkrError
 from ImplicitKernelRegistrationLib.geometry import Image, lps_ras
+from ImplicitKernelRegistrationLib.requirements import (
+    BUNDLED_WITH_SLICER,
+    SLICER_REQUIREMENTS,
+    TORCH_VERSION_RANGE,
+    unmet_requirements,
+)
 
-# Python module name -> pip requirement; torch is installed through the PyTorch extension when present.
-TORCH_REQUIREMENT = ">=2.4,<3"
-REQUIREMENTS = {
-    "torch": "torch" + TORCH_REQUIREMENT,
-    "scipy": "scipy>=1.11",
-    "SimpleITK": "SimpleITK>=2.3",
-    "pydicom": "pydicom>=3.0",
-    "highdicom": "highdicom>=0.23",
-    "matplotlib": "matplotlib>=3.8",
-}
-MARGIN_COLOR_NODE_ID = "vtkMRMLColorTableNodeRainbow"
-MARGIN_RANGE_MM = (-5.0, 10.0)
+TRANSFORM_NAME = "IKR transform"
+MARGIN_COLOR_NAME = "IKR margin colours"  # red < 0 mm, yellow 0-5 mm, green >= 5 mm (slicer_bridge.MARGIN_CLASSES)
 # The expected-registration-error overlay: Slicer's Viridis table (a file colour table; its node ID is
-# "vtkMRMLColorTableNodeFile" + file name, as Slicer's own code uses it), window 0-5 mm, blended over the CT.
+# "vtkMRMLColorTableNodeFile" + file name, as Slicer's own code uses it), window 0-5 mm, blended over the CT;
+# voxels below 1 mm are not drawn, so the CT shows through where the registration is as good as a click.
 EXPECTED_ERROR_NAME = "IKR expected error (mm)"
 EXPECTED_ERROR_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileViridis.txt"
 EXPECTED_ERROR_RANGE_MM = (0.0, 5.0)
+EXPECTED_ERROR_THRESHOLD_MM = 1.0
 EXPECTED_ERROR_OPACITY = 0.4
 SUGGESTIONS_NAME = "IKR suggested clicks"
 SUGGESTIONS_COLOR = (1.0, 0.75, 0.0)  # amber: apart from the default colour of the fixed/moving point lists
+# Widgets disabled while a registration runs (everything but Cancel, the progress bar and the status line).
+BUSY_DISABLED = (
+    "inputsCollapsible",
+    "refinementCollapsible",
+    "uncertaintyCollapsible",
+    "marginsCollapsible",
+    "exportCollapsible",
+    "registerButton",
+    "deviceComboBox",
+    "spacingSpinBox",
+    "resampleCheckBox",
+    "outputTransformSelector",
+    "outputVolumeSelector",
+    "outputFolderEdit",
+    "correspondencesSelector",
+    "showCorrespondencesCheckBox",
+)
 
 
 class RegistrationCancelled(Exception):
@@ -80,7 +101,7 @@ class ImplicitKernelRegistration(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class ImplicitKernelRegistrationParameterNode:
-    """The module's state, saved with the scene."""
+    """The module's state, saved with the scene (the session too: sessionState, pairLinks)."""
 
     fixedVolume: vtkMRMLScalarVolumeNode
     movingVolume: vtkMRMLScalarVolumeNode
@@ -97,12 +118,17 @@ class ImplicitKernelRegistrationParameterNode:
     fixedPoints: vtkMRMLMarkupsFiducialNode
     movingPoints: vtkMRMLMarkupsFiducialNode
     marginModel: vtkMRMLModelNode
+    marginColors: vtkMRMLColorTableNode
     outputFolder: pathlib.Path
     marginSummary: str = ""
     expectedErrorVolume: vtkMRMLScalarVolumeNode
     showExpectedError: bool = False
     numberOfSuggestions: Annotated[int, WithinRange(1, 20)] = 5
     suggestedClicks: vtkMRMLMarkupsFiducialNode
+    # What reopening the refinement session needs (slicer_bridge.session_state_json), kept with the scene.
+    sessionState: vtkMRMLTextNode
+    # Session pair ID -> IDs of its fixed and moving control points (slicer_bridge.links_to_json).
+    pairLinks: str = ""
 
 
 class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -116,6 +142,8 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._cancelRequested = False
+        self._running = False
+        self._observedPointLists = []
 
     def setup(self) -> None:
         """Load the UI, connect the buttons and the parameter node."""
@@ -132,6 +160,7 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
         self.ui.addPairButton.connect("clicked(bool)", self.onAddPairs)
         self.ui.deletePairButton.connect("clicked(bool)", self.onDeletePair)
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
+        self.ui.pairTable.connect("cellClicked(int,int)", self.onPairClicked)
         self.ui.showCorrespondencesCheckBox.connect("toggled(bool)", self.onShowCorrespondences)
         self.ui.showExpectedErrorCheckBox.connect("toggled(bool)", self.onShowExpectedError)
         self.ui.suggestClicksButton.connect("clicked(bool)", self.onSuggestClicks)
@@ -159,7 +188,9 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
             self._parameterNodeGuiTag = None
 
     def onSceneStartClose(self, caller, event) -> None:
-        """Forget the parameter node (and the in-memory session) before the scene closes."""
+        """Stop a running registration, forget the parameter node and the in-memory session before the scene closes."""
+        self._cancelRequested = True
+        self._observePointLists(None)
         self.setParameterNode(None)
         self.logic.reset()
 
@@ -176,9 +207,25 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
         """Connect the GUI to `parameterNode` (None disconnects)."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanRegister)
         self._parameterNode = parameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanRegister)
+            self._observePointLists(self._parameterNode)
+            self._refreshPairTable()
+            self._checkCanRegister()
+
+    def _checkCanRegister(self, caller=None, event=None) -> None:
+        """Enable Register when it can run; otherwise its tooltip says why not."""
+        p = self._parameterNode
+        blocker = slicer_bridge.register_blocker(
+            p.fixedVolume.GetID() if p and p.fixedVolume else None,
+            p.movingVolume.GetID() if p and p.movingVolume else None,
+            self._running,
+        )
+        self.ui.registerButton.enabled = not blocker
+        self.ui.registerButton.toolTip = blocker or "Register the moving volume to the fixed volume"
 
     # ------------------------------------------------------------------------------ registration
 
@@ -188,8 +235,8 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
         if not missing:
             return True
         text = (
-            "The registration needs Python packages that are not installed: "
-            + ", ".join(missing)
+            "The registration needs Python packages that are not installed or too old: "
+            + ", ".join(f"{name} ({why})" for name, why in missing.items())
             + ".\nInstall them now? This downloads them and may take several minutes."
         )
         if not slicer.util.confirmOkCancelDisplay(text, windowTitle="Install required packages"):
@@ -207,22 +254,33 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
         if self._cancelRequested:
             raise RegistrationCancelled()
 
+    def _setBusy(self, busy: bool) -> None:
+        """While a registration runs, only Cancel (and the progress display) stays enabled."""
+        self._running = busy
+        for name in BUSY_DISABLED:
+            getattr(self.ui, name).enabled = not busy
+        self.ui.cancelButton.enabled = busy
+        self._checkCanRegister()
+
     def onRegister(self) -> None:
         """Register the moving volume to the fixed one and show the result."""
         if not self._ensureRequirements():
             return
         self._cancelRequested = False
-        self.ui.cancelButton.enabled = True
-        self.ui.registerButton.enabled = False
+        self._setBusy(True)
         try:
             with slicer.util.tryWithErrorDisplay("Registration failed.", waitCursor=True):
-                self.logic.register(self._parameterNode, self._progress)
-                self._refreshPairTable()
-        except RegistrationCancelled:
-            self.ui.statusLabel.text = "cancelled"
+                try:
+                    self.logic.register(self._parameterNode, self._progress)
+                    self.ui.statusLabel.text = self.logic.lastMessage
+                except RegistrationCancelled:  # inside the `with`: a cancellation is not an error to display
+                    self.ui.statusLabel.text = f"cancelled ({self.logic.lastMessage})"
         finally:
-            self.ui.cancelButton.enabled = False
-            self.ui.registerButton.enabled = True
+            self._setBusy(False)
+            self._observePointLists(self._parameterNode)
+            self._refreshPairTable()
+        # ----- The initial-transform input and the quality verdict (lead engineer, in parallel): the library
+        # ----- will provide both; show the verdict here, after Register, without inventing its API.
 
     def onCancel(self) -> None:
         """Ask the running registration to stop at its next step."""
@@ -234,18 +292,52 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
 
     # ------------------------------------------------------------------------------ refinement
 
+    def _observePointLists(self, parameterNode) -> None:
+        """Update the pairs whenever a point is placed, let go after a drag, or deleted (one click per point)."""
+        for node in self._observedPointLists:
+            for event in ImplicitKernelRegistrationLogic.POINT_EVENTS:
+                self.removeObserver(node, event, self.onPointsChanged)
+        self._observedPointLists = []
+        if parameterNode is None:
+            return
+        for node in (parameterNode.fixedPoints, parameterNode.movingPoints):
+            if node is not None:
+                for event in ImplicitKernelRegistrationLogic.POINT_EVENTS:
+                    self.addObserver(node, event, self.onPointsChanged)
+                self._observedPointLists.append(node)
+
+    def onPointsChanged(self, caller, event) -> None:
+        """A point list changed: add, move or remove pairs (nothing while the module itself edits the lists)."""
+        if self._running or self.logic.editingLists or self._parameterNode is None:
+            return
+        if not self.logic.hasSession(self._parameterNode):
+            return
+        with slicer.util.tryWithErrorDisplay("Updating the pairs failed.", waitCursor=True):
+            self.logic.syncPairs(self._parameterNode)
+            self._refreshPairTable()
+
     def _refreshPairTable(self) -> None:
-        """Fill the pair table from the session's feedback."""
-        rows = slicer_bridge.feedback_rows(self.logic.pairFeedback())
+        """Fill the pair table from the session's feedback; the RMS residual goes to the status line."""
+        feedback = self.logic.pairFeedback()
+        rows = slicer_bridge.feedback_rows(feedback)
         table = self.ui.pairTable
         table.setRowCount(len(rows))
         for r, row in enumerate(rows):
             for c, text in enumerate(row):
                 table.setItem(r, c, qt.QTableWidgetItem(text))
+        if feedback and not self._running:
+            rms = slicer_bridge.residual_rms_mm(feedback)
+            self.ui.statusLabel.text = f"{len(feedback)} pairs, residual RMS {rms:.2f} mm"
+
+    def onPairClicked(self, row: int, column: int) -> None:
+        """Centre the views on the clicked pair's fixed point."""
+        item = self.ui.pairTable.item(row, 0)
+        if item is not None:
+            self.logic.jumpToPair(int(item.text()))
 
     def onAddPairs(self) -> None:
-        """Add the newly placed fixed/moving point pairs and rebuild the field."""
-        with slicer.util.tryWithErrorDisplay("Adding the pair failed.", waitCursor=True):
+        """Add, move or remove pairs from the two point lists (the lists also update the pairs on every click)."""
+        with slicer.util.tryWithErrorDisplay("Updating the pairs failed.", waitCursor=True):
             self.logic.syncPairs(self._parameterNode)
             self._refreshPairTable()
 
@@ -313,13 +405,13 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
                 self.logic.saveMarginReport(self._parameterNode, pathlib.Path(folder) / "margin_report")
 
     def onExportTransform(self) -> None:
-        """Save the transform as .h5 (ITK) or the displacement field as .nii.gz."""
+        """Save the transform as .h5 (ITK; read by Slicer, SimpleITK, ANTs) or the displacement field as .nrrd."""
         path = qt.QFileDialog.getSaveFileName(
-            slicer.util.mainWindow(), "Export transform", "transform.h5", "Transforms (*.h5 *.tfm *.nii.gz *.nrrd)"
+            slicer.util.mainWindow(), "Export transform", "transform.h5", "Transforms (*.h5 *.tfm *.nrrd *.mha)"
         )
         if path:
             with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
-                self.logic.exportTransform(path)
+                self.logic.exportTransform(self._parameterNode, path)
 
     def onExportSegmentation(self) -> None:
         """Save the tumour segmentation warped onto the fixed grid."""
@@ -327,7 +419,7 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
             slicer.util.mainWindow(),
             "Export warped segmentation",
             "tumour_warped.seg.nrrd",
-            "Labels (*.seg.nrrd *.nii.gz)",
+            "Labels (*.seg.nrrd *.nii.gz *.nrrd)",
         )
         if path:
             with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
@@ -337,9 +429,17 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
 class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
     """MRML nodes <-> library types, and the library calls; no Qt, usable from Slicer's Python console."""
 
+    # Point-list events that change the pairs: a point placed, a drag let go, a point deleted.
+    POINT_EVENTS = (
+        slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
+        slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent,
+        slicer.vtkMRMLMarkupsNode.PointRemovedEvent,
+    )
+
     def __init__(self) -> None:
         """Start with no registration in memory."""
         ScriptedLoadableModuleLogic.__init__(self)
+        self.editingLists = False  # True while the logic itself edits the point lists (observers ignore it)
         self.reset()
 
     def reset(self) -> None:
@@ -348,10 +448,12 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         self.movingImage = None
         self.result = None
         self.session = None
+        self.savedSession = None  # session.json's content without the version: config, working geometry, inputs
         self.expectedError = None  # the session's expected-error map (library Image); None: not computed or stale
         self.marginResult = None
         self.marginInterval = None  # the minimal margin's interval over the uncertainty (uncertainty.margin_interval)
         self.marginErrorMap = None  # the expected-error map the interval was computed from
+        self.lastMessage = ""
         self._foregroundBefore = {}  # slice composite node ID -> (foreground volume ID, opacity) before the overlay
 
     def getParameterNode(self) -> ImplicitKernelRegistrationParameterNode:
@@ -361,39 +463,89 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------------------ requirements
 
     @staticmethod
-    def missingRequirements() -> list[str]:
-        """Python modules the library needs that are not importable here."""
-        return [name for name in REQUIREMENTS if importlib.util.find_spec(name) is None]
+    def missingRequirements() -> dict[str, str]:
+        """Packages the library needs that are missing or too old here (name -> why)."""
+        return unmet_requirements(SLICER_REQUIREMENTS)
 
     @staticmethod
-    def installRequirements(missing: list[str]) -> None:
-        """Install missing packages: torch through the PyTorch extension when it is there, else pip."""
-        if "torch" in missing and hasattr(slicer.modules, "pytorchutils"):
+    def installRequirements(missing: dict[str, str]) -> None:
+        """Install: torch through the PyTorch extension when it is there, else pip; never over Slicer's own packages."""
+        bundled = [name for name in missing if name in BUNDLED_WITH_SLICER]
+        if bundled:
+            raise IkrError(
+                f"{', '.join(bundled)} come with Slicer and are {', '.join(missing[n] for n in bundled)}: "
+                "use Slicer 5.10 or later"
+            )
+        names = list(missing)
+        if "torch" in names and hasattr(slicer.modules, "pytorchutils"):
             import PyTorchUtils
 
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(torchVersionRequirement=TORCH_REQUIREMENT) is None:
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(torchVersionRequirement=TORCH_VERSION_RANGE) is None:
                 raise IkrError("PyTorch was not installed")
-            missing = [name for name in missing if name != "torch"]
-        if missing:
-            slicer.util.pip_install([REQUIREMENTS[name] for name in missing])
+            names.remove("torch")
+        if names:
+            slicer.util.pip_install([SLICER_REQUIREMENTS[name] for name in names])
 
     # ------------------------------------------------------------------------------ MRML -> library
 
     @staticmethod
-    def imageFromVolume(volumeNode) -> Image:
-        """The volume's voxels and geometry as a library Image (LPS); refuses transformed volumes."""
-        if volumeNode is None:
-            raise IkrError("no volume selected")
-        if volumeNode.GetParentTransformNode() is not None:
-            raise IkrError(f"volume {volumeNode.GetName()!r} is under a transform: harden or remove it first")
+    def _transformChain(node) -> list:
+        """The node's parent transform nodes, nearest first."""
+        chain = []
+        parent = node.GetParentTransformNode()
+        while parent is not None and parent not in chain:
+            chain.append(parent)
+            parent = parent.GetParentTransformNode()
+        return chain
+
+    @staticmethod
+    def _volumeImage(volumeNode) -> Image:
+        """The volume's own voxels and IJK-to-RAS geometry (its parent transforms ignored) as a library Image."""
         matrix = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(matrix)
         array = slicer.util.arrayFromVolume(volumeNode)
         return slicer_bridge.image_from_volume_array(array, slicer.util.arrayFromVTKMatrix(matrix))
 
+    def imageFromVolume(self, volumeNode, ownTransform=None) -> Image:
+        """The volume as a library Image (LPS), in the frame the registration works in.
+
+        Under no transform or only the module's own (ownTransform; e.g. the moving volume at a second Register)
+        its own voxels are read. Under another transform (Slicer's DICOM reader puts a tilted or unevenly spaced
+        CT under a regularisation transform) a temporary copy is hardened (resampled when the transform is not
+        linear) and read, and lastMessage says so; the module's own transform above it is left out.
+        """
+        if volumeNode is None:
+            raise IkrError("no volume selected")
+        chain = self._transformChain(volumeNode)
+        ownId = ownTransform.GetID() if ownTransform is not None else None
+        if slicer_bridge.transform_action([t.GetID() for t in chain], ownId) == "direct":
+            return self._volumeImage(volumeNode)
+        top = next((t for t in chain if ownId is not None and t.GetTransformNodeID() == ownId), None)
+        copy = slicer.modules.volumes.logic().CloneVolume(slicer.mrmlScene, volumeNode, "IKR temporary copy")
+        try:
+            if top is not None:
+                top.SetAndObserveTransformNodeID(None)  # the module's own transform is not part of the input
+            copy.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+            copy.HardenTransform()
+            image = self._volumeImage(copy)
+        finally:
+            if top is not None:
+                top.SetAndObserveTransformNodeID(ownId)
+            slicer.mrmlScene.RemoveNode(copy)
+        note = f"{volumeNode.GetName()!r} is under transform {chain[0].GetName()!r}: a hardened copy was registered"
+        logging.info(note)
+        self.lastMessage = note
+        return image
+
     @staticmethod
     def maskFromSegmentation(segmentationNode, referenceVolume) -> Image | None:
-        """The union of every segment as a uint8 mask on the reference volume's grid (None without a node)."""
+        """The union of every segment as a uint8 mask on the reference volume's own grid (None without a node).
+
+        Slicer exports through the transforms between the segmentation and the volume: none when both sit
+        under the module's transform (drawn on the moving CT before registration: see
+        putMovingSegmentationsUnderTransform), the inverse registration when the segmentation was drawn in
+        the registered (fixed) frame. Either way the mask is in the volume's own (moving-CT) frame.
+        """
         if segmentationNode is None:
             return None
         segmentation = segmentationNode.GetSegmentation()
@@ -411,64 +563,167 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------------------ registration
 
     def register(self, parameterNode, progress=None) -> None:
-        """Register moving to fixed, then show the transform, the moved volume and the correspondences."""
+        """Register moving to fixed, then show the transform, the moved volume and the correspondences.
+
+        `progress(fraction, message)` may raise to cancel; it is also called between the steps after the
+        registration (map, output writing), so Cancel is seen there too.
+        """
         from ImplicitKernelRegistrationLib.pipeline import RegistrationConfig, register
         from ImplicitKernelRegistrationLib.refine import session_from_result
 
         p = parameterNode
-        fixed = self.imageFromVolume(p.fixedVolume)
-        moving = self.imageFromVolume(p.movingVolume)
+        step = progress or (lambda fraction, message: None)
+        self.lastMessage = ""
+        own = p.outputTransform
+        fixed = self.imageFromVolume(p.fixedVolume, own)
+        moving = self.imageFromVolume(p.movingVolume, own)
         fixedMask = self.maskFromSegmentation(p.fixedMask, p.fixedVolume)
         movingMask = self.maskFromSegmentation(p.movingMask, p.movingVolume)
         config = RegistrationConfig(spacing_mm=float(p.spacingMm), device=p.device)  # shipped weights: resources
-        self.result = register(fixed, moving, config, fixedMask, movingMask, progress)
-        self.fixedImage, self.movingImage = fixed, moving
-        self.session = session_from_result(self.result, fixed)
+        note = self.lastMessage  # e.g. that a hardened copy was registered
+        self.lastMessage = "nothing was changed"
+        result = register(fixed, moving, config, fixedMask, movingMask, progress)
+        foregroundBefore = self._foregroundBefore  # what the expected-error overlay covers, kept across runs
+        self.reset()
+        self._foregroundBefore = foregroundBefore
+        self.result, self.fixedImage, self.movingImage = result, fixed, moving
+        self.session = session_from_result(result, fixed)
+        self.savedSession = {
+            "inputs": {"fixed": p.fixedVolume.GetName(), "moving": p.movingVolume.GetName()},
+            "config": result.report["config"],
+            "working_geometry": result.working_geometry.to_dict(),
+        }
         self.showField(p)
         self.showCorrespondences(p)
         self.ensurePairNodes(p)
+        self._syncListsToSession(p)  # points of an earlier registration's pairs are removed
+        self.storeSessionInScene(p)
+        self.showReviewLayout(p)
+        self.lastMessage = "the registration is shown; no expected-error map, the output folder was not written"
+        step(1.0, "computing the expected-error map")
         self._afterFieldChange(p, compute=True)  # the expected-error map, written with the outputs below
+        self.lastMessage = "the registration is shown; the output folder was not written"
+        step(1.0, "writing the output folder")
         self.saveSession(p, full=True)
-        logging.info("registration: %s", {k: self.result.report[k] for k in ("runtime_s", "device", "n_keypoints")})
+        report = {k: result.report.get(k) for k in ("runtime_s", "device", "n_keypoints")}
+        logging.info("registration: %s", report)
+        self.lastMessage = f"registered in {report['runtime_s']:.0f} s on {report['device']}" + (
+            f"; {note}" if note else ""
+        )
+
+    def ensureOutputTransform(self, parameterNode):
+        """The module's grid transform node (made on first use)."""
+        p = parameterNode
+        if p.outputTransform is None:
+            p.outputTransform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLGridTransformNode", TRANSFORM_NAME)
+        return p.outputTransform
+
+    def putUnderOwnTransform(self, node, ownTransform) -> None:
+        """Put a node under the module's transform: directly, or its topmost other transform under it."""
+        chain = self._transformChain(node)
+        if ownTransform.GetID() in [t.GetID() for t in chain]:
+            return
+        (chain[-1] if chain else node).SetAndObserveTransformNodeID(ownTransform.GetID())
+
+    def putMovingSegmentationsUnderTransform(self, parameterNode) -> list[str]:
+        """When the moving volume first goes under the module's transform, the segmentations drawn on it follow.
+
+        Which ones: slicer_bridge.segmentations_following_moving. Returns their node IDs.
+        """
+        p = parameterNode
+        own = p.outputTransform
+        if own.GetID() in [t.GetID() for t in self._transformChain(p.movingVolume)]:
+            return []
+        role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+        candidates = [
+            (node.GetID(), node.GetTransformNodeID(), node.GetNodeReferenceID(role))
+            for node in slicer.util.getNodesByClass("vtkMRMLSegmentationNode")
+        ]
+        chosen = {node.GetID() for node in (p.tumourSegmentation, p.movingMask) if node is not None}
+        follow = slicer_bridge.segmentations_following_moving(
+            p.movingVolume.GetTransformNodeID(), candidates, p.movingVolume.GetID(), chosen
+        )
+        for nodeId in follow:
+            self.putUnderOwnTransform(slicer.mrmlScene.GetNodeByID(nodeId), own)
+        return follow
+
+    def displaySpacingMm(self, parameterNode) -> float:
+        """The grid spacing of the transform Slicer is given: the registration's working spacing."""
+        config = (self.savedSession or {}).get("config", {})
+        return float(config.get("spacing_mm", parameterNode.spacingMm))
 
     def showField(self, parameterNode) -> None:
-        """Put the session's field into the output grid transform node and apply it to the moving volume."""
+        """Put the session's field (working grid, float32) into the module's transform; apply it to the moving side.
+
+        A new vtkOrientedGridTransform is set every time (grid geometry and values), so the views and the
+        point lists under it refresh; Modified() is called for observers of the transform object itself.
+        """
         p = parameterNode
-        field = self.session.field
-        if p.outputTransform is None:
-            p.outputTransform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLGridTransformNode", "IKR transform")
-        node = p.outputTransform
-        current = node.GetTransformFromParent()
-        grid = current.GetDisplacementGrid() if isinstance(current, slicer.vtkOrientedGridTransform) else None
-        if grid is not None and tuple(grid.GetDimensions()) == tuple(field.geometry.size):
-            slicer.util.arrayFromGridTransform(node)[:] = slicer_bridge.grid_arrays(field).displacement_ras
-            slicer.util.arrayFromGridTransformModified(node)
-        else:
-            transform = slicer.vtkOrientedGridTransform()
-            transform.SetInterpolationModeToLinear()
-            transform.SetGridDirectionMatrix(slicer_bridge.grid_direction_matrix(field))
-            transform.SetDisplacementGridData(slicer_bridge.displacement_image_data(field))
-            node.SetAndObserveTransformFromParent(transform)  # fixed -> moving is the resampling direction
+        node = self.ensureOutputTransform(p)
+        field = slicer_bridge.display_field(self.session.field, self.displaySpacingMm(p))
+        transform = slicer.vtkOrientedGridTransform()
+        transform.SetInterpolationModeToLinear()
+        transform.SetGridDirectionMatrix(slicer_bridge.grid_direction_matrix(field))
+        transform.SetDisplacementGridData(slicer_bridge.displacement_image_data(field))
+        transform.Modified()
+        node.SetAndObserveTransformFromParent(transform)  # fixed -> moving is the resampling direction
         if p.resampleMoving:
+            if p.movingVolume.GetTransformNodeID() == node.GetID():
+                p.movingVolume.SetAndObserveTransformNodeID(None)
             self._resampleMoving(p)
         else:
-            p.movingVolume.SetAndObserveTransformNodeID(node.GetID())
+            self.putMovingSegmentationsUnderTransform(p)
+            self.putUnderOwnTransform(p.movingVolume, node)
 
     def _resampleMoving(self, parameterNode) -> None:
-        """Write the moving volume resampled onto the fixed grid into the output volume node."""
+        """Write the moving volume resampled onto the fixed grid into the output volume node (with a display node)."""
         from ImplicitKernelRegistrationLib.fields import warp_image
 
         p = parameterNode
-        warped = warp_image(self.movingImage, self.session.field)
-        if p.outputVolume is None:
-            p.outputVolume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "IKR moving resampled")
-        slicer.util.updateVolumeFromArray(p.outputVolume, warped.array)
+        warped = warp_image(
+            self.movingImage or self.imageFromVolume(p.movingVolume, p.outputTransform), self.session.field
+        )
         ijkToRas = slicer_bridge.ijk_to_ras_matrix(warped.geometry)
-        p.outputVolume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijkToRas))
-        slicer.util.setSliceViewerLayers(background=p.fixedVolume, foreground=p.outputVolume, foregroundOpacity=0.5)
+        if p.outputVolume is None:
+            p.outputVolume = slicer.util.addVolumeFromArray(
+                warped.array, ijkToRAS=ijkToRas, name="IKR moving resampled"
+            )
+        else:
+            slicer.util.updateVolumeFromArray(p.outputVolume, warped.array)
+            p.outputVolume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijkToRas))
+        if p.outputVolume.GetDisplayNode() is None:
+            p.outputVolume.CreateDefaultDisplayNodes()
+
+    @staticmethod
+    def showReviewLayout(parameterNode) -> None:
+        """Three linked axial views: fixed | moving (registered: under the transform, or its resampled copy) | fused.
+
+        Points for pairs are clicked in the first two; the third fades the registered moving CT over the fixed.
+        Nothing happens without Slicer's main window (e.g. a test run without GUI).
+        """
+        p = parameterNode
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is None:
+            return
+        layoutNode = layoutManager.layoutLogic().GetLayoutNode()
+        if not layoutNode.IsLayoutDescription(slicer_bridge.REVIEW_LAYOUT_ID):
+            layoutNode.AddLayoutDescription(slicer_bridge.REVIEW_LAYOUT_ID, slicer_bridge.review_layout_xml())
+        layoutManager.setLayout(slicer_bridge.REVIEW_LAYOUT_ID)
+        moving = p.outputVolume if p.resampleMoving else p.movingVolume
+        layers = {
+            "Red": (p.fixedVolume, None, 0.0),
+            "Yellow": (moving, None, 0.0),
+            "Green": (p.fixedVolume, moving, 0.5),
+        }
+        for tag, (background, foreground, opacity) in layers.items():
+            composite = layoutManager.sliceWidget(tag).mrmlSliceCompositeNode()
+            composite.SetBackgroundVolumeID(background.GetID())
+            composite.SetForegroundVolumeID(foreground.GetID() if foreground is not None else None)
+            composite.SetForegroundOpacity(opacity)
+            composite.SetLinkedControl(True)
 
     def showCorrespondences(self, parameterNode) -> None:
-        """Show the automatic correspondences' fixed points as a locked (hideable) point list."""
+        """The automatic correspondences' fixed points as a locked point list, hidden until asked for."""
         p = parameterNode
         corr = self.result.correspondences
         points = lps_ras(corr.fixed_lps[corr.confidence > 0])
@@ -476,6 +731,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
             node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "IKR correspondences")
             node.CreateDefaultDisplayNodes()
             node.GetDisplayNode().SetPointLabelsVisibility(False)
+            node.SetDisplayVisibility(False)  # 2000 points would hide the anatomy; the check box shows them
             p.correspondences = node
         slicer.util.updateMarkupsControlPointsFromArray(p.correspondences, points)
         p.correspondences.SetLocked(True)
@@ -489,27 +745,51 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------------------ refinement
 
     def ensurePairNodes(self, parameterNode) -> None:
-        """Make the fixed and moving point lists of the pair workflow (the moving one follows the moving volume)."""
+        """Make the fixed and moving point lists; the moving one sits under the module's transform in both modes.
+
+        Under the transform, a point placed where the registered moving CT (or its resampled copy) shows a
+        structure is stored at that structure's moving-CT position.
+        """
         p = parameterNode
         if p.fixedPoints is None:
             p.fixedPoints = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "IKR fixed points")
         if p.movingPoints is None:
             p.movingPoints = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "IKR moving points")
-        # Under the moving volume's transform, local coordinates are moving-space positions.
-        p.movingPoints.SetAndObserveTransformNodeID(p.movingVolume.GetTransformNodeID())
+        p.movingPoints.SetAndObserveTransformNodeID(self.ensureOutputTransform(p).GetID())
 
     @staticmethod
-    def _definedPoints(markupsNode) -> np.ndarray:
-        """RAS positions (node coordinates) of the placed control points, in list order."""
-        positions = slicer.util.arrayFromMarkupsControlPoints(markupsNode)
-        defined = [
-            markupsNode.GetNthControlPointPositionStatus(i) == slicer.vtkMRMLMarkupsNode.PositionDefined
-            for i in range(markupsNode.GetNumberOfControlPoints())
-        ]
-        return positions[np.asarray(defined, dtype=bool)] if len(positions) else positions.reshape(0, 3)
+    def _listPoints(markupsNode) -> list:
+        """The placed control points (ID, node-coordinate RAS position), in list order."""
+        points = []
+        for i in range(markupsNode.GetNumberOfControlPoints()):
+            if markupsNode.GetNthControlPointPositionStatus(i) != slicer.vtkMRMLMarkupsNode.PositionDefined:
+                continue
+            position = np.asarray(markupsNode.GetNthControlPointPosition(i), dtype=np.float64)
+            points.append(slicer_bridge.ListPoint(markupsNode.GetNthControlPointID(i), position))
+        return points
+
+    def hasSession(self, parameterNode) -> bool:
+        """Whether a refinement session is in memory or can be reopened (scene or output folder)."""
+        from ImplicitKernelRegistrationLib.io.outputs import OUTPUT_FILES
+
+        p = parameterNode
+        folder = pathlib.Path(p.outputFolder) if p.outputFolder and str(p.outputFolder) not in ("", ".") else None
+        return (
+            self.session is not None
+            or p.sessionState is not None
+            or (folder is not None and (folder / OUTPUT_FILES["session"]).is_file())
+        )
+
+    def storeSessionInScene(self, parameterNode) -> None:
+        """Keep what reopening the session needs in a text node saved with the scene (parameter `sessionState`)."""
+        p = parameterNode
+        saved = {**self.savedSession, "user": self.session.to_dict()}
+        if p.sessionState is None:
+            p.sessionState = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTextNode", "IKR session")
+        p.sessionState.SetText(slicer_bridge.session_state_json(saved, self.session.automatic))
 
     def openSession(self, parameterNode) -> None:
-        """Resume the refinement session from the output folder when none is in memory."""
+        """Reopen the refinement session when none is in memory: from the scene, else from the output folder."""
         if self.session is not None:
             return
         from ImplicitKernelRegistrationLib.correspondences import AUTOMATIC
@@ -517,52 +797,132 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         from ImplicitKernelRegistrationLib.refine import open_session
 
         p = parameterNode
-        if not p.outputFolder or not (pathlib.Path(p.outputFolder) / OUTPUT_FILES["session"]).is_file():
+        if p.sessionState is not None and p.sessionState.GetText():
+            saved, automatic = slicer_bridge.session_state_from_json(p.sessionState.GetText())
+        elif self.hasSession(p):
+            saved = read_session(p.outputFolder)
+            everything = read_correspondences_csv(pathlib.Path(p.outputFolder) / OUTPUT_FILES["correspondences"])
+            automatic = everything.subset(everything.source == AUTOMATIC)
+        else:
             raise IkrError("register first (or choose the output folder of an earlier registration)")
-        saved = read_session(p.outputFolder)
-        everything = read_correspondences_csv(pathlib.Path(p.outputFolder) / OUTPUT_FILES["correspondences"])
-        self.fixedImage = self.imageFromVolume(p.fixedVolume)
-        self.session = open_session(self.fixedImage, saved, everything.subset(everything.source == AUTOMATIC))
+        self.fixedImage = self.imageFromVolume(p.fixedVolume, p.outputTransform)
+        self.session = open_session(self.fixedImage, saved, automatic)
+        self.savedSession = {k: v for k, v in saved.items() if k not in ("version", "files", "user")}
 
     def pairFeedback(self) -> list[dict]:
         """The session's per-pair feedback (empty without a session)."""
         return self.session.feedback() if self.session is not None else []
 
+    @staticmethod
+    def _deletePoints(markupsNode, pointIds) -> None:
+        """Delete control points of one list by ID (IDs are unique within a list only)."""
+        for pointId in pointIds:
+            index = markupsNode.GetNthControlPointIndexByID(pointId)
+            if index >= 0:
+                markupsNode.RemoveNthControlPoint(index)
+
     def syncPairs(self, parameterNode) -> list[int]:
-        """Add every newly completed fixed/moving point pair to the session; update the transform."""
+        """Bring the session in line with the point lists (pairs by stored point IDs); return the new pair ids.
+
+        A fixed point and the next moving point placed make a pair; a dragged point moves its pair; a point
+        deleted in the Markups module deletes its pair (and its partner). A point waiting for its partner stays.
+        """
         p = parameterNode
         self.openSession(p)
-        known = len(self.session.pairs)
-        fixedLps, movingLps = slicer_bridge.complete_pairs(
-            self._definedPoints(p.fixedPoints)[known:], self._definedPoints(p.movingPoints)[known:]
+        self.ensurePairNodes(p)
+        links = slicer_bridge.links_from_json(p.pairLinks)
+        pairs = {pair.id: (pair.fixed_lps, pair.moving_lps) for pair in self.session.pairs}
+        edits = slicer_bridge.reconcile_pairs(
+            links, self._listPoints(p.fixedPoints), self._listPoints(p.movingPoints), pairs
         )
-        if len(fixedLps) == 0:
+        if edits.empty:
             return []
-        ids = self.session.add_correspondences(fixedLps, movingLps)
+        outside = ~self.session.target.contains_lps(edits.add_fixed_lps) if len(edits.add_fixed_lps) else []
+        if np.any(outside):
+            raise IkrError(
+                f"fixed point {edits.add_fixed_lps[outside][0].round(1).tolist()} (LPS mm) lies outside the fixed image"
+            )
+        for pairId in edits.remove:
+            self.session.remove_correspondence(pairId)
+            links.pop(pairId, None)
+        ids = []
+        if edits.add_links:
+            ids = self.session.add_correspondences(edits.add_fixed_lps, edits.add_moving_lps)
+            links.update(zip(ids, edits.add_links, strict=True))
+        p.pairLinks = slicer_bridge.links_to_json(links)
+        self._editLists(p, edits.delete_fixed, edits.delete_moving)
         self._afterEdit(p)
         return ids
 
     def removePair(self, parameterNode, pairId: int) -> None:
-        """Delete one pair by id and rebuild the field."""
+        """Delete one pair by id (and its two points) and rebuild the field."""
         self.openSession(parameterNode)
         self.session.remove_correspondence(pairId)
+        self._syncListsToSession(parameterNode)
         self._afterEdit(parameterNode)
 
     def undo(self, parameterNode) -> None:
-        """Undo the last add or delete."""
+        """Undo the last add or delete (the point lists follow)."""
         self.openSession(parameterNode)
         self.session.undo()
+        self._syncListsToSession(parameterNode)
         self._afterEdit(parameterNode)
 
-    def _afterEdit(self, parameterNode) -> None:
-        """Mirror the session's pairs into the point lists, update the transform, save the session."""
+    def _editLists(self, parameterNode, deleteFixed, deleteMoving) -> None:
+        """Delete points and label every linked point with its pair's label (observers ignore these edits)."""
         p = parameterNode
-        fixedRas, movingRas, labels = slicer_bridge.pairs_ras(self.session.feedback())
-        for node, points in ((p.fixedPoints, fixedRas), (p.movingPoints, movingRas)):
-            slicer.util.updateMarkupsControlPointsFromArray(node, points)
-            for i, label in enumerate(labels):
-                node.SetNthControlPointLabel(i, label)
+        self.editingLists = True
+        try:
+            self._deletePoints(p.fixedPoints, deleteFixed)
+            self._deletePoints(p.movingPoints, deleteMoving)
+            labels = {pair.id: pair.label for pair in self.session.pairs}
+            for pairId, (fixedId, movingId) in slicer_bridge.links_from_json(p.pairLinks).items():
+                for node, pointId in ((p.fixedPoints, fixedId), (p.movingPoints, movingId)):
+                    index = node.GetNthControlPointIndexByID(pointId)
+                    if index >= 0 and pairId in labels:
+                        node.SetNthControlPointLabel(index, labels[pairId])
+        finally:
+            self.editingLists = False
+
+    def _syncListsToSession(self, parameterNode) -> None:
+        """After the session changed by itself (delete, undo, reopen): remove points of gone pairs, add missing ones."""
+        p = parameterNode
+        self.ensurePairNodes(p)
+        pairs = {pair.id: pair for pair in self.session.pairs}
+        links, deleteFixed, deleteMoving, missing = slicer_bridge.sync_lists_to_session(
+            slicer_bridge.links_from_json(p.pairLinks),
+            {pt.point_id for pt in self._listPoints(p.fixedPoints)},
+            {pt.point_id for pt in self._listPoints(p.movingPoints)},
+            {k: (v.fixed_lps, v.moving_lps) for k, v in pairs.items()},
+        )
+        self.editingLists = True
+        try:
+            self._deletePoints(p.fixedPoints, deleteFixed)
+            self._deletePoints(p.movingPoints, deleteMoving)
+            for pairId in missing:
+                pair = pairs[pairId]
+                fixedIndex = p.fixedPoints.AddControlPoint(*lps_ras(pair.fixed_lps), pair.label)
+                movingIndex = p.movingPoints.AddControlPoint(*lps_ras(pair.moving_lps), pair.label)
+                links[pairId] = (
+                    p.fixedPoints.GetNthControlPointID(fixedIndex),
+                    p.movingPoints.GetNthControlPointID(movingIndex),
+                )
+        finally:
+            self.editingLists = False
+        p.pairLinks = slicer_bridge.links_to_json(links)
+        self._editLists(p, [], [])
+
+    def jumpToPair(self, pairId: int) -> None:
+        """Centre every slice view on a pair's fixed point."""
+        pair = next((q for q in self.session.pairs if q.id == pairId), None) if self.session is not None else None
+        if pair is not None:
+            self.jumpToPoint(pair.fixed_lps)
+
+    def _afterEdit(self, parameterNode) -> None:
+        """Update the transform, keep the session with the scene and in the output folder, refresh the map."""
+        p = parameterNode
         self.showField(p)
+        self.storeSessionInScene(p)
         self.saveSession(p)
         self._afterFieldChange(p, compute=bool(p.showExpectedError))
 
@@ -577,12 +937,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         if full:
             from ImplicitKernelRegistrationLib.fields import warp_image
 
-            session = {
-                "inputs": {"fixed": p.fixedVolume.GetName(), "moving": p.movingVolume.GetName()},
-                "config": self.result.report["config"],
-                "working_geometry": self.result.working_geometry.to_dict(),
-                "user": self.session.to_dict(),
-            }
+            session = {**self.savedSession, "user": self.session.to_dict()}
             warped = warp_image(self.movingImage, self.session.field)
             write_registration(
                 outdir,
@@ -594,6 +949,10 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
                 self.expectedError,  # uncertainty.nii.gz, read by `ikr suggest` and `ikr margin --uncertainty`
             )
             return
+        from ImplicitKernelRegistrationLib.io.outputs import OUTPUT_FILES
+
+        if not (outdir / OUTPUT_FILES["session"]).is_file():
+            return  # no registration written there (e.g. a folder chosen after Register): the scene keeps the session
         saved = read_session(outdir)
         saved["user"] = self.session.to_dict()
         write_session(outdir, saved, self.session.automatic.concat(self.session.user_correspondences()))
@@ -658,6 +1017,8 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         display.SetAndObserveColorNodeID(EXPECTED_ERROR_COLOR_NODE_ID)
         display.AutoWindowLevelOff()
         display.SetWindowLevelMinMax(*EXPECTED_ERROR_RANGE_MM)
+        display.SetThreshold(EXPECTED_ERROR_THRESHOLD_MM, 1.0e6)
+        display.SetApplyThreshold(1)  # below the threshold the overlay is transparent
 
     def setExpectedErrorVisible(self, parameterNode, visible: bool) -> None:
         """Blend the expected-error map over every slice view (foreground layer), or put back what was there."""
@@ -751,6 +1112,8 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         p = parameterNode
         if p.tumourSegmentation is None or p.ablationSegmentation is None:
             raise IkrError("choose the tumour and the ablation-zone segmentations")
+        if self.session is None and self.hasSession(p):
+            self.openSession(p)
         tumour = self.maskFromSegmentation(p.tumourSegmentation, p.movingVolume)
         ablation = self.maskFromSegmentation(p.ablationSegmentation, p.fixedVolume)
         field = self.session.field if self.session is not None else None
@@ -765,11 +1128,14 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
             p.marginModel.SetAndObservePolyData(poly)
         display = p.marginModel.GetDisplayNode()
         display.SetActiveScalar("margin_mm", vtk.vtkAssignAttribute.POINT_DATA)
-        display.SetAndObserveColorNodeID(MARGIN_COLOR_NODE_ID)
+        display.SetAndObserveColorNodeID(self.marginColorNode(p).GetID())
         display.SetScalarRangeFlag(slicer.vtkMRMLDisplayNode.UseManualScalarRange)
-        display.SetScalarRange(*MARGIN_RANGE_MM)
+        display.SetScalarRange(*slicer_bridge.MARGIN_TABLE_RANGE_MM)
         display.SetScalarVisibility(True)
         display.SetVisibility2D(True)
+        if slicer.modules.colors.logic().GetColorLegendDisplayNode(p.marginModel) is None:
+            legend = slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(p.marginModel)
+            legend.SetTitleText("Margin (mm)")
         figures = r.figures()
         summary = (
             f"minimal margin {figures['min_margin_mm']:.1f} mm, coverage {figures['coverage_percent']:.1f} %, "
@@ -779,6 +1145,20 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
             summary += "\n" + self._computeMarginInterval(p, tumour, ablation)
         p.marginSummary = summary
         return {**figures, **(self.marginInterval or {})}
+
+    @staticmethod
+    def marginColorNode(parameterNode):
+        """The clinical margin colour table (red < 0 mm, yellow 0-5 mm, green >= 5 mm), made on first use."""
+        p = parameterNode
+        if p.marginColors is None:
+            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode", MARGIN_COLOR_NAME)
+            node.SetTypeToUser()
+            table = slicer_bridge.margin_color_table()
+            node.SetNumberOfColors(len(table))
+            for i, (name, rgb) in enumerate(table):
+                node.SetColor(i, name, *rgb, 1.0)
+            p.marginColors = node
+        return p.marginColors
 
     def _computeMarginInterval(self, parameterNode, tumour: Image, ablation: Image) -> str:
         """The minimal margin's 5-95 % interval over the expected error (uncertainty.margin_interval); its line."""
@@ -846,133 +1226,250 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------------------ export
 
-    def exportTransform(self, path) -> pathlib.Path:
-        """Save the current field: .h5/.tfm as an ITK transform, .nii.gz/.nrrd as a displacement image."""
+    def exportTransform(self, parameterNode, path) -> pathlib.Path:
+        """Save the current field: .h5/.tfm as an ITK transform, .nrrd/.mha as a displacement image (not NIfTI).
+
+        slicer_bridge.transform_export_kind says why a NIfTI field is refused (Slicer warns on its intent code).
+        """
         from ImplicitKernelRegistrationLib.io.transforms import write_field, write_transform
 
-        if self.session is None:
-            raise IkrError("register first")
-        name = str(path).lower()
-        writer = write_transform if name.endswith((".h5", ".tfm")) else write_field
+        self.openSession(parameterNode)
+        writer = write_transform if slicer_bridge.transform_export_kind(path) == "transform" else write_field
         return writer(self.session.field, path)
 
     def exportWarpedSegmentation(self, parameterNode, segmentationNode, path) -> pathlib.Path:
-        """Save a segmentation drawn on the moving volume, warped onto the fixed grid (nearest neighbour)."""
+        """Save a segmentation drawn on the moving volume, warped onto the fixed grid (nearest neighbour).
+
+        .seg.nrrd is written by Slicer itself (slicer.util.saveNode; no slicerio in Slicer), other label
+        formats (.nii.gz, .nrrd) by the library.
+        """
         from ImplicitKernelRegistrationLib.fields import warp_image
+        from ImplicitKernelRegistrationLib.io.atomic import atomic_path
         from ImplicitKernelRegistrationLib.io.segmentations import write_labels
 
-        if self.session is None:
-            raise IkrError("register first")
         if segmentationNode is None:
             raise IkrError("choose a segmentation to export")
+        self.openSession(parameterNode)
         mask = self.maskFromSegmentation(segmentationNode, parameterNode.movingVolume)
         warped = warp_image(mask, self.session.field, interpolation="nearest", default_value=0)
-        return write_labels(warped.with_array(warped.array.astype(np.uint8)), {1: segmentationNode.GetName()}, path)
+        labels = warped.with_array(warped.array.astype(np.uint8))
+        path = pathlib.Path(path)
+        if not path.name.lower().endswith(".seg.nrrd"):
+            return write_labels(labels, {1: segmentationNode.GetName()}, path)
+        labelmap = slicer.util.addVolumeFromArray(
+            labels.array,
+            ijkToRAS=slicer_bridge.ijk_to_ras_matrix(labels.geometry),
+            name=f"{segmentationNode.GetName()} (registered)",
+            nodeClassName="vtkMRMLLabelMapVolumeNode",
+        )
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", labelmap.GetName())
+        try:
+            if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation):
+                raise IkrError("Slicer could not make a segmentation of the warped labels", path)
+            with atomic_path(path) as tmp:  # the temporary name keeps the .seg.nrrd suffix Slicer's writer needs
+                if not slicer.util.saveNode(segmentation, str(tmp)):
+                    raise IkrError("Slicer could not save the segmentation", path)
+        finally:
+            slicer.mrmlScene.RemoveNode(labelmap)
+            slicer.mrmlScene.RemoveNode(segmentation)
+        return path
 
 
 class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
-    """End-to-end self-test inside Slicer on the library's phantom: register, add a pair, expected error, margins."""
+    """End-to-end self-test inside Slicer on the library's phantom (see runTest for what it covers)."""
 
     def setUp(self) -> None:
         """Start from an empty scene."""
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
-        """Run every test."""
+        """Run every test (each from an empty scene)."""
+        logic = ImplicitKernelRegistrationLogic()
+        missing = logic.missingRequirements()
+        if missing:
+            # Not skipTest: under Reload and Test a skipped test reports failure. Say what is missing and stop.
+            self.delayDisplay(f"Not run: the module needs {missing}; install them from the module first", 3000)
+            logging.warning("ImplicitKernelRegistration self-test not run: missing %s", missing)
+            return
         self.setUp()
         self.test_RegisterRefineMargins()
+        self.setUp()
+        self.test_ResampleModeAndExports()
 
     def _addVolume(self, image: Image, name: str):
         """Add a library Image to the scene as a scalar volume."""
         ijkToRas = slicer_bridge.ijk_to_ras_matrix(image.geometry)
         return slicer.util.addVolumeFromArray(image.array, ijkToRAS=ijkToRas, name=name)
 
-    def _addSegmentation(self, mask: Image, name: str):
-        """Add a mask as a one-segment segmentation node (through a labelmap volume)."""
+    def _addSegmentation(self, mask: Image, name: str, referenceVolume=None):
+        """Add a mask as a one-segment segmentation node (through a labelmap volume), drawn on `referenceVolume`."""
         labels = (mask.array >= 0.5).astype(np.uint8)
         ijkToRas = slicer_bridge.ijk_to_ras_matrix(mask.geometry)
         labelmap = slicer.util.addVolumeFromArray(
             labels, ijkToRAS=ijkToRas, name=name, nodeClassName="vtkMRMLLabelMapVolumeNode"
         )
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        if referenceVolume is not None:
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolume)
         slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation)
         slicer.mrmlScene.RemoveNode(labelmap)
         return segmentation
 
-    def test_RegisterRefineMargins(self) -> None:
-        """Phantom pair: register, add a pair (honoured), expected error and suggestions, margins with interval."""
-        logic = ImplicitKernelRegistrationLogic()
-        missing = logic.missingRequirements()
-        if missing:
-            self.skipTest(f"needs {missing}: install them from the module first")
-        from ImplicitKernelRegistrationLib.fields import sample_field, transform_points
-        from ImplicitKernelRegistrationLib.margin import demo_tumour_and_zone
+    def _phantomCase(self):
+        """A small breathing phantom pair (3 mm) from the library."""
         from ImplicitKernelRegistrationLib.phantom import make_phantom
         from ImplicitKernelRegistrationLib.synth import make_case
 
-        self.delayDisplay("Making a phantom pair")
         ct = make_phantom(seed=1, size=(96, 80, 64), spacing_mm=(3.0, 3.0, 3.0))[0]
-        case = make_case(ct, "breathing", 1)
+        return make_case(ct, "breathing", 1)
+
+    def _setUpCase(self, logic, case):
+        """Parameter node with the phantom volumes, CPU, 3 mm."""
         p = logic.getParameterNode()
         p.fixedVolume = self._addVolume(case.fixed, "fixed")
         p.movingVolume = self._addVolume(case.moving, "moving")
         p.spacingMm = 3.0
         p.device = "cpu"
+        return p
+
+    def test_RegisterRefineMargins(self) -> None:
+        """Tumour drawn before and after Register, re-register, one-click pairs by ID, the scene's session."""
+        from ImplicitKernelRegistrationLib.fields import sample_field, transform_points, warp_labels
+        from ImplicitKernelRegistrationLib.margin import demo_tumour_and_zone
+
+        self.delayDisplay("Making a phantom pair; a tumour drawn on the moving CT before registration")
+        case = self._phantomCase()
+        logic = ImplicitKernelRegistrationLogic()
+        p = self._setUpCase(logic, case)
+        tumour, zone, trueMargin = demo_tumour_and_zone(case.fixed, case.true_field, None, 1)
+        p.tumourSegmentation = self._addSegmentation(tumour, "tumour", p.movingVolume)
+        p.ablationSegmentation = self._addSegmentation(zone, "ablation zone", p.fixedVolume)
 
         self.delayDisplay("Registering")
         logic.register(p)
         self.assertIsNotNone(p.outputTransform)
         self.assertEqual(p.movingVolume.GetTransformNodeID(), p.outputTransform.GetID())
+        self.assertEqual(p.tumourSegmentation.GetTransformNodeID(), p.outputTransform.GetID())
+        self.assertIsNone(p.ablationSegmentation.GetTransformNodeID())
+        self.assertFalse(p.correspondences.GetDisplayVisibility())
         fixedLps = case.landmarks_fixed_lps[:1]
         expected = lps_ras(transform_points(logic.session.field, fixedLps))[0]
         got = p.outputTransform.GetTransformFromParent().TransformPoint(*lps_ras(fixedLps)[0])
         self.assertLess(np.linalg.norm(np.asarray(got) - expected), 0.1)
 
-        self.delayDisplay("Adding a pair")
+        self.delayDisplay("Margins of the tumour drawn before registration")
+        figures = logic.computeMargins(p)
+        self.assertLess(abs(figures["min_margin_mm"] - trueMargin), 3.0)
+        self.assertIsNotNone(p.marginModel)
+        self.assertEqual(p.marginModel.GetDisplayNode().GetColorNodeID(), p.marginColors.GetID())
+        self.assertIsNotNone(slicer.modules.colors.logic().GetColorLegendDisplayNode(p.marginModel))
+        self.assertIsNotNone(logic.marginInterval, p.marginSummary)
+        self.assertLessEqual(figures["min_margin_p5_mm"], figures["min_margin_mm"])
+        self.assertLessEqual(figures["min_margin_mm"], figures["min_margin_p95_mm"])
+
+        self.delayDisplay("The same tumour drawn after registration, in the registered views")
+        drawnAfter = warp_labels(tumour, logic.session.field)
+        p.tumourSegmentation = self._addSegmentation(drawnAfter, "tumour drawn after", p.fixedVolume)
+        after = logic.computeMargins(p)
+        self.assertLess(abs(after["min_margin_mm"] - figures["min_margin_mm"]), 3.0)  # one 3 mm voxel
+
+        self.delayDisplay("Registering again (the moving volume is under the module's transform)")
+        logic.register(p)
+        self.assertEqual(p.movingVolume.GetTransformNodeID(), p.outputTransform.GetID())
+        again = lps_ras(transform_points(logic.session.field, fixedLps))[0]
+        self.assertLess(np.linalg.norm(again - expected), 0.5)
+
+        self.delayDisplay("One click per point: a fixed point, then its partner")
         target = case.landmarks_moving_lps[:1] + np.array([[2.0, 0.0, 0.0]])
         before = sample_field(logic.session.field, fixedLps)[0].copy()
         p.fixedPoints.AddControlPoint(*lps_ras(fixedLps)[0])
+        self.assertEqual(logic.syncPairs(p), [])  # waits for its partner, is not deleted
+        self.assertEqual(p.fixedPoints.GetNumberOfControlPoints(), 1)
         p.movingPoints.AddControlPoint(*lps_ras(target)[0])
         self.assertEqual(len(logic.syncPairs(p)), 1)
         after = sample_field(logic.session.field, fixedLps)[0]
         self.assertGreater(np.linalg.norm(after - before), 0.5)
         self.assertLess(logic.pairFeedback()[0]["residual_mm"], 0.5)
 
+        self.delayDisplay("A second pair, then the first deleted in the Markups module: the second is kept")
+        second = case.landmarks_fixed_lps[1:2]
+        p.fixedPoints.AddControlPoint(*lps_ras(second)[0])
+        p.movingPoints.AddControlPoint(*lps_ras(case.landmarks_moving_lps[1:2])[0])
+        logic.syncPairs(p)
+        self.assertEqual(len(logic.session.pairs), 2)
+        p.fixedPoints.RemoveNthControlPoint(0)
+        logic.syncPairs(p)
+        self.assertEqual(len(logic.session.pairs), 1)
+        np.testing.assert_allclose(logic.session.pairs[0].fixed_lps, second[0], atol=1e-3)
+        self.assertEqual(p.movingPoints.GetNumberOfControlPoints(), 1)  # the deleted point's partner went too
+        logic.undo(p)
+        self.assertEqual(len(logic.session.pairs), 2)
+        self.assertEqual(p.fixedPoints.GetNumberOfControlPoints(), 2)
+
         self.delayDisplay("Expected error and suggested clicks")
         error = logic.updateExpectedError(p)
-        self.assertIsNotNone(p.expectedErrorVolume)
         self.assertEqual(p.expectedErrorVolume.GetName(), EXPECTED_ERROR_NAME)
         self.assertEqual(slicer.util.arrayFromVolume(p.expectedErrorVolume).shape, case.fixed.array.shape)
         self.assertTrue(np.all(np.isfinite(error.array)) and float(error.array.max()) > 0.0)
+        self.assertTrue(p.expectedErrorVolume.GetDisplayNode().GetApplyThreshold())
         logic.setExpectedErrorVisible(p, True)
         logic.setExpectedErrorVisible(p, False)
         p.numberOfSuggestions = 3
         points = logic.suggestClicks(p)
-        self.assertGreaterEqual(len(points), 1)
-        self.assertLessEqual(len(points), 3)
+        self.assertTrue(1 <= len(points) <= 3)
         self.assertTrue(np.all(case.fixed.geometry.contains_lps(points)), points)
-        self.assertEqual(p.suggestedClicks.GetNumberOfControlPoints(), len(points))
-        logic.undo(p)
-        np.testing.assert_allclose(sample_field(logic.session.field, fixedLps)[0], before, atol=1e-5)
 
-        self.delayDisplay("Margins")
-        tumour, zone, trueMargin = demo_tumour_and_zone(case.fixed, logic.session.field, None, 1)
-        p.tumourSegmentation = self._addSegmentation(tumour, "tumour")
-        p.ablationSegmentation = self._addSegmentation(zone, "ablation zone")
-        figures = logic.computeMargins(p)
-        self.assertLess(abs(figures["min_margin_mm"] - trueMargin), 3.0)
-        self.assertIsNotNone(p.marginModel)
-        self.assertIsNotNone(logic.marginInterval, p.marginSummary)
-        self.assertLessEqual(figures["min_margin_p5_mm"], figures["min_margin_mm"])
-        self.assertLessEqual(figures["min_margin_mm"], figures["min_margin_p95_mm"])
-        self.assertIn("minimal margin 5-95 %", p.marginSummary)
-        logic.jumpToMinimalMargin()
-        self.assertGreaterEqual(len(logic.suggestClicks(p)), 1)  # now near the warped tumour
-
-        self.delayDisplay("Margin report")
+        self.delayDisplay("The session kept with the scene (no output folder)")
+        pairsBefore = [q.to_dict() for q in logic.session.pairs]
+        logic.reset()
+        self.assertTrue(logic.hasSession(p))
+        logic.openSession(p)
+        self.assertEqual([q.to_dict() for q in logic.session.pairs], pairsBefore)
         import tempfile
 
         with tempfile.TemporaryDirectory() as folder:
+            self.assertTrue(logic.exportTransform(p, pathlib.Path(folder) / "transform.h5").is_file())
+            with self.assertRaises(IkrError):
+                logic.exportTransform(p, pathlib.Path(folder) / "field.nii.gz")
+            logic.computeMargins(p)
             report = logic.saveMarginReport(p, pathlib.Path(folder) / "margin_report")
             self.assertIn("5th-95th percentile", (report / "report.html").read_text(encoding="utf-8"))
+        self.delayDisplay("Test passed")
+
+    def test_ResampleModeAndExports(self) -> None:
+        """Resample mode (a displayed output volume, moving points under the transform) and both exports."""
+        import tempfile
+
+        from ImplicitKernelRegistrationLib.fields import transform_points
+        from ImplicitKernelRegistrationLib.io.segmentations import read_labels
+        from ImplicitKernelRegistrationLib.margin import demo_tumour_and_zone
+
+        case = self._phantomCase()
+        logic = ImplicitKernelRegistrationLogic()
+        p = self._setUpCase(logic, case)
+        p.resampleMoving = True
+        tumour, _, _ = demo_tumour_and_zone(case.fixed, case.true_field, None, 2)
+        p.tumourSegmentation = self._addSegmentation(tumour, "tumour", p.movingVolume)
+        self.delayDisplay("Registering in resample mode")
+        logic.register(p)
+        self.assertIsNone(p.movingVolume.GetTransformNodeID())
+        self.assertIsNotNone(p.outputVolume.GetDisplayNode())
+        self.assertEqual(p.movingPoints.GetTransformNodeID(), p.outputTransform.GetID())
+        # A point placed in the views at fixed position x is stored at its moving position x + d(x).
+        fixedLps = case.landmarks_fixed_lps[:1]
+        index = p.movingPoints.AddControlPointWorld(*lps_ras(fixedLps)[0])
+        stored = np.asarray(p.movingPoints.GetNthControlPointPosition(index))
+        expected = lps_ras(transform_points(logic.session.field, fixedLps))[0]
+        self.assertLess(np.linalg.norm(stored - expected), 0.5)
+
+        self.delayDisplay("Exports")
+        with tempfile.TemporaryDirectory() as folder:
+            for name in ("tumour.seg.nrrd", "tumour.nii.gz"):
+                path = logic.exportWarpedSegmentation(p, p.tumourSegmentation, pathlib.Path(folder) / name)
+                labels, _ = read_labels(path) if name.endswith(".nii.gz") else (None, None)
+                self.assertTrue(path.is_file(), path)
+                if labels is not None:
+                    self.assertEqual(labels.array.shape, case.fixed.array.shape)
+                    self.assertGreater(int(labels.array.sum()), 0)
+            self.assertTrue(logic.exportTransform(p, pathlib.Path(folder) / "field.nrrd").is_file())
         self.delayDisplay("Test passed")

@@ -15,7 +15,6 @@ from conftest import shared_path
 from ImplicitKernelRegistrationLib.fields import Field, transform_points
 from ImplicitKernelRegistrationLib.geometry import Geometry, lps_ras
 from ImplicitKernelRegistrationLib.slicer_bridge import (
-    complete_pairs,
     displacement_image_data,
     feedback_rows,
     field_from_grid_arrays,
@@ -176,12 +175,8 @@ def test_field_round_trips_through_grid_arrays_and_image_data() -> None:
     np.testing.assert_allclose(ras[..., 2], field.displacement_mm[..., 2], atol=1e-6)
 
 
-def test_markups_json_round_trip_and_ras_pairs(tmp_path) -> None:
-    fixed_ras = np.array([[10.0, -20.0, 5.0], [1.0, 2.0, 3.0], [4.0, 4.0, 4.0]])
-    moving_ras = np.array([[11.0, -19.0, 6.0], [2.0, 3.0, 4.0]])  # the third match is not placed yet
-    f_lps, m_lps = complete_pairs(fixed_ras, moving_ras)
-    assert f_lps.shape == (2, 3)
-    np.testing.assert_allclose(f_lps[0], [-10.0, 20.0, 5.0])
+def test_markups_json_round_trip(tmp_path) -> None:
+    f_lps = np.array([[-10.0, 20.0, 5.0], [-1.0, -2.0, 3.0]])
     path = write_markups(f_lps, ["a", "b"], tmp_path / "fixed.mrk.json")
     doc = json.loads(path.read_text())
     markup = doc["markups"][0]

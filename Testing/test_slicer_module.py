@@ -230,3 +230,86 @@ def test_logic_wires_the_uncertainty_library_and_the_self_test_exercises_it() ->
     assert {"updateExpectedError", "suggestClicks", "computeMargins", "saveMarginReport"} <= called
     constants = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
     assert {"IKR expected error (mm)", "IKR suggested clicks"} <= constants
+
+
+def _method(tree: ast.Module, cls: str, name: str) -> ast.FunctionDef:
+    """A method of a top-level class."""
+    return next(n for n in _class(tree, cls).body if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def test_cancel_is_caught_inside_the_error_display() -> None:
+    """Issue 21 fault 3: tryWithErrorDisplay shows a dialog and re-raises, so the cancellation is caught inside it."""
+    register = _method(_tree(), "ImplicitKernelRegistrationWidget", "onRegister")
+    withs = [n for n in ast.walk(register) if isinstance(n, ast.With)]
+    assert withs and "tryWithErrorDisplay" in ast.unparse(withs[0].items[0].context_expr)
+    inner = [
+        h
+        for n in ast.walk(withs[0])
+        if isinstance(n, ast.Try)
+        for h in n.handlers
+        if h.type is not None and ast.unparse(h.type) == "RegistrationCancelled"
+    ]
+    assert inner, "RegistrationCancelled must be handled inside the `with slicer.util.tryWithErrorDisplay(...)`"
+
+
+def test_busy_panel_disables_everything_but_cancel() -> None:
+    """Issue 21 fault 7: every widget named in BUSY_DISABLED exists; Cancel and the progress display are not in it."""
+    tree = _tree()
+    busy = next(
+        ast.literal_eval(n.value)
+        for n in tree.body
+        if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "BUSY_DISABLED" for t in n.targets)
+    )
+    widgets = _ui_widgets()
+    assert set(busy) <= set(widgets), set(busy) - set(widgets)
+    assert not {"cancelButton", "progressBar", "statusLabel"} & set(busy)
+    collapsibles = {n for n, w in widgets.items() if w.get("class") == "ctkCollapsibleButton"}
+    assert collapsibles - {"registrationCollapsible"} <= set(busy)
+
+
+def test_correspondences_are_hidden_by_default() -> None:
+    """2000 points would hide the anatomy: the check box starts unticked and the node is made hidden."""
+    box = _ui_widgets()["showCorrespondencesCheckBox"]
+    checked = {p.get("name"): p.findtext("bool") for p in box.findall("property")}.get("checked")
+    assert checked == "false"
+    body = ast.unparse(_method(_tree(), "ImplicitKernelRegistrationLogic", "showCorrespondences"))
+    assert "SetDisplayVisibility(False)" in body
+
+
+def test_requirements_come_from_the_library_and_versions_are_checked() -> None:
+    """Issue 21 fault 13: no requirement strings or bare find_spec checks in the module itself."""
+    text = MODULE.read_text()
+    assert "find_spec" not in text and "REQUIREMENTS = {" not in text
+    assert "from ImplicitKernelRegistrationLib.requirements import" in text
+    assert "unmet_requirements(SLICER_REQUIREMENTS)" in text
+
+
+def test_self_test_covers_the_issue_21_paths_and_never_skips() -> None:
+    """Issue 21 fault 15: re-register, resample mode, both exports, tumour drawn before; never skipTest."""
+    tree = _tree()
+    test = _class(tree, "ImplicitKernelRegistrationTest")
+    calls = [ast.unparse(n.func) for n in ast.walk(test) if isinstance(n, ast.Call)]
+    assert "self.skipTest" not in calls
+    assert calls.count("logic.register") >= 3  # twice in one test (re-register), once in resample mode
+    for needed in ("logic.exportTransform", "logic.exportWarpedSegmentation", "logic.syncPairs", "logic.undo",
+                   "logic.openSession", "logic.computeMargins"):  # fmt: skip
+        assert needed in calls, needed
+    assert "p.resampleMoving = True" in ast.unparse(test)
+    run = _method(tree, "ImplicitKernelRegistrationTest", "runTest")
+    assert {"test_RegisterRefineMargins", "test_ResampleModeAndExports"} <= {
+        n.attr for n in ast.walk(run) if isinstance(n, ast.Attribute)
+    }
+
+
+def test_cmake_follows_the_slicer_5_10_template_and_the_index_entry_is_documented() -> None:
+    """Issue 21 fault 16: the template's CMake range; EXTENSION_DEPENDS PyTorch is the index's build dependency."""
+    import json
+
+    text = (ROOT / "CMakeLists.txt").read_text()
+    assert text.startswith("cmake_minimum_required(VERSION 3.20.6...3.22.6 FATAL_ERROR)")
+    depends = re.search(r'set\(EXTENSION_DEPENDS "([^"]+)"\)', text).group(1).split()
+    guide = (ROOT / "docs" / "user_guide.md").read_text()
+    entry = json.loads(re.search(r"```json\n(.*?)```", guide, re.S).group(1))
+    assert {"$schema", "category", "scm_url"} <= set(entry)
+    assert entry["build_dependencies"] == depends == ["PyTorch"]
+    assert entry["category"] == re.search(r'set\(EXTENSION_CATEGORY "([^"]+)"\)', text).group(1)

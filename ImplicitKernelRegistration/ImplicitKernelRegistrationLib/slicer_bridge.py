@@ -12,18 +12,20 @@ direction columns and displacement vectors are all converted LPS -> RAS (x and y
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from vtkmodules.util import numpy_support
-from vtkmodules.vtkCommonCore import vtkFloatArray
+from vtkmodules.vtkCommonCore import vtkFloatArray, vtkLookupTable
 from vtkmodules.vtkCommonDataModel import vtkImageData, vtkPolyData
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
+from .correspondences import AUTOMATIC, Correspondences
 from .errors import IkrError
-from .fields import Field
+from .fields import Field, resample_field
 from .geometry import Geometry, Image, lps_ras
 from .io.points import PointSet, read_points, write_points
 
@@ -100,7 +102,10 @@ def field_from_grid_arrays(grid: GridArrays) -> Field:
 
 
 def displacement_image_data(field: Field) -> vtkImageData:
-    """The RAS displacement grid as vtkImageData (origin, spacing, 3 double components; no direction).
+    """The RAS displacement grid as vtkImageData (origin, spacing, 3 float32 components; no direction).
+
+    float32 halves the memory of Slicer's copy (and of each scene save) against float64; Slicer's
+    vtkOrientedGridTransform interpolates a float grid as it does a double one.
 
     The grid's direction goes to vtkOrientedGridTransform.SetGridDirectionMatrix (see
     `grid_direction_matrix`), as Slicer's own DICOM plugins do.
@@ -111,7 +116,7 @@ def displacement_image_data(field: Field) -> vtkImageData:
     image.SetOrigin(*grid.origin_ras)
     image.SetSpacing(*grid.spacing_mm)
     vectors = numpy_support.numpy_to_vtk(
-        np.ascontiguousarray(grid.displacement_ras.reshape(-1, 3), dtype=np.float64), deep=True
+        np.ascontiguousarray(grid.displacement_ras.reshape(-1, 3), dtype=np.float32), deep=True
     )
     vectors.SetName("displacement")
     image.GetPointData().SetScalars(vectors)
@@ -128,6 +133,31 @@ def grid_direction_matrix(field: Field) -> vtkMatrix4x4:
     return matrix
 
 
+def display_field(field: Field, spacing_mm: float) -> Field:
+    """The field Slicer is given: on a grid of about `spacing_mm` (the working grid's) over the same box, float32.
+
+    The full-resolution field of a 512 x 512 x 300 CT is 0.9 GB in float32 (1.9 GB float64, per scene save);
+    the registration's working grid (2 mm by default) is about 60 times smaller, and Slicer interpolates a
+    grid transform linearly. The field is smooth at that scale (its control points are 3 working voxels apart),
+    so the displayed transform differs from the library's by well under a millimetre (measured in
+    Testing/test_slicer_bridge.py). A grid already that coarse is returned as it is.
+    """
+    g = field.geometry
+    extent_mm = (np.asarray(g.size) - 1) * np.asarray(g.spacing_mm)
+    size = np.maximum(np.ceil(extent_mm / float(spacing_mm)).astype(int) + 1, 2)
+    if np.all(size >= np.asarray(g.size)):
+        return Field(np.asarray(field.displacement_mm, dtype=np.float32), g)
+    spacing = extent_mm / np.maximum(size - 1, 1)
+    spacing = np.where(extent_mm > 0, spacing, np.asarray(g.spacing_mm))
+    coarse = Geometry(
+        size=tuple(int(v) for v in size),
+        spacing_mm=tuple(float(v) for v in spacing),
+        origin_lps=g.origin_lps,
+        direction=g.direction,
+    )
+    return resample_field(field, coarse)
+
+
 def field_from_image_data(image: vtkImageData, direction: vtkMatrix4x4) -> Field:
     """Read a grid transform's RAS displacement vtkImageData and direction matrix back as a Field."""
     scalars = image.GetPointData().GetScalars()
@@ -142,15 +172,123 @@ def field_from_image_data(image: vtkImageData, direction: vtkMatrix4x4) -> Field
 # ----------------------------------------------------------------------------- point lists and pairs
 
 
-def complete_pairs(fixed_ras: np.ndarray, moving_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pair point i of the fixed list with point i of the moving list (RAS in), as LPS arrays (N, 3) each.
+@dataclass
+class ListPoint:
+    """A placed control point of a Slicer point list: its persistent ID (GetNthControlPointID) and RAS position."""
 
-    A fixed point still waiting for its moving match (or the reverse) is left out.
+    point_id: str
+    ras: np.ndarray
+
+
+@dataclass
+class PairEdits:
+    """What the point lists ask of the session (see reconcile_pairs); every point array is LPS (N, 3)."""
+
+    add_links: list[tuple[str, str]]  # (fixed point ID, moving point ID) of each new pair, in placing order
+    add_fixed_lps: np.ndarray
+    add_moving_lps: np.ndarray
+    remove: list[int]  # session pair IDs to remove (a point deleted, or moved: it comes back in the adds)
+    delete_fixed: list[str]  # fixed point IDs whose partner was deleted: the pair is gone, so is this point
+    delete_moving: list[str]  # the same for moving points
+
+    @property
+    def empty(self) -> bool:
+        """Whether nothing changes."""
+        return not (self.add_links or self.remove or self.delete_fixed or self.delete_moving)
+
+
+def reconcile_pairs(
+    links: dict[int, tuple[str, str]],
+    fixed: list[ListPoint],
+    moving: list[ListPoint],
+    session_pairs: dict[int, tuple[np.ndarray, np.ndarray]],
+    tolerance_mm: float = 0.01,
+) -> PairEdits:
+    """Compare the two point lists with the session's pairs, pairing points by their stored IDs.
+
+    `links` maps each session pair ID to the IDs of its fixed and moving points (IDs are unique within one
+    list only: Slicer numbers each list's points on its own, so the two lists are never mixed). A linked pair
+    with a point deleted in the lists is removed (its surviving partner is deleted too); a linked pair whose point was
+    dragged is removed and added again at the new place. Points not linked to a pair wait for a partner:
+    the k-th waiting fixed point pairs with the k-th waiting moving point, in list order; an extra point on
+    one side keeps waiting (it is never deleted). Deleting a pair in the Markups module therefore never
+    shifts any other pair.
     """
-    f = np.asarray(fixed_ras, dtype=np.float64).reshape(-1, 3)
-    m = np.asarray(moving_ras, dtype=np.float64).reshape(-1, 3)
-    n = min(len(f), len(m))
-    return lps_ras(f[:n]), lps_ras(m[:n])
+    f_by_id = {p.point_id: p for p in fixed}
+    m_by_id = {p.point_id: p for p in moving}
+    remove, delete_fixed, delete_moving = [], [], []
+    add_links, add_f, add_m = [], [], []
+    linked_f, linked_m = set(), set()
+    for pair_id, (fid, mid) in sorted(links.items()):
+        if pair_id not in session_pairs:
+            continue  # stale link (sync_lists_to_session prunes it)
+        linked_f.add(fid)
+        linked_m.add(mid)
+        f, m = f_by_id.get(fid), m_by_id.get(mid)
+        if f is None or m is None:
+            remove.append(pair_id)
+            delete_fixed += [fid] if f is not None else []
+            delete_moving += [mid] if m is not None else []
+            continue
+        f_lps, m_lps = lps_ras(np.asarray(f.ras, dtype=np.float64)), lps_ras(np.asarray(m.ras, dtype=np.float64))
+        old_f, old_m = (np.asarray(v, dtype=np.float64) for v in session_pairs[pair_id])
+        if np.linalg.norm(f_lps - old_f) > tolerance_mm or np.linalg.norm(m_lps - old_m) > tolerance_mm:
+            remove.append(pair_id)
+            add_links.append((fid, mid))
+            add_f.append(f_lps)
+            add_m.append(m_lps)
+    waiting_f = [p for p in fixed if p.point_id not in linked_f]
+    waiting_m = [p for p in moving if p.point_id not in linked_m]
+    for f, m in zip(waiting_f, waiting_m, strict=False):
+        add_links.append((f.point_id, m.point_id))
+        add_f.append(lps_ras(np.asarray(f.ras, dtype=np.float64)))
+        add_m.append(lps_ras(np.asarray(m.ras, dtype=np.float64)))
+    return PairEdits(
+        add_links,
+        np.asarray(add_f, dtype=np.float64).reshape(-1, 3),
+        np.asarray(add_m, dtype=np.float64).reshape(-1, 3),
+        remove,
+        delete_fixed,
+        delete_moving,
+    )
+
+
+def sync_lists_to_session(
+    links: dict[int, tuple[str, str]],
+    fixed_ids: set[str],
+    moving_ids: set[str],
+    session_pairs: dict[int, tuple[np.ndarray, np.ndarray]],
+) -> tuple[dict[int, tuple[str, str]], list[str], list[str], list[int]]:
+    """After the session changed on its own (delete in the table, undo, a reopened session): what the lists need.
+
+    Returns the links that still hold (pair in the session, both points present), the fixed and the moving
+    point IDs to delete (linked to a pair the session no longer has) and the session pair IDs that need new
+    points (no link). Points that wait for a partner (linked to nothing) are left alone.
+    """
+    kept, delete_fixed, delete_moving = {}, [], []
+    for pair_id, (fid, mid) in links.items():
+        if pair_id in session_pairs and fid in fixed_ids and mid in moving_ids:
+            kept[pair_id] = (fid, mid)
+        else:
+            delete_fixed += [fid] if fid in fixed_ids else []
+            delete_moving += [mid] if mid in moving_ids else []
+    missing = sorted(pair_id for pair_id in session_pairs if pair_id not in kept)
+    return kept, delete_fixed, delete_moving, missing
+
+
+def links_to_json(links: dict[int, tuple[str, str]]) -> str:
+    """The pair links as JSON text (kept in the parameter node, so a reloaded scene keeps its pairs)."""
+    return json.dumps({str(k): list(v) for k, v in sorted(links.items())})
+
+
+def links_from_json(text: str) -> dict[int, tuple[str, str]]:
+    """Inverse of links_to_json ('' gives no links)."""
+    if not text:
+        return {}
+    try:
+        return {int(k): (str(v[0]), str(v[1])) for k, v in json.loads(text).items()}
+    except (ValueError, TypeError, IndexError, AttributeError) as err:
+        raise IkrError(f"the saved pair links are unreadable ({err})") from err
 
 
 def pairs_ras(feedback: list[dict]) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -167,6 +305,25 @@ def feedback_rows(feedback: list[dict]) -> list[tuple[str, str, str, str]]:
     ]
 
 
+def register_blocker(fixed_id: str | None, moving_id: str | None, running: bool = False) -> str:
+    """Why Register cannot run now ('' when it can): shown as the disabled button's tooltip."""
+    if running:
+        return "a registration is running (Cancel stops it)"
+    if not fixed_id or not moving_id:
+        return "choose the " + " and the ".join(
+            name for name, node in (("fixed volume", fixed_id), ("moving volume", moving_id)) if not node
+        )
+    if fixed_id == moving_id:
+        return "the fixed and the moving volume are the same volume"
+    return ""
+
+
+def residual_rms_mm(feedback: list[dict]) -> float:
+    """The root-mean-square residual over a session's user pairs (0 without pairs)."""
+    residuals = np.asarray([p["residual_mm"] for p in feedback], dtype=np.float64)
+    return float(np.sqrt(np.mean(residuals**2))) if len(residuals) else 0.0
+
+
 def write_markups(points_lps: np.ndarray, labels: list[str], path: str | os.PathLike) -> Path:
     """Write a point list as a Slicer markups file (.mrk.json, .fcsv) or CSV, atomically (LPS in the file)."""
     return write_points(PointSet(points_lps, labels), path, "LPS")
@@ -175,6 +332,158 @@ def write_markups(points_lps: np.ndarray, labels: list[str], path: str | os.Path
 def read_markups(path: str | os.PathLike) -> PointSet:
     """Read a Slicer markups file (.mrk.json, .fcsv) or point CSV as LPS points with labels."""
     return read_points(path)
+
+
+# ----------------------------------------------------------------------------- a session kept with the scene
+
+SCENE_SESSION_VERSION = 1
+
+
+def session_state_json(saved: dict, automatic: Correspondences) -> str:
+    """What reopening a refinement session needs (session.json's content and the automatic matches) as JSON text.
+
+    Slicer keeps it in a text node saved with the scene, so a reloaded scene can edit pairs and export
+    without an output folder. `saved` holds "config", "working_geometry" and "user" (as session.json).
+    """
+    auto = automatic.subset(automatic.source == AUTOMATIC)
+    state = {
+        "version": SCENE_SESSION_VERSION,
+        "session": saved,
+        "automatic": {
+            "fixed_lps": np.round(auto.fixed_lps, 4).tolist(),
+            "displacement_mm": np.round(auto.displacement_mm, 4).tolist(),
+            "confidence": np.round(auto.confidence, 6).tolist(),
+        },
+    }
+    return json.dumps(state, default=str)
+
+
+def session_state_from_json(text: str) -> tuple[dict, Correspondences]:
+    """Inverse of session_state_json: (the saved session dict, the automatic correspondences)."""
+    try:
+        state = json.loads(text)
+        if state.get("version") != SCENE_SESSION_VERSION:
+            raise ValueError(f"version {state.get('version')!r}, this module reads {SCENE_SESSION_VERSION}")
+        auto = state["automatic"]
+        corr = Correspondences(auto["fixed_lps"], auto["displacement_mm"], auto["confidence"])
+        return state["session"], corr
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise IkrError(f"the session saved with the scene is unreadable ({err})") from err
+
+
+# ----------------------------------------------------------------------------- transforms, segmentations, export
+
+# Transform export from Slicer: Slicer reads a NIfTI displacement field expecting intent code 1006
+# (NIFTI_INTENT_DISPVECT; vtkMRMLTransformStorageNode::ReadFromImageFile warns otherwise) while SimpleITK writes
+# a vector image with intent 1007 (NIFTI_INTENT_VECTOR) and cannot write 1006 (see io/transforms.py). NRRD has no
+# intent code, and Slicer reads a NRRD grid without a "displacement field type" key as a resampling transform,
+# which the field is. So the module writes .h5/.tfm (ITK transform) or .nrrd/.mha and steers .nii.gz to .h5.
+SLICER_TRANSFORM_SUFFIXES = {".h5": "transform", ".tfm": "transform", ".nrrd": "field", ".mha": "field"}
+
+
+def transform_export_kind(path: str | os.PathLike) -> str:
+    """'transform' (ITK transform file) or 'field' (vector image) for an export path; refuses NIfTI with advice."""
+    name = Path(path).name.lower()
+    if name.endswith((".nii.gz", ".nii")):
+        raise IkrError(
+            "Slicer warns when it loads a NIfTI displacement field written here (intent code 1007, it expects 1006): "
+            "export the transform as .h5 (or the field as .nrrd)",
+            Path(path),
+        )
+    suffix = Path(name).suffix
+    if suffix not in SLICER_TRANSFORM_SUFFIXES:
+        raise IkrError(f"unsupported transform file type {suffix!r}; use .h5, .tfm, .nrrd or .mha", Path(path))
+    return SLICER_TRANSFORM_SUFFIXES[suffix]
+
+
+def transform_action(parent_ids: list[str], own_id: str | None) -> str:
+    """How to read a volume whose chain of parent transforms (nearest first) is `parent_ids`.
+
+    'direct': no transform, or only the module's own (its voxels are read in their own frame: the module's
+    transform is what it computes, so a second Register reads the moving volume as the first did);
+    'harden': another transform (e.g. the regularisation transform Slicer's DICOM reader puts over a tilted or
+    unevenly spaced CT) comes first: a temporary hardened copy is read.
+    """
+    foreign = [t for t in parent_ids if t != own_id]
+    return "harden" if foreign else "direct"
+
+
+def segmentations_following_moving(
+    moving_parent_id: str | None,
+    candidates: list[tuple[str, str | None, str | None]],
+    moving_id: str,
+    chosen_ids: set[str],
+) -> list[str]:
+    """Segmentation node IDs to put under the module's transform when the moving volume first goes under it.
+
+    `candidates` are (segmentation ID, its parent transform ID, its reference-geometry volume ID). A
+    segmentation drawn on the moving CT before registration lies in the moving CT's frame: it must follow the
+    moving volume under the transform (else Slicer would resample it through the transform when it is exported
+    against the moving volume, and the library would warp it a second time). Those are the segmentations with
+    the same parent transform as the moving volume had that were drawn on it (their reference geometry is the
+    moving volume) or that the module uses as moving-side inputs (`chosen_ids`: tumour, moving mask).
+    A segmentation drawn after registration, in the views where the moving CT is shown registered, lies in
+    the fixed frame and is not moved: Slicer's export through the transform is then what brings it back.
+    """
+    return [
+        seg_id
+        for seg_id, parent_id, reference_id in candidates
+        if parent_id == moving_parent_id and (reference_id == moving_id or seg_id in chosen_ids)
+    ]
+
+
+# The module's review layout: three linked axial slice views side by side. The view colours are Slicer's own
+# for these singleton tags (vtkMRMLLayoutLogic); the layout ID is the module's (any number Slicer does not use).
+REVIEW_LAYOUT_ID = 8621
+REVIEW_VIEWS = (("Red", "fixed", "#F34A33"), ("Yellow", "moving", "#EDD54C"), ("Green", "fused", "#6EB04B"))
+
+
+def review_layout_xml() -> str:
+    """Slicer layout XML: fixed | moving | fused axial slice views in one row."""
+    items = "".join(
+        f'<item><view class="vtkMRMLSliceNode" singletontag="{tag}">'
+        '<property name="orientation" action="default">Axial</property>'
+        f'<property name="viewlabel" action="default">{label}</property>'
+        f'<property name="viewcolor" action="default">{colour}</property>'
+        "</view></item>"
+        for tag, label, colour in REVIEW_VIEWS
+    )
+    return f'<layout type="horizontal">{items}</layout>'
+
+
+# Margin colours (mm): red where the tumour is not covered (< 0), yellow for a thin margin (0-5), green >= 5.
+MARGIN_CLASSES = ((-np.inf, 0.0, "tumour outside the zone (< 0 mm)", (0.85, 0.1, 0.1)),
+                  (0.0, 5.0, "thin margin (0-5 mm)", (0.95, 0.8, 0.1)),
+                  (5.0, np.inf, "margin >= 5 mm", (0.15, 0.65, 0.25)))  # fmt: skip
+MARGIN_TABLE_RANGE_MM = (-5.0, 10.0)
+MARGIN_TABLE_STEP_MM = 0.5
+
+
+def margin_color_table() -> list[tuple[str, tuple[float, float, float]]]:
+    """(name, RGB) entries of the clinical margin colour table, mapped linearly onto MARGIN_TABLE_RANGE_MM.
+
+    One entry per 0.5 mm, each coloured by the class its centre falls in, so the colour changes exactly at
+    0 and 5 mm; margins beyond the range take the end colours (red below -5, green above 10).
+    """
+    lo, hi = MARGIN_TABLE_RANGE_MM
+    n = int(round((hi - lo) / MARGIN_TABLE_STEP_MM))
+    out = []
+    for i in range(n):
+        centre = lo + (i + 0.5) * MARGIN_TABLE_STEP_MM
+        low, high, name, rgb = next(c for c in MARGIN_CLASSES if c[0] <= centre < c[1])
+        out.append((name, rgb))
+    return out
+
+
+def margin_lookup_table() -> vtkLookupTable:
+    """The margin colour table as a vtkLookupTable over MARGIN_TABLE_RANGE_MM (what Slicer's colour node maps)."""
+    table = margin_color_table()
+    lut = vtkLookupTable()
+    lut.SetNumberOfTableValues(len(table))
+    for i, (_, rgb) in enumerate(table):
+        lut.SetTableValue(i, *rgb, 1.0)
+    lut.SetTableRange(*MARGIN_TABLE_RANGE_MM)
+    return lut
 
 
 # ----------------------------------------------------------------------------- margins and weights

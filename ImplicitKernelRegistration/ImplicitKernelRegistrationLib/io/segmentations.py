@@ -1,5 +1,8 @@
 """Segmentations: label maps (NRRD/NIfTI/MetaImage), Slicer .seg.nrrd (via slicerio) and DICOM-SEG (highdicom).
 
+slicerio and highdicom are imported only where a .seg.nrrd or a DICOM-SEG is read or written: neither ships
+with 3D Slicer, whose module imports this file for plain label maps.
+
 A label map is an integer Image (0 = background) plus a {label value: name} dict. DICOM-SEG frames are
 placed on the referenced image's grid by their plane positions (ImagePositionPatient of each frame),
 falling back to ReferencedSOPInstanceUID when a frame has no plane position.
@@ -9,17 +12,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import highdicom as hd
 import numpy as np
 import SimpleITK as sitk
-import slicerio
 
 from ..errors import IkrError
 from ..geometry import Geometry, Image
 from . import dicom
 from .atomic import atomic_path
 from .images import image_format, read_image, write_image
+
+if TYPE_CHECKING:
+    import highdicom as hd
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 IN_PLANE_TOL = 0.05  # voxels
@@ -97,6 +102,8 @@ def _smallest_uint(arr: np.ndarray) -> np.ndarray:
 
 def _read_seg_nrrd(path: Path) -> tuple[Image, dict[int, str]]:
     """Read a Slicer .seg.nrrd: one label per segment (layers merged where segments do not overlap)."""
+    import slicerio
+
     try:
         seg = slicerio.read_segmentation(str(path))
     except Exception as err:  # slicerio/pynrrd raise many types for a bad file
@@ -205,6 +212,8 @@ def read_dicom_seg(
 
 def _read_seg(path: Path) -> hd.seg.Segmentation:
     """Read a DICOM-SEG with highdicom."""
+    import highdicom as hd
+
     if not path.is_file():
         raise IkrError("no such file", path)
     try:
@@ -328,6 +337,8 @@ def write_labels(labels: Image, names: dict[int, str], path: str | os.PathLike) 
         raise IkrError(f"labels must be non-negative integers (got {arr.dtype})", path)
     if not path.name.lower().endswith(".seg.nrrd"):
         return write_image(labels, path)
+    import slicerio
+
     g = labels.geometry
     voxels = np.ascontiguousarray(np.transpose(_smallest_uint(arr), (2, 1, 0)))
     seg = slicerio.create_segmentation(voxels.shape, g.index_to_lps_matrix(), dtype=voxels.dtype)
