@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,11 +32,13 @@ from .errors import IkrError
 from .fields import Field
 from .geometry import Geometry, Image
 from .io.atomic import write_text_atomic
-from .margin import MarginResult, compute_margin
 from .pipeline import RegistrationResult, voxels_to_mm
 from .preprocess import resample_to
 from .refine import CORRECTION_RADIUS_MM, RefinementSession, wendland
 from .resources import UNCERTAINTY_PARAMS, weights_file
+
+if TYPE_CHECKING:
+    from .margin import MarginResult  # margin imports vtk (about 0.3 s): only margin_interval needs it
 
 PARAMS_FORMAT = "ikr-uncertainty-v1"
 DEFAULT_PARAMS = weights_file(UNCERTAINTY_PARAMS)
@@ -447,6 +450,8 @@ def margin_interval(
     length has, voxel by voxel, the expected error as its mean; the margin is measured by
     margin.compute_margin. Also P(min margin < 0 mm) and P(< 5 mm) over the samples.
     """
+    from .margin import compute_margin
+
     point = point or compute_margin(tumour_moving, ablation_fixed, field)
     g = field.geometry
     error = expected_error.array
