@@ -141,19 +141,25 @@ def _run_registration(
     landmarks: tuple | None = None,
     quiet: bool = False,
     initial: Alignment | None = None,
+    force_memory: bool = False,
 ) -> dict:
     """Register, evaluate and write every output; return the report."""
+    fallback_start = time.time()  # the command's start where /proc cannot tell the process's
     from .fields import warp_image
     from .io.outputs import check_output_folder, write_registration
+    from .memory import check_memory
     from .pipeline import register
     from .quality import assess
-    from .report import field_quality, landmark_errors
+    from .report import command_figures, field_quality, landmark_errors
     from .uncertainty import expected_error_map
 
     check_output_folder(outdir)
+    if not force_memory:
+        check_memory(fixed.geometry, config.spacing_mm)
     with _ProgressBar("registering", enabled=not quiet) as progress:
         result = register(fixed, moving, config, fixed_mask, moving_mask, progress, initial)
     report = dict(result.report)
+    report["peak_memory_registration_mb"] = report["peak_memory_mb"]
     report.update(field_quality(result.field))
     if landmarks is not None:
         report.update(landmark_errors(result.field, *landmarks))
@@ -172,7 +178,15 @@ def _run_registration(
         "alignment": result.alignment.to_dict(),
         "user": {"next_id": 1, "pairs": []},
     }
-    write_registration(outdir, result.field, warped, result.correspondences, report, session, uncertainty)
+
+    def final_figures() -> dict:
+        """The whole command's time and peak memory, once every other output is written."""
+        figures = command_figures(report["device"], fallback_start)
+        report.update(figures)
+        return figures
+
+    corr = result.correspondences
+    write_registration(outdir, result.field, warped, corr, report, session, uncertainty, final_figures)
     return report
 
 
@@ -184,8 +198,8 @@ def _print_summary(report: dict, outdir: Path) -> None:
         print(f"TRE after:  {a['mean']:.2f} +- {a['sd']:.2f} mm (p90 {a['p90']:.2f}, max {a['max']:.2f})")
     print(f"SDlogJ {report['sdlogj']:.4f}, folding {report['folding_percent']:.4f} %")
     print(
-        f"runtime {report['runtime_s']:.1f} s on {report['device']}, peak memory {report['peak_memory_mb']:.0f} MB,"
-        f" {report['n_keypoints']} keypoints"
+        f"registration {report['runtime_s']:.1f} s on {report['device']}, {report['n_keypoints']} keypoints;"
+        f" whole command {report['command_s']:.1f} s, peak memory {report['peak_memory_mb']:.0f} MB"
     )
     print(f"outputs in {outdir}/")
     _warn_quality(report)
@@ -250,6 +264,7 @@ def cmd_register(args: argparse.Namespace) -> int:
         landmarks,
         args.quiet,
         initial,
+        args.force_memory,
     )
     _print_summary(report, outdir)
     return _strict_status(report, args.strict)
@@ -290,7 +305,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     landmarks = (case.landmarks_fixed_lps, case.landmarks_moving_lps)
     report = _run_registration(
         case.fixed, case.moving, outdir / "registration", _registration_config(args), inputs,
-        landmarks=landmarks, quiet=args.quiet,
+        landmarks=landmarks, quiet=args.quiet, force_memory=args.force_memory,
     )  # fmt: skip
     _print_summary(report, outdir / "registration")
     _demo_margin(case, outdir, outdir / "registration", args.seed)
@@ -527,6 +542,9 @@ def _add_registration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--strict", action="store_true", help="exit with status 3 when the quality verdict is not ok")
+    p.add_argument(
+        "--force-memory", action="store_true", help="run even when the estimated peak memory exceeds the free memory"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,7 +65,8 @@ def sdlogj(field: Field, mask: np.ndarray | Image | None = None) -> dict:
     - `folding_percent`: the share of voxels with J <= 0, in percent;
     - `jacobian_min`, `jacobian_max`, `n_voxels`, `n_folding`.
     """
-    j = jacobian_determinant(field)[_mask_on(field, mask)].astype(np.float64)
+    j = jacobian_determinant(field)
+    j = (j.reshape(-1) if mask is None else j[_mask_on(field, mask)]).astype(np.float64)
     if j.size == 0:
         raise IkrError("the mask selects no voxels")
     positive = j[j > 0]

@@ -191,10 +191,12 @@ def mm_to_voxels(displacement_mm: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process (resident set; plus CUDA's peak allocation on a GPU), MB.
+    """Peak memory of this process and its children so far (resident set; plus CUDA's peak on a GPU), MB.
 
-    Linux's VmHWM is this process's own peak; getrusage's ru_maxrss (the fallback elsewhere) can carry
-    a parent's peak over into a child process.
+    Linux's VmHWM is this process's own peak (every thread included); getrusage's ru_maxrss (the
+    fallback elsewhere) can carry a parent's peak over into a child process. Children that have
+    ended add their largest peak (RUSAGE_CHILDREN): the sum bounds the peak of the whole command.
+    Called at the end of a command (after its outputs are written), it is the peak the user saw.
     """
     try:
         with open("/proc/self/status", encoding="ascii") as status:
@@ -202,6 +204,7 @@ def peak_memory_mb(device: torch.device) -> float:
         rss_mb = float(line.split()[1]) / 1024.0
     except (OSError, StopIteration, ValueError, IndexError):
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    rss_mb += resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
     if device.type == "cuda":
         rss_mb += torch.cuda.max_memory_allocated(device) / 2**20
     return float(rss_mb)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ READ_SUFFIXES = {
 }
 WRITE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+_FLOAT_PIXELS = (sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32, sitk.sitkVectorFloat64)
 
 
 def image_format(path: str | os.PathLike) -> str | None:
@@ -118,6 +120,40 @@ def check_image(image: Image, path: str | os.PathLike | None = None) -> None:
         raise IkrError("has a degenerate direction matrix", path)
 
 
+def _gzip_fast(source: Path, target: Path) -> None:
+    """Gzip `source` into `target` with zlib's run-length strategy (Z_RLE, level 1), in 16 MB chunks.
+
+    Float voxels hold almost no repeated strings, so deflate's match search (ITK's NIfTI writer,
+    which ignores any compression level) buys nothing: on the 1.5 mm thorax's outputs Z_RLE gives
+    the same size (88 % of the raw bytes) 2-4x faster, and it is read back faster too. zlib releases
+    the GIL, so files written in threads compress in parallel.
+    """
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS, 8, zlib.Z_RLE)  # 16+: gzip wrapper
+    with source.open("rb") as src, target.open("wb") as dst:
+        while chunk := src.read(1 << 24):
+            dst.write(compressor.compress(chunk))
+        dst.write(compressor.flush())
+
+
+def write_sitk_image(image: sitk.Image, path: Path) -> None:
+    """Write a SimpleITK image to `path` as it is named (not atomically: give a temporary path).
+
+    A float image to `.nii.gz` is written as `.nii` by ITK (the same header and voxel bytes) and
+    gzipped by `_gzip_fast`; anything else goes to ITK's writer, compressed unless it is `.nii`.
+    """
+    name = path.name.lower()
+    floating = image.GetPixelID() in _FLOAT_PIXELS
+    if name.endswith(".nii.gz") and floating:
+        raw = path.with_name(path.name[: -len(".gz")])
+        try:
+            sitk.WriteImage(image, str(raw), useCompression=False)
+            _gzip_fast(raw, path)
+        finally:
+            raw.unlink(missing_ok=True)
+        return
+    sitk.WriteImage(image, str(path), useCompression=not name.endswith(".nii"))
+
+
 def write_image(image: Image, path: str | os.PathLike) -> Path:
     """Write an Image atomically to .nii, .nii.gz, .nrrd or .mha (single-file formats) and return the path."""
     path = Path(path)
@@ -125,8 +161,8 @@ def write_image(image: Image, path: str | os.PathLike) -> Path:
         raise IkrError(f"cannot write this format; use one of {', '.join(WRITE_SUFFIXES)}", path)
     with atomic_path(path) as tmp:
         try:
-            sitk.WriteImage(image.to_sitk(), str(tmp), useCompression=True)
-        except RuntimeError as err:
+            write_sitk_image(image.to_sitk(), tmp)
+        except (RuntimeError, OSError) as err:
             raise IkrError(f"cannot write image: {_first_line(err)}", path) from err
     return path
 

@@ -6,6 +6,8 @@ import csv
 import io as _io
 import json
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -99,14 +101,28 @@ def _write_all(
     report: dict,
     session: dict,
     uncertainty: Image | None,
+    final_figures: Callable[[], dict] | None = None,
 ) -> None:
-    """Write every output file into an existing folder, each atomically."""
+    """Write every output file into an existing folder, each atomically; report.json last.
+
+    The four large files are written in threads at once (ITK's writers and zlib release the GIL):
+    on 2 cores this takes about half the time of one after the other. `final_figures`, called once
+    they are all written, adds figures measured at the end (peak memory, command time) to the report.
+    """
+    jobs: list[tuple[Callable[..., object], tuple]] = [
+        (write_field, (field, folder / OUTPUT_FILES["displacement"])),
+        (write_transform, (field, folder / OUTPUT_FILES["transform"])),
+        (write_image, (warped, folder / OUTPUT_FILES["warped"])),
+    ]
     if uncertainty is not None:
-        write_image(uncertainty, folder / OUTPUT_FILES["uncertainty"])
-    write_field(field, folder / OUTPUT_FILES["displacement"])
-    write_transform(field, folder / OUTPUT_FILES["transform"])
-    write_image(warped, folder / OUTPUT_FILES["warped"])
+        jobs.append((write_image, (uncertainty, folder / OUTPUT_FILES["uncertainty"])))
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        futures = [pool.submit(fn, *args) for fn, args in jobs]
+        for future in futures:
+            future.result()  # the first failure is raised here, after every thread has ended
     write_session(folder, session, correspondences)
+    if final_figures is not None:
+        report = {**report, **final_figures()}
     write_text_atomic(folder / OUTPUT_FILES["report"], json.dumps(report, indent=2, default=str))
 
 
@@ -129,8 +145,12 @@ def write_registration(
     report: dict,
     session: dict,
     uncertainty: Image | None = None,
+    final_figures: Callable[[], dict] | None = None,
 ) -> Path:
     """Write every output of a registration into `outdir` (with the expected-error map when given).
+
+    `final_figures()`, when given, is called after every other file is written and its figures
+    join the report (report.json is written last).
 
     A new folder is written all or nothing (a temporary folder, renamed); an existing ikr output
     folder (refinement) is updated file by file, each file atomically. Any other non-empty folder
@@ -139,8 +159,8 @@ def write_registration(
     outdir = Path(outdir)
     existing = check_output_folder(outdir)
     if existing:
-        _write_all(outdir, field, warped, correspondences, report, session, uncertainty)
+        _write_all(outdir, field, warped, correspondences, report, session, uncertainty, final_figures)
     else:
         with atomic_directory(outdir) as tmp:
-            _write_all(tmp, field, warped, correspondences, report, session, uncertainty)
+            _write_all(tmp, field, warped, correspondences, report, session, uncertainty, final_figures)
     return outdir

@@ -24,12 +24,14 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from ..errors import IkrError
 from ..fields import Field, field_from_transform
 from ..geometry import Geometry
 from .atomic import atomic_path
+from .images import write_sitk_image
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt")
@@ -51,9 +53,10 @@ def write_field(field: Field, path: str | os.PathLike) -> Path:
     """Write the field as a float32 3-component vector image (.nii.gz, .nii, .mha, .nrrd), atomically."""
     path = Path(path)
     _check_suffix(path, IMAGE_SUFFIXES, "displacement field")
-    image = sitk.Cast(field.to_sitk(), sitk.sitkVectorFloat32)
+    vectors = np.asarray(field.displacement_mm, dtype=np.float32)  # no float64 copy on the way
+    image = field.geometry.apply_to_sitk(sitk.GetImageFromArray(vectors, isVector=True))
     with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=_suffix(path) != ".nii")
+        write_sitk_image(image, tmp)
     return path
 
 
@@ -61,8 +64,12 @@ def write_transform(field: Field, path: str | os.PathLike) -> Path:
     """Write the field as an ITK DisplacementFieldTransform file (.h5, .tfm, .txt), atomically."""
     path = Path(path)
     _check_suffix(path, TRANSFORM_SUFFIXES, "transform")
+    image = field.geometry.apply_to_sitk(sitk.GetImageFromArray(field.displacement_mm, isVector=True))
+    # The float64 field ITK needs, cast inside ITK (exact from float32): no float64 numpy copy beside it.
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(image, sitk.sitkVectorFloat64))
+    del image
     with atomic_path(path) as tmp:
-        sitk.WriteTransform(field.to_sitk_transform(), str(tmp))
+        sitk.WriteTransform(transform, str(tmp))
     return path
 
 

@@ -1,0 +1,152 @@
+"""Time to result of `ikr register`: the whole command, and each step around the registration.
+
+Run from the checkout:  .venv/bin/python bench/command_time.py [--case DIR] [--repeat 3] [--threads 2]
+
+The case is a folder written by `ikr synth` (fixed.nii.gz, moving.nii.gz, landmarks_*.csv); by
+default a breathing-like case (seed 3) of the 1.5 mm POPI thorax is made in bench/work/. Two parts:
+1. the whole command, `ikr register ... --quiet`, in a subprocess (wall time as the user waits,
+   and the command_s / runtime_s / peak_memory_mb it reports);
+2. in this process, after one registration: each step that `ikr register` runs around it (field
+   quality, TRE, expected-error map, warped image, writing the outputs), the best of --repeat runs.
+Prints a Markdown table; nothing is asserted (timings depend on the machine and its load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CT = (
+    Path(os.environ.get("IKR_SHARED_DATA", ROOT.parent / "shared" / "data")) / "ct" / "thorax_popi_T00_1p5mm.nii.gz"
+)
+IKR = Path(sys.executable).with_name("ikr")
+
+
+def _case(args: argparse.Namespace) -> Path:
+    """The case folder: --case, or the thorax breathing case (seed 3) made once in bench/work/."""
+    if args.case:
+        return Path(args.case)
+    folder = ROOT / "bench" / "work" / "command_time_thorax_s3"
+    if not (folder / "fixed.nii.gz").is_file():
+        subprocess.run(
+            [str(IKR), "synth", str(DEFAULT_CT), "-o", str(folder), "--family", "breathing", "--seed", "3"], check=True
+        )
+    return folder
+
+
+def _register_args(case: Path, out: Path) -> list[str]:
+    """The `ikr register` arguments for a case folder."""
+    return [
+        "register", str(case / "fixed.nii.gz"), str(case / "moving.nii.gz"), "-o", str(out),
+        "--fixed-landmarks", str(case / "landmarks_fixed.csv"),
+        "--moving-landmarks", str(case / "landmarks_moving.csv"), "--quiet",
+    ]  # fmt: skip
+
+
+def whole_command(case: Path, threads: int) -> dict:
+    """Wall time of one `ikr register` in a subprocess, with the figures its report gives."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        start = time.perf_counter()
+        subprocess.run([str(IKR), *_register_args(case, out)], check=True, env=env, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - start
+        report = json.loads((out / "report.json").read_text())
+    keys = ("command_s", "runtime_s", "peak_memory_mb", "sdlogj", "folding_percent")
+    return {"wall_s": wall, **{k: report.get(k) for k in keys}, "tre_mean_mm": report["tre_mm"]["mean"]}
+
+
+def _best(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
+    """The shortest wall time (s) of `repeat` calls, and the CPU time (s, all threads) of that call."""
+    best = (float("inf"), float("inf"))
+    for _ in range(repeat):
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        best = min(best, (time.perf_counter() - wall, time.process_time() - cpu))
+    return best
+
+
+def steps(case: Path, repeat: int) -> dict[str, tuple[float, float]]:
+    """Wall and CPU seconds of each step of `ikr register` around the registration, timed in this process."""
+    start, cpu = time.perf_counter(), time.process_time()
+    from ImplicitKernelRegistrationLib import cli  # noqa: F401  (what the command imports first)
+    from ImplicitKernelRegistrationLib.fields import warp_image
+    from ImplicitKernelRegistrationLib.io import outputs
+    from ImplicitKernelRegistrationLib.io.images import read_image, write_image
+    from ImplicitKernelRegistrationLib.io.points import pair_points, read_points
+    from ImplicitKernelRegistrationLib.io.transforms import write_field, write_transform
+    from ImplicitKernelRegistrationLib.pipeline import RegistrationConfig, register
+    from ImplicitKernelRegistrationLib.report import field_quality, landmark_errors
+    from ImplicitKernelRegistrationLib.uncertainty import expected_error_map
+
+    figures = {"imports": (time.perf_counter() - start, time.process_time() - cpu)}
+    figures["read inputs"] = _best(lambda: (read_image(case / "fixed.nii.gz"), read_image(case / "moving.nii.gz")), 1)
+    fixed, moving = read_image(case / "fixed.nii.gz"), read_image(case / "moving.nii.gz")
+    f = read_points(case / "landmarks_fixed.csv", fixed.geometry)
+    m = read_points(case / "landmarks_moving.csv", moving.geometry)
+    lm_f, lm_m, _ = pair_points(f, m, by="order")
+    result = None
+
+    def run() -> None:
+        nonlocal result
+        result = register(fixed, moving, RegistrationConfig())
+
+    figures["registration"] = _best(run, 1)
+    figures["field quality (SDlogJ, folding)"] = _best(lambda: field_quality(result.field), repeat)
+    figures["TRE"] = _best(lambda: landmark_errors(result.field, lm_f, lm_m), repeat)
+    figures["expected-error map"] = _best(lambda: expected_error_map(result), repeat)
+    figures["warped image"] = _best(lambda: warp_image(moving, result.field), repeat)
+    warped, uncertainty = warp_image(moving, result.field), expected_error_map(result)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        figures["  write displacement.nii.gz"] = _best(lambda: write_field(result.field, d / "d.nii.gz"), repeat)
+        figures["  write transform.h5"] = _best(lambda: write_transform(result.field, d / "t.h5"), repeat)
+        figures["  write warped.nii.gz"] = _best(lambda: write_image(warped, d / "w.nii.gz"), repeat)
+        figures["  write uncertainty.nii.gz"] = _best(lambda: write_image(uncertainty, d / "u.nii.gz"), repeat)
+        session = {"inputs": {}, "config": {}, "working_geometry": {}, "user": {"next_id": 1, "pairs": []}}
+
+        def write_all() -> None:
+            out = d / f"out{time.perf_counter_ns()}"
+            outputs.write_registration(out, result.field, warped, result.correspondences, {}, session, uncertainty)
+
+        figures["write every output"] = _best(write_all, repeat)
+    return figures
+
+
+def main() -> None:
+    """Measure and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", default=None, help="an `ikr synth` case folder (default: the thorax, seed 3)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per in-process step (the best is kept)")
+    parser.add_argument("--runs", type=int, default=1, help="runs of the whole command")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    case = _case(args)
+    runs = [whole_command(case, args.threads) for _ in range(args.runs)]
+    import torch
+
+    torch.set_num_threads(args.threads)
+    figures = steps(case, args.repeat)
+    print(f"case {case}; {args.threads} threads\n")
+    print("| whole command | wall s | command_s | runtime_s | peak MB | TRE mm | SDlogJ | folding % |")
+    print("|---|---|---|---|---|---|---|---|")
+    for i, r in enumerate(runs):
+        print(
+            f"| run {i + 1} | {r['wall_s']:.2f} | {r['command_s'] or float('nan'):.2f} | {r['runtime_s']:.2f} "
+            f"| {r['peak_memory_mb']:.0f} | {r['tre_mean_mm']:.3f} | {r['sdlogj']:.4f} | {r['folding_percent']:.4f} |"
+        )
+    print("\n| step (in process) | wall s | CPU s (all threads) |\n|---|---|---|")
+    for name, (wall, cpu) in figures.items():
+        print(f"| {name} | {wall:.2f} | {cpu:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
