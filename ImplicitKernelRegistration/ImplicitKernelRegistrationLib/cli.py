@@ -78,6 +78,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         _print_json(desc)
     else:
         print(format_description(desc))
+    if desc.get("volume_problem"):
+        raise IkrError(f"no volume read: {desc['volume_problem']}", args.path)
     return 0
 
 
@@ -101,9 +103,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
     """Deform a CT with a known synthetic field and write the case."""
     from .io.images import read_image
     from .io.segmentations import read_labels
-    from .synth import make_case, write_case
+    from .synth import check_magnitude, make_case, write_case
 
+    check_magnitude(args.magnitude)
     ct = read_image(Path(args.ct))
+    ct.meta["path"] = str(args.ct)
     labels = read_labels(Path(args.labels), reference=ct)[0] if args.labels else None
     case = make_case(ct, args.family, args.seed, labels=labels, magnitude_mm=args.magnitude)
     write_case(case, Path(args.output))
@@ -294,8 +298,10 @@ def _keep_previous_pairs(outdir: Path, pairs: list | None) -> None:
 def _read_input_image(path: str, series_uid: str | None, role: str) -> tuple[Image, dict | None]:
     """Read the fixed or moving image; for a DICOM folder, say which series was chosen and why."""
     from .io.images import read_image
+    from .preprocess import check_voxel_spacing
 
     image = read_image(Path(path), series_uid=series_uid, choose_series=True)
+    check_voxel_spacing(image, path)
     choice = image.meta.get("series_choice")
     if not choice:
         return image, None
@@ -473,6 +479,7 @@ def cmd_margin(args: argparse.Namespace) -> int:
     """Minimal ablative margin of a tumour (pre-ablation) against an ablation zone (post-ablation)."""
     from .margin_report import run_margin
 
+    _check_thresholds(args.thresholds)
     figures = run_margin(
         args.tumour,
         args.ablation,
@@ -496,14 +503,27 @@ def cmd_margin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_thresholds(thresholds: list[float]) -> None:
+    """Refuse margin thresholds that are not finite numbers of mm between -50 and 50."""
+    bad = [t for t in thresholds if not (np.isfinite(t) and -50.0 <= t <= 50.0)]
+    if bad:
+        raise IkrError(f"--thresholds {bad[0]}: a margin threshold must be a number of mm between -50 and 50")
+
+
 def _print_margin(figures: dict) -> None:
     """Print the key margin figures for a person."""
+    from .margin import fraction_key
+
     point = ", ".join(f"{v:.1f}" for v in figures["min_margin_point_lps"])
     print(f"minimal ablative margin {figures['min_margin_mm']:.1f} mm at ({point}) LPS mm")
+    surface = ", ".join(
+        f"margin >= {t:g} mm {100 * figures[fraction_key(t)]:.0f} %"
+        for t in figures.get("thresholds_mm", [])
+        if fraction_key(t) in figures
+    )
     print(
         f"coverage {figures['coverage_percent']:.1f} %, tumour volume outside the zone "
-        f"{figures['outside_volume_ml']:.2f} ml, surface with margin >= 5 mm "
-        f"{100 * figures['surface_fraction_ge_5mm']:.0f} %"
+        f"{figures['outside_volume_ml']:.2f} ml; tumour surface with {surface or 'no threshold asked'}"
     )
 
 
@@ -586,6 +606,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 
     outdir = Path(args.outdir)
     saved = read_session(outdir)
+    _refuse_interrupted(outdir)
     path = outdir / OUTPUT_FILES["uncertainty"]
     if not path.is_file():
         raise IkrError("this output folder has no expected-error map (made by an older version: register again)", path)
@@ -603,6 +624,14 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     write_text_atomic(outdir / "suggestions.csv", "\n".join(lines) + "\n")
     print(f"{len(values)} suggestions in {outdir / 'suggestions.csv'}")
     return 0
+
+
+def _refuse_interrupted(outdir: Path) -> None:
+    """Refuse to read a folder whose last write was interrupted (its files may mix two generations)."""
+    from .io.outputs import interrupted_generation
+
+    if interrupted_generation(outdir) is not None:
+        raise IkrError(f"its last write was interrupted; run `ikr refine {outdir}` to rebuild its outputs", outdir)
 
 
 def _add_registration_flags(p: argparse.ArgumentParser) -> None:
@@ -724,6 +753,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except IkrError as err:
         print(f"ikr {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as err:  # a disk or permission problem met while writing: one line, not a traceback
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"ikr {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"ikr {args.command}: cancelled", file=sys.stderr)

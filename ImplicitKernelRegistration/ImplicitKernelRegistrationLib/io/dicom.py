@@ -79,9 +79,11 @@ def scan_folder(folder: str | os.PathLike) -> dict[str, list]:
     folder = Path(folder)
     if not folder.is_dir():
         raise IkrError("not a folder", folder)
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise IkrError("this folder cannot be read (permission denied)", folder)
     groups: dict[str, list] = {}
     for path in sorted(_walk(folder)):
-        ds = read_header(path)
+        ds = _checked_header(path)
         if ds is None or "SeriesInstanceUID" not in ds or "SOPInstanceUID" not in ds:
             continue
         ds.filename = str(path)
@@ -98,6 +100,21 @@ def _walk(folder: Path) -> Iterable[Path]:
         for name in files:
             if not name.startswith("."):
                 yield Path(root) / name
+
+
+def _checked_header(path: Path) -> pydicom.Dataset | None:
+    """The header of a file in a scanned folder: None for a file that is not DICOM; IkrError for one
+    that cannot be read or that is DICOM (by suffix or preamble) but damaged, so nothing is skipped silently."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(132)
+    except OSError as err:
+        raise IkrError(f"cannot be read ({err.strerror or err})", path) from err
+    ds = read_header(path)
+    looks_dicom = start[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom", ".ima")
+    if looks_dicom and (ds is None or "SOPInstanceUID" not in ds):
+        raise IkrError("is a damaged DICOM file (its header cannot be parsed); remove it or replace it", path)
+    return ds
 
 
 def read_header(path: Path) -> pydicom.Dataset | None:
@@ -349,10 +366,12 @@ def _check_spacing(headers: list, normal_pos: np.ndarray, inplane: np.ndarray, n
     median = float(np.median(steps))
     thick = [float(h.get("SliceThickness", 0) or 0) for h in headers]
     for k, step in enumerate(steps):
-        allowed = max(thick[k], thick[k + 1]) or median
-        if step > GAP_FACTOR * max(allowed, median) + POSITION_TOL_MM:
+        neighbours = [steps[j] for j in (k - 1, k + 1) if 0 <= j < len(steps)]
+        regular = min(neighbours) if neighbours else median  # the spacing of the run around this step
+        expected = max(thick[k], thick[k + 1], regular) if len(steps) > 2 else max(thick[k], thick[k + 1], median)
+        if step > GAP_FACTOR * expected + POSITION_TOL_MM:
             raise IkrError(
-                f"{name} has a gap: slices {step:.2f} mm apart where {max(allowed, median):.2f} mm is expected "
+                f"{name} has a gap: slices {step:.2f} mm apart where {expected:.2f} mm is expected "
                 "(missing slices); it is not one volume"
             )
     reasons = []

@@ -83,8 +83,11 @@ def remove_stale_temporaries(outdir: str | os.PathLike) -> int:
     removed = 0
     if outdir.is_dir():
         for item in outdir.iterdir():
-            if item.name.startswith(".") and ".tmp" in item.name and item.is_file():
-                item.unlink()
+            if item.name.startswith(".") and ".tmp" in item.name:
+                if item.is_dir():
+                    shutil.rmtree(item)
+                else:
+                    item.unlink()
                 removed += 1
     if outdir.parent.is_dir():
         for item in outdir.parent.glob(f".{outdir.name}.*.tmp"):

@@ -7,6 +7,8 @@ import hashlib
 import io as _io
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -210,14 +212,39 @@ def write_registration(
     session = {**session, "generation": generation}
     report = {**report, "generation": generation}
     if existing and not replace:
-        text = correspondences_csv(correspondences)
-        start_journal(outdir, generation, correspondences_record(text)["sha256"])
-        _write_all(outdir, field, warped, correspondences, report, session, uncertainty)
-        end_journal(outdir)
+        _update_in_place(outdir, generation, field, warped, correspondences, report, session, uncertainty)
     else:
         with atomic_directory(outdir) as tmp:
             _write_all(tmp, field, warped, correspondences, report, session, uncertainty)
     return outdir
+
+
+def _update_in_place(
+    outdir: Path,
+    generation: int,
+    field: Field,
+    warped: Image,
+    correspondences: Correspondences,
+    report: dict,
+    session: dict,
+    uncertainty: Image | None,
+) -> None:
+    """Write every file into a hidden staging folder, then move them in under a journal, session.json last.
+
+    A failure while writing leaves the folder as it was; a kill while moving leaves the journal, which
+    the next refine sees (it rebuilds every output from session.json, which still holds the old pairs).
+    """
+    staging = Path(tempfile.mkdtemp(prefix=".staging.", suffix=".tmp", dir=outdir))
+    try:
+        _write_all(staging, field, warped, correspondences, report, session, uncertainty)
+        text = (staging / OUTPUT_FILES["correspondences"]).read_text(encoding="utf-8")
+        start_journal(outdir, generation, correspondences_record(text)["sha256"])
+        names = [n for n in OUTPUT_FILES.values() if (staging / n).exists() and n != OUTPUT_FILES["session"]]
+        for name in [*names, OUTPUT_FILES["session"]]:
+            os.replace(staging / name, outdir / name)
+        end_journal(outdir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def interrupted_generation(outdir: str | os.PathLike) -> dict | None:
