@@ -130,11 +130,11 @@ def _read_sitk(path: Path) -> Image:
         raise IkrError("unsupported image format; use .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or a DICOM folder", path)
     if fmt == "NIfTI":
         check_nifti_payload(path)
-    with _native_output() as native:
+    with native_output() as native:
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as err:
-            reason = _native_reason(native()) or _first_line(err)
+            reason = _native_reason(native()) or first_line(err)
             raise IkrError(f"cannot read {fmt} image: {reason}", path) from err
     if image.GetDimension() != 3:
         raise IkrError(f"is a {image.GetDimension()}D image; a 3D volume is needed", path)
@@ -147,7 +147,7 @@ def _read_sitk(path: Path) -> Image:
 
 
 @contextlib.contextmanager
-def _native_output() -> Iterator:
+def native_output() -> Iterator:
     """Catch what ITK's C++ readers print on the process's stdout/stderr; yield a function returning it."""
     import sys
 
@@ -247,7 +247,7 @@ def _decompressed_size(path: Path, limit: int) -> int:
     return total
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
     """The most informative single line of a (multi-line) ITK error message."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     for ln in lines:
@@ -286,7 +286,7 @@ def write_image(image: Image, path: str | os.PathLike) -> Path:
         try:
             sitk.WriteImage(image.to_sitk(), str(tmp), useCompression=True)
         except RuntimeError as err:
-            raise IkrError(f"cannot write image: {_first_line(err)}", path) from err
+            raise IkrError(f"cannot write image: {first_line(err)}", path) from err
     return path
 
 

@@ -19,7 +19,7 @@ from ..fields import Field
 from ..geometry import Image
 from .atomic import atomic_directory, write_text_atomic
 from .guard import end_journal, read_journal, start_journal
-from .images import write_image
+from .images import check_nifti_payload, first_line, native_output, write_image
 from .transforms import write_field, write_transform
 
 SESSION_VERSION = 1
@@ -167,13 +167,43 @@ def _write_all(
     report: dict,
     session: dict,
     uncertainty: Image | None,
+    shown: Path | None = None,
 ) -> None:
-    """Write every output file into an existing folder, each atomically."""
+    """Write every output file into a folder, each atomically; check each was written whole (errors name `shown`)."""
+    shown = shown or folder
+    with native_output():  # a failed write makes ITK's C libraries print pages; the error below says it in a line
+        try:
+            _write_files(folder, field, warped, correspondences, report, session, uncertainty)
+        except (RuntimeError, OSError) as err:
+            reason = getattr(err, "strerror", None) or first_line(err)
+            raise IkrError(f"cannot write the outputs (disk full or not writable?): {reason}", shown) from err
+        except IkrError as err:
+            raise IkrError(err.problem, shown / Path(err.path or "").name) from err
+
+
+def _whole(path: Path) -> None:
+    """Refuse a NIfTI file that was written short (ITK's NIfTI writer reports a full disk only on stderr)."""
+    try:
+        check_nifti_payload(path)
+    except IkrError as err:
+        raise IkrError("was not written completely (disk full?)", path) from err
+
+
+def _write_files(
+    folder: Path,
+    field: Field,
+    warped: Image,
+    correspondences: Correspondences,
+    report: dict,
+    session: dict,
+    uncertainty: Image | None,
+) -> None:
+    """Write every output file into an existing folder, each atomically (NIfTI files first, each checked whole)."""
     if uncertainty is not None:
-        write_image(uncertainty, folder / OUTPUT_FILES["uncertainty"])
-    write_field(field, folder / OUTPUT_FILES["displacement"])
+        _whole(write_image(uncertainty, folder / OUTPUT_FILES["uncertainty"]))
+    _whole(write_field(field, folder / OUTPUT_FILES["displacement"]))
+    _whole(write_image(warped, folder / OUTPUT_FILES["warped"]))
     write_transform(field, folder / OUTPUT_FILES["transform"])
-    write_image(warped, folder / OUTPUT_FILES["warped"])
     write_text_atomic(folder / OUTPUT_FILES["report"], json.dumps(report, indent=2, default=str))
     write_session(folder, session, correspondences)  # last: it commits the clicked pairs
 
@@ -215,7 +245,7 @@ def write_registration(
         _update_in_place(outdir, generation, field, warped, correspondences, report, session, uncertainty)
     else:
         with atomic_directory(outdir) as tmp:
-            _write_all(tmp, field, warped, correspondences, report, session, uncertainty)
+            _write_all(tmp, field, warped, correspondences, report, session, uncertainty, outdir)
     return outdir
 
 
@@ -236,7 +266,7 @@ def _update_in_place(
     """
     staging = Path(tempfile.mkdtemp(prefix=".staging.", suffix=".tmp", dir=outdir))
     try:
-        _write_all(staging, field, warped, correspondences, report, session, uncertainty)
+        _write_all(staging, field, warped, correspondences, report, session, uncertainty, outdir)
         text = (staging / OUTPUT_FILES["correspondences"]).read_text(encoding="utf-8")
         start_journal(outdir, generation, correspondences_record(text)["sha256"])
         names = [n for n in OUTPUT_FILES.values() if (staging / n).exists() and n != OUTPUT_FILES["session"]]
