@@ -247,18 +247,24 @@ def test_damaged_correspondences_are_refused(capsys, tmp_path, outdir, case):
 
 
 @pytest.mark.bad_input(
-    "A `session.json` copied from another registration",
-    "exit 2: `correspondences.csv does not match session.json` (and report.json's registration id differs)",
+    "A `session.json` (alone, or with its `report.json`) copied from another registration",
+    "exit 2: `session.json and report.json come from different registrations`, or with both copied"
+    " `correspondences.csv: does not match session.json`; nothing rewritten",
 )
-def test_session_from_another_registration_is_refused(capsys, tmp_path, outdir, case):
+@pytest.mark.parametrize("copied", [("session.json",), ("session.json", "report.json")])
+def test_session_from_another_registration_is_refused(capsys, tmp_path, outdir, case, copied):
     other = tmp_path / "other"
     register = ["register", case / "moving.nii.gz", case / "fixed.nii.gz", "-o", other, "--spacing", "6"]
     assert _run(capsys, *register, "--kernel", "gaussian", "--quiet")[0] == 0
-    shutil.copy(other / "session.json", outdir / "session.json")
+    for name in copied:
+        shutil.copy(other / name, outdir / name)
     before = _snapshot(outdir)
     code, _, err = _run(capsys, "refine", outdir)
     assert code == 2
-    _one_line_error(err, outdir)
+    if len(copied) == 1:
+        _one_line_error(err, outdir, "different registrations")
+    else:
+        _one_line_error(err, "correspondences.csv", "does not match session.json")
     assert _snapshot(outdir) == before
 
 
@@ -368,6 +374,29 @@ def test_killed_refine_is_cleaned_up_by_the_next_run(capsys, tmp_path, outdir, c
     session = _session(outdir)
     assert report["generation"] == session["generation"]
     assert len(report["user_pairs"]) == len(session["user"]["pairs"]) <= 1
+
+
+@pytest.mark.bad_input(
+    "`kill -9` of a register while it writes its new folder",
+    "no half-written folder appears; the next register into that path removes the hidden `.OUT.XXXX.tmp/` and says so",
+)
+def test_killed_register_leaves_no_folder_and_is_cleaned_up(capsys, tmp_path, case):
+    out = tmp_path / "out"
+    register = ["register", case / "fixed.nii.gz", case / "moving.nii.gz", "-o", out, "--spacing", SPACING]
+    run = _ikr(*register, "--kernel", "gaussian", "--quiet")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and run.poll() is None and not list(tmp_path.glob(".out.*.tmp")):
+        time.sleep(0.005)
+    os.kill(run.pid, signal.SIGKILL)
+    run.communicate()
+    assert not out.exists() or (out / "session.json").is_file()
+    if out.exists():  # the kill came after the rename: the folder is whole
+        shutil.rmtree(out)
+    stale = list(tmp_path.glob(".out.*.tmp"))
+    code, _, err = _run(capsys, *register, "--kernel", "gaussian", "--quiet")
+    assert code == 0, err
+    assert ("removed 1 temporary files" in err) == bool(stale)
+    assert not list(tmp_path.glob(".out.*.tmp")) and (out / "session.json").is_file()
 
 
 # ------------------------------------------------------------------ 6: DICOM folders
@@ -491,7 +520,7 @@ def test_unwritable_output_is_refused_before_registering(capsys, tmp_path, case)
 
 @pytest.mark.bad_input(
     "`ikr margin --thresholds 2 10` or a NaN threshold",
-    "thresholds other than 0 and 5 are reported as asked; NaN or negative: exit 2, one line; no margin.json",
+    "thresholds other than 0 and 5 are reported as asked; NaN or beyond +-50 mm: exit 2, one line; no output",
 )
 def test_margin_thresholds(capsys, tmp_path, phantom_case):
     from ImplicitKernelRegistrationLib.margin import demo_tumour_and_zone
@@ -503,7 +532,8 @@ def test_margin_thresholds(capsys, tmp_path, phantom_case):
     code, out, err = _run(capsys, *args, "-o", tmp_path / "m", "--thresholds", "2", "10")
     assert code == 0, err
     figures = json.loads((tmp_path / "m" / "margin.json").read_text())
-    assert "surface_fraction_ge_10mm" in figures or "p_min_margin_below_10mm" in figures or "minimal" in out
+    assert 0.0 <= figures["surface_fraction_ge_10mm"] <= figures["surface_fraction_ge_2mm"] <= 1.0
+    assert "margin >= 2 mm" in out and "margin >= 10 mm" in out
     code, _, err = _run(capsys, *args, "-o", tmp_path / "n", "--thresholds", "nan")
     assert code == 2
     _one_line_error(err, "threshold")
@@ -511,13 +541,13 @@ def test_margin_thresholds(capsys, tmp_path, phantom_case):
 
 
 @pytest.mark.bad_input(
-    "Wrong reasons: a file in an unreadable place, a folder given to `--add`",
-    "the true reason in one line: `permission denied`, `is a folder, not a point file`",
+    "A folder given to `ikr refine --add`",
+    "exit 2, `is a folder, not a point file` (not `no such file`)",
 )
 def test_folder_given_as_point_file(capsys, tmp_path, outdir):
     code, _, err = _run(capsys, "refine", outdir, "--add", tmp_path)
     assert code == 2
-    _one_line_error(err, str(tmp_path), "folder")
+    _one_line_error(err, str(tmp_path), "is a folder, not a point file")
 
 
 # ------------------------------------------------------------------ 13: masks
