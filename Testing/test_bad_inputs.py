@@ -627,6 +627,56 @@ def test_study_folder_chooses_the_thin_full_series(study):
     assert thick.geometry.size[2] == 14
 
 
+def _write_dicom_series(image: Image, folder: Path, uid: str, keep: callable, description: str) -> None:
+    """Write the axial slices `keep(k)` of a CT Image as a DICOM series (uncompressed, identity direction)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = image.geometry
+    for k in (k for k in range(g.size[2]) if keep(k)):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.100", uid
+        ds.Modality, ds.SeriesDescription, ds.ImageType = "CT", description, ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient = [float(v) for v in g.index_to_lps(np.array([[0.0, 0.0, k]]))[0]]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.PixelSpacing = [g.spacing_mm[1], g.spacing_mm[0]]
+        ds.SliceThickness = g.spacing_mm[2]
+        ds.Rows, ds.Columns = g.size[1], g.size[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+        ds.PixelData = np.ascontiguousarray(image.array[k].astype("<i2")).tobytes()
+        ds.save_as(folder / f"{uid.rsplit('.', 1)[-1]}_{k:03d}.dcm", enforce_file_format=True)
+
+
+@pytest.mark.bad_input(
+    "`ikr register` with a DICOM study folder (thin, thick and short series of the same CT)",
+    "registers the thin full series; stderr and report.json's inputs say which and why",
+)
+def test_register_a_dicom_study_says_which_series_and_why(capsys, tmp_path, phantom_case, case):
+    study = tmp_path / "study"
+    fixed = phantom_case.fixed
+    _write_dicom_series(fixed, study, "1.2.826.0.1.3680043.8.498.11", lambda k: k % 2 == 0, "thick")
+    _write_dicom_series(fixed, study, "1.2.826.0.1.3680043.8.498.12", lambda k: True, "thin")
+    _write_dicom_series(fixed, study, "1.2.826.0.1.3680043.8.498.13", lambda k: 20 <= k < 60, "short")
+    out = tmp_path / "out"
+    register = ["register", study, case / "moving.nii.gz", "-o", out, "--spacing", SPACING]
+    code, _, err = _run(capsys, *register, "--kernel", "gaussian", "--quiet")
+    assert code == 0, err
+    assert "fixed image: chose series 1.2.826.0.1.3680043.8.498.12 ('thin'" in err
+    chosen = json.loads((out / "report.json").read_text())["inputs"]["fixed_series"]
+    assert chosen["uid"] == "1.2.826.0.1.3680043.8.498.12" and "thinnest regular slices" in chosen["why"]
+    assert "'thick'" in chosen["why"] and "'short'" in chosen["why"]
+    code, _, err = _run(capsys, "refine", out)  # the refine reads the same series again
+    assert code == 0, err
+
+
 @pytest.mark.bad_input(
     "`ikr register` on the mixed folder (6 series, 2 patients, CT and MR), or with an unknown --fixed-series",
     "the one consistent axial CT volume is chosen and named on stderr; an unknown UID: exit 2 listing the series",
