@@ -19,9 +19,11 @@ from . import __version__
 from .errors import IkrError
 
 if TYPE_CHECKING:
+    from .correspondences import Correspondences
     from .fields import Field
     from .geometry import Image
     from .pipeline import RegistrationConfig
+    from .refine import RefinementSession
     from .synth import SynthCase
 
 EXIT_BAD_INPUT = 2
@@ -391,7 +393,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_saved_registration(outdir: Path) -> tuple[dict, dict, Image, Image, object]:
+def _open_saved_registration(outdir: Path) -> tuple[dict, dict, Image, Image, Correspondences]:
     """The checked session, report, inputs and automatic correspondences of an output folder."""
     from .correspondences import AUTOMATIC
     from .io.guard import check_fingerprint
@@ -433,7 +435,7 @@ def _series_uid(saved: dict, role: str) -> str | None:
     return choice.get("uid") if isinstance(choice, dict) else None
 
 
-def _refine_under_lock(outdir: Path, remove: list[int], pairs: tuple | None) -> tuple:
+def _refine_under_lock(outdir: Path, remove: list[int], pairs: tuple | None) -> tuple[RefinementSession, dict]:
     """Apply removals and clicked pairs, compute every output in memory, then write them (session last)."""
     from .fields import warp_image
     from .io.outputs import write_registration
