@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -19,9 +20,11 @@ from .errors import IkrError
 
 if TYPE_CHECKING:
     from .alignment import Alignment
+    from .correspondences import Correspondences
     from .fields import Field
     from .geometry import Image
     from .pipeline import RegistrationConfig
+    from .refine import RefinementSession
     from .synth import SynthCase
 
 EXIT_BAD_INPUT = 2
@@ -79,6 +82,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         _print_json(desc)
     else:
         print(format_description(desc))
+    series = desc.get("series", [])
+    if desc.get("volume_problem") and (args.series or not any(s["consistent"] for s in series)):
+        raise IkrError(f"no volume read: {desc['volume_problem']}", args.path)
     return 0
 
 
@@ -102,9 +108,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
     """Deform a CT with a known synthetic field and write the case."""
     from .io.images import read_image
     from .io.segmentations import read_labels
-    from .synth import make_case, write_case
+    from .synth import check_magnitude, make_case, write_case
 
+    check_magnitude(args.magnitude)
     ct = read_image(Path(args.ct))
+    ct.meta["path"] = str(args.ct)
     labels = read_labels(Path(args.labels), reference=ct)[0] if args.labels else None
     case = make_case(ct, args.family, args.seed, labels=labels, magnitude_mm=args.magnitude)
     write_case(case, Path(args.output))
@@ -142,8 +150,9 @@ def _run_registration(
     quiet: bool = False,
     initial: Alignment | None = None,
     force_memory: bool = False,
+    replace: bool = False,
 ) -> dict:
-    """Register, evaluate and write every output; return the report."""
+    """Register, evaluate and write every output (`replace`: over an earlier result); return the report."""
     fallback_start = time.time()  # the command's start where /proc cannot tell the process's
     from .fields import warp_image
     from .io.outputs import check_output_folder, write_registration
@@ -173,11 +182,13 @@ def _run_registration(
     warped = warp_image(moving, result.field)
     session = {
         "inputs": inputs,
+        "input_files": _input_fingerprints(inputs),
         "config": config.to_dict(),
         "working_geometry": result.working_geometry.to_dict(),
         "alignment": result.alignment.to_dict(),
         "user": {"next_id": 1, "pairs": []},
     }
+    session["registration_id"] = report["registration_id"] = uuid.uuid4().hex
 
     def final_figures() -> dict:
         """The whole command's time and peak memory, once every other output is written."""
@@ -186,8 +197,15 @@ def _run_registration(
         return figures
 
     corr = result.correspondences
-    write_registration(outdir, result.field, warped, corr, report, session, uncertainty, final_figures)
+    write_registration(outdir, result.field, warped, corr, report, session, uncertainty, final_figures, replace=replace)
     return report
+
+
+def _input_fingerprints(inputs: dict) -> dict:
+    """Path, size and SHA-256 of the fixed and moving inputs, tying the session to them."""
+    from .io.guard import fingerprint
+
+    return {role: fingerprint(inputs[role]) for role in ("fixed", "moving") if Path(inputs[role]).exists()}
 
 
 def _print_summary(report: dict, outdir: Path) -> None:
@@ -235,39 +253,114 @@ def _read_landmark_pair(fixed_path: str | None, moving_path: str | None, fixed: 
 
 def cmd_register(args: argparse.Namespace) -> int:
     """Register MOVING to FIXED and write the outputs."""
-    from .io.images import read_image
+    from .io.guard import check_writable, folder_lock
 
-    fixed = read_image(Path(args.fixed))
-    moving = read_image(Path(args.moving))
-    fixed_mask = read_image(Path(args.fixed_mask)) if args.fixed_mask else None
-    moving_mask = read_image(Path(args.moving_mask)) if args.moving_mask else None
-    landmarks = _read_landmark_pair(args.fixed_landmarks, args.moving_landmarks, fixed, moving)
-    inputs = {"fixed": str(Path(args.fixed).resolve()), "moving": str(Path(args.moving).resolve())}
-    if landmarks is not None:
-        inputs["fixed_landmarks"] = str(Path(args.fixed_landmarks).resolve())
-        inputs["moving_landmarks"] = str(Path(args.moving_landmarks).resolve())
-    initial = None
-    if args.initial:
-        from .alignment import read_initial_transform
-
-        initial = read_initial_transform(args.initial)
-        inputs["initial"] = str(Path(args.initial).resolve())
     outdir = Path(args.output)
-    report = _run_registration(
-        fixed,
-        moving,
-        outdir,
-        _registration_config(args),
-        inputs,
-        fixed_mask,
-        moving_mask,
-        landmarks,
-        args.quiet,
-        initial,
-        args.force_memory,
-    )
+    check_writable(outdir)
+    with folder_lock(outdir, command="ikr register"):
+        _remove_stale(outdir, "ikr register")
+        previous_pairs = _previous_user_pairs(outdir, args.overwrite)
+        fixed, fixed_series = _read_input_image(args.fixed, args.fixed_series, "fixed")
+        moving, moving_series = _read_input_image(args.moving, args.moving_series, "moving")
+        fixed_mask = _read_mask(args.fixed_mask) if args.fixed_mask else None
+        moving_mask = _read_mask(args.moving_mask) if args.moving_mask else None
+        landmarks = _read_landmark_pair(args.fixed_landmarks, args.moving_landmarks, fixed, moving)
+        inputs = {"fixed": str(Path(args.fixed).resolve()), "moving": str(Path(args.moving).resolve())}
+        inputs.update({k: v for k, v in (("fixed_series", fixed_series), ("moving_series", moving_series)) if v})
+        if landmarks is not None:
+            inputs["fixed_landmarks"] = str(Path(args.fixed_landmarks).resolve())
+            inputs["moving_landmarks"] = str(Path(args.moving_landmarks).resolve())
+        initial = None
+        if args.initial:
+            from .alignment import read_initial_transform
+
+            initial = read_initial_transform(args.initial)
+            inputs["initial"] = str(Path(args.initial).resolve())
+        report = _run_registration(
+            fixed,
+            moving,
+            outdir,
+            _registration_config(args),
+            inputs,
+            fixed_mask,
+            moving_mask,
+            landmarks,
+            args.quiet,
+            initial,
+            args.force_memory,
+            replace=previous_pairs is not None,
+        )
+        _keep_previous_pairs(outdir, previous_pairs)
     _print_summary(report, outdir)
     return _strict_status(report, args.strict)
+
+
+def _remove_stale(outdir: Path, command: str) -> None:
+    """Remove temporaries that a killed run left in or beside `outdir` (call under the folder lock); say so."""
+    from .io.guard import remove_stale_temporaries
+
+    removed = remove_stale_temporaries(outdir)
+    if removed:
+        print(f"{command}: removed {removed} temporary files left by an interrupted run in {outdir}", file=sys.stderr)
+
+
+def _previous_user_pairs(outdir: Path, overwrite: bool) -> list | None:
+    """Refuse to register over an earlier ikr result unless --overwrite; return its clicked pairs (None: no result)."""
+    from .io.outputs import check_output_folder
+
+    if not check_output_folder(outdir):
+        return None
+    try:
+        saved = json.loads((outdir / "session.json").read_text(encoding="utf-8"))
+        pairs = list(saved.get("user", {}).get("pairs", []))
+    except (OSError, ValueError, AttributeError, TypeError):
+        pairs = []
+    if not overwrite:
+        clicked = f" and {len(pairs)} clicked pairs" if pairs else ""
+        raise IkrError(f"holds an earlier ikr result{clicked}; pass --overwrite to replace it", outdir)
+    return pairs
+
+
+PREVIOUS_PAIRS_FILE = "user_pairs_before_overwrite.csv"
+
+
+def _keep_previous_pairs(outdir: Path, pairs: list | None) -> None:
+    """Write the clicked pairs of the result just replaced as a pair CSV `ikr refine --add` reads; say so."""
+    if not pairs:
+        return
+    from .io.atomic import write_text_atomic
+
+    lines = ["fixed_x,fixed_y,fixed_z,moving_x,moving_y,moving_z,label"]
+    for p in pairs:
+        label = str(p.get("label", "")).replace(",", " ").replace("\n", " ")
+        lines.append(",".join(f"{v:.4f}" for v in (*p["fixed_lps"], *p["moving_lps"])) + f",{label}")
+    path = write_text_atomic(outdir / PREVIOUS_PAIRS_FILE, "\n".join(lines) + "\n")
+    print(
+        f"ikr register: the {len(pairs)} clicked pairs of the replaced result are in {path};"
+        f" apply them with: ikr refine {outdir} --add {path}",
+        file=sys.stderr,
+    )
+
+
+def _read_input_image(path: str, series_uid: str | None, role: str) -> tuple[Image, dict | None]:
+    """Read the fixed or moving image; for a DICOM folder, say which series was chosen and why."""
+    from .io.images import read_image
+    from .preprocess import check_voxel_spacing
+
+    image = read_image(Path(path), series_uid=series_uid, choose_series=True)
+    check_voxel_spacing(image, path)
+    choice = image.meta.get("series_choice")
+    if not choice:
+        return image, None
+    print(f"ikr register: {role} image: {choice['why']}", file=sys.stderr)
+    return image, choice
+
+
+def _read_mask(path: str) -> Image:
+    """Read a fixed or moving mask and check that it is a mask (0/1 or labels), not an image."""
+    from .io.images import read_mask
+
+    return read_mask(Path(path))
 
 
 def _shared_data_root() -> Path:
@@ -327,34 +420,88 @@ def _read_user_pairs(paths: list[str], match: str) -> tuple:
 
 def cmd_refine(args: argparse.Namespace) -> int:
     """Add or remove clicked pairs on a registration output folder and update every output."""
+    from .io.guard import check_writable, folder_lock
+    from .io.images import check_readable
+
+    outdir = Path(args.outdir)
+    check_readable(outdir)
+    check_writable(outdir)
+    pairs = _read_user_pairs(args.add, args.match) if args.add else None
+    with folder_lock(outdir, command="ikr refine"):
+        _remove_stale(outdir, "ikr refine")
+        session, report = _refine_under_lock(outdir, args.remove or [], pairs)
+    for item in report["user_pairs"]:
+        note = "; ".join(item["warnings"]) or "ok"
+        print(f"pair {item['id']} ({item['label']}): residual {item['residual_mm']:.2f} mm, {note}")
+    print(f"field rebuilt in {report['refine_s']:.2f} s ({len(session.pairs)} user pairs); outputs in {outdir}/")
+    _warn_quality(report)
+    return _strict_status(report, args.strict)
+
+
+def _open_saved_registration(outdir: Path) -> tuple[dict, dict, Image, Image, Correspondences]:
+    """The checked session, report, inputs and automatic correspondences of an output folder."""
     from .correspondences import AUTOMATIC
-    from .fields import warp_image
+    from .io.guard import check_fingerprint
     from .io.images import read_image
-    from .io.outputs import OUTPUT_FILES, read_correspondences_csv, read_session, write_registration, write_session
+    from .io.outputs import OUTPUT_FILES, interrupted_generation, read_correspondences_csv, read_report, read_session
+
+    saved = read_session(outdir)
+    report = read_report(outdir)
+    if saved.get("registration_id") and report.get("registration_id") not in (None, saved["registration_id"]):
+        raise IkrError("session.json and report.json come from different registrations: register again", outdir)
+    journal = interrupted_generation(outdir)
+    if journal is not None:
+        print(
+            f"ikr refine: the last write of {outdir} was interrupted; rebuilding every output from session.json"
+            f" (generation {saved.get('generation', '?')})",
+            file=sys.stderr,
+        )
+    for role, recorded in (saved.get("input_files") or {}).items():
+        check_fingerprint(role, recorded)
+    everything = read_correspondences_csv(
+        outdir / OUTPUT_FILES["correspondences"], _expected_correspondences(saved, journal)
+    )
+    fixed = read_image(Path(saved["inputs"]["fixed"]), series_uid=_series_uid(saved, "fixed"))
+    moving = read_image(Path(saved["inputs"]["moving"]), series_uid=_series_uid(saved, "moving"))
+    return saved, report, fixed, moving, everything.subset(everything.source == AUTOMATIC)
+
+
+def _expected_correspondences(saved: dict, journal: dict | None) -> dict | None:
+    """What correspondences.csv must match: session.json's record, or the interrupted write's."""
+    expected = saved.get("correspondences")
+    if not expected or journal is None:
+        return expected
+    return {**expected, "also_sha256": journal.get("correspondences_sha256")}
+
+
+def _series_uid(saved: dict, role: str) -> str | None:
+    """The DICOM series a registration used for one input (None for image files)."""
+    choice = saved["inputs"].get(f"{role}_series")
+    return choice.get("uid") if isinstance(choice, dict) else None
+
+
+def _refine_under_lock(outdir: Path, remove: list[int], pairs: tuple | None) -> tuple[RefinementSession, dict]:
+    """Apply removals and clicked pairs, compute every output in memory, then write them (session last)."""
+    from .fields import warp_image
+    from .io.outputs import write_registration
     from .quality import assess
-    from .refine import open_session
+    from .refine import check_moving_points, open_session
     from .report import field_quality
     from .uncertainty import expected_error_map
 
-    outdir = Path(args.outdir)
-    saved = read_session(outdir)
-    pairs = _read_user_pairs(args.add, args.match) if args.add else None
-    fixed = read_image(Path(saved["inputs"]["fixed"]))
-    moving = read_image(Path(saved["inputs"]["moving"]))
-    everything = read_correspondences_csv(outdir / OUTPUT_FILES["correspondences"])
-    automatic = everything.subset(everything.source == AUTOMATIC)
+    saved, report, fixed, moving, automatic = _open_saved_registration(outdir)
+    if pairs is not None:
+        check_moving_points(pairs[1], moving.geometry)
     start = time.perf_counter()
     session = open_session(fixed, saved, automatic)
     opened_s = time.perf_counter() - start
     start = time.perf_counter()
-    for pair_id in args.remove or []:
+    for pair_id in remove:
         session.remove_correspondence(pair_id)
     if pairs is not None:
         session.add_correspondences(pairs[0], pairs[1], list(pairs[2]))
     refine_s = time.perf_counter() - start
     saved["user"] = session.to_dict()
-    write_session(outdir, saved, automatic.concat(session.user_correspondences()))  # the clicks are safe first
-    report = json.loads((outdir / OUTPUT_FILES["report"]).read_text(encoding="utf-8"))
     report.update(field_quality(session.field))
     report.update({"refine_s": round(refine_s, 3), "session_open_s": round(opened_s, 3)})
     report["user_pairs"] = session.feedback()
@@ -370,12 +517,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     uncertainty = expected_error_map(session)
     corr = automatic.concat(session.user_correspondences())
     write_registration(outdir, session.field, warped, corr, report, saved, uncertainty)
-    for item in report["user_pairs"]:
-        note = "; ".join(item["warnings"]) or "ok"
-        print(f"pair {item['id']} ({item['label']}): residual {item['residual_mm']:.2f} mm, {note}")
-    print(f"field rebuilt in {refine_s:.2f} s ({len(session.pairs)} user pairs); outputs in {outdir}/")
-    _warn_quality(report)
-    return _strict_status(report, args.strict)
+    return session, report
 
 
 def _landmark_report(field: Field, landmarks: tuple) -> dict:
@@ -389,6 +531,7 @@ def cmd_margin(args: argparse.Namespace) -> int:
     """Minimal ablative margin of a tumour (pre-ablation) against an ablation zone (post-ablation)."""
     from .margin_report import run_margin
 
+    _check_thresholds(args.thresholds)
     figures = run_margin(
         args.tumour,
         args.ablation,
@@ -412,14 +555,27 @@ def cmd_margin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_thresholds(thresholds: list[float]) -> None:
+    """Refuse margin thresholds that are not finite numbers of mm between -50 and 50."""
+    bad = [t for t in thresholds if not (np.isfinite(t) and -50.0 <= t <= 50.0)]
+    if bad:
+        raise IkrError(f"--thresholds {bad[0]}: a margin threshold must be a number of mm between -50 and 50")
+
+
 def _print_margin(figures: dict) -> None:
     """Print the key margin figures for a person."""
+    from .margin import fraction_key
+
     point = ", ".join(f"{v:.1f}" for v in figures["min_margin_point_lps"])
     print(f"minimal ablative margin {figures['min_margin_mm']:.1f} mm at ({point}) LPS mm")
+    surface = ", ".join(
+        f"margin >= {t:g} mm {100 * figures[fraction_key(t)]:.0f} %"
+        for t in figures.get("thresholds_mm", [])
+        if fraction_key(t) in figures
+    )
     print(
         f"coverage {figures['coverage_percent']:.1f} %, tumour volume outside the zone "
-        f"{figures['outside_volume_ml']:.2f} ml, surface with margin >= 5 mm "
-        f"{100 * figures['surface_fraction_ge_5mm']:.0f} %"
+        f"{figures['outside_volume_ml']:.2f} ml; tumour surface with {surface or 'no threshold asked'}"
     )
 
 
@@ -502,6 +658,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 
     outdir = Path(args.outdir)
     saved = read_session(outdir)
+    _refuse_interrupted(outdir)
     path = outdir / OUTPUT_FILES["uncertainty"]
     if not path.is_file():
         raise IkrError("this output folder has no expected-error map (made by an older version: register again)", path)
@@ -519,6 +676,14 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     write_text_atomic(outdir / "suggestions.csv", "\n".join(lines) + "\n")
     print(f"{len(values)} suggestions in {outdir / 'suggestions.csv'}")
     return 0
+
+
+def _refuse_interrupted(outdir: Path) -> None:
+    """Refuse to read a folder whose last write was interrupted (its files may mix two generations)."""
+    from .io.outputs import interrupted_generation
+
+    if interrupted_generation(outdir) is not None:
+        raise IkrError(f"its last write was interrupted; run `ikr refine {outdir}` to rebuild its outputs", outdir)
 
 
 def _add_registration_flags(p: argparse.ArgumentParser) -> None:
@@ -587,6 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="start transform, fixed -> moving, ITK convention (.h5/.tfm/.txt; rigid or affine); "
         "refined by --align unless --align none",
     )
+    p.add_argument("--fixed-series", help="SeriesInstanceUID to use when FIXED is a DICOM folder with several series")
+    p.add_argument("--moving-series", help="SeriesInstanceUID to use when MOVING is a DICOM folder with several series")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier ikr result in the output folder")
     _add_registration_flags(p)
     p.set_defaults(func=cmd_register)
 
@@ -654,6 +822,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except IkrError as err:
         print(f"ikr {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as err:  # a disk or permission problem met while writing: one line, not a traceback
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"ikr {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"ikr {args.command}: cancelled", file=sys.stderr)

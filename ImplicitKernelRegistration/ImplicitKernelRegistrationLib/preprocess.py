@@ -168,6 +168,20 @@ def check_looks_like_ct(image: Image, name: str) -> None:
         )
 
 
+CT_SPACING_MM = (0.05, 30.0)  # voxel spacings outside this range are a broken header, not a CT
+
+
+def check_voxel_spacing(image: Image, name: str) -> None:
+    """Raise IkrError when an image's voxel spacing is outside what a CT has (a broken or mis-scaled header)."""
+    spacing = np.asarray(image.geometry.spacing_mm, dtype=np.float64)
+    lo, hi = CT_SPACING_MM
+    if np.any(~np.isfinite(spacing)) or np.any(spacing < lo) or np.any(spacing > hi):
+        shown = ", ".join(f"{v:g}" for v in spacing)
+        raise IkrError(
+            f"voxel spacing ({shown}) mm is outside what a CT has ({lo:g} to {hi:g} mm): check the header", name
+        )
+
+
 def check_overlap(fixed: Image, moving: Image) -> None:
     """Raise IkrError when the two images' physical bounding boxes (LPS) do not overlap."""
     boxes = []
@@ -266,7 +280,9 @@ def make_working_pair(
     `alignment` (fixed -> moving, e.g. the automatic rigid/affine start) is applied to the moving
     image (and its mask) as it is resampled; without it the two must overlap physically.
     """
+    check_voxel_spacing(fixed, _name(fixed, "fixed image"))
     geometry = working_geometry(fixed.geometry, spacing_mm)
+    check_voxel_spacing(moving, _name(moving, "moving image"))
     check_looks_like_ct(fixed, _name(fixed, "fixed image"))
     check_looks_like_ct(moving, _name(moving, "moving image"))
     if alignment is None:

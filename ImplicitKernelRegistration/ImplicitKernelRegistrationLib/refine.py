@@ -297,6 +297,18 @@ def _intersect(a: Box, b: Box) -> Box:
     return tuple((max(x[0], y[0]), min(x[1], y[1])) for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
 
 
+def check_moving_points(moving_lps: np.ndarray, moving: Geometry, source: object | None = None) -> None:
+    """Refuse clicked moving points that lie outside the moving image (a wrong file or a wrong coordinate system)."""
+    points = np.atleast_2d(np.asarray(moving_lps, dtype=np.float64))
+    if not np.all(np.isfinite(points)):
+        raise IkrError("a clicked moving point has a NaN or infinite coordinate", source)
+    outside = ~moving.contains_lps(points)
+    if np.any(outside):
+        raise IkrError(
+            f"moving point {points[outside][0].round(1).tolist()} (LPS mm) lies outside the moving image", source
+        )
+
+
 def session_from_result(result: RegistrationResult, fixed: Image) -> RefinementSession:
     """A refinement session on a registration just computed (in memory, e.g. in Slicer)."""
     return RefinementSession(result.model, fixed.geometry, result.correspondences)

@@ -680,6 +680,20 @@ def _check_inputs(ct: Image, family: str, labels: Image | None, n_landmarks: int
         raise IkrError(f"the label map's grid {labels.geometry.size} differs from the CT's {ct.geometry.size}")
     if n_landmarks < 0 or noise_hu < 0:
         raise IkrError("n_landmarks and noise_hu must not be negative")
+    from .preprocess import check_looks_like_ct
+
+    check_looks_like_ct(ct, str(ct.meta.get("path") or "the CT"))
+
+
+MAX_MAGNITUDE_MM = 50.0  # larger mean displacements are not breathing, positioning or organ motion
+
+
+def check_magnitude(magnitude_mm: float | None) -> None:
+    """Refuse a mean displacement that is not a finite number in (0, MAX_MAGNITUDE_MM] mm."""
+    if magnitude_mm is None:
+        return
+    if not np.isfinite(magnitude_mm) or not 0 < magnitude_mm <= MAX_MAGNITUDE_MM:
+        raise IkrError(f"--magnitude {magnitude_mm} mm: the mean displacement must lie in (0, {MAX_MAGNITUDE_MM:g}] mm")
 
 
 def _inverse_check(true_field: Field, inverse: Field, rng: np.random.Generator) -> dict:
@@ -709,6 +723,7 @@ def make_case(
     intensity_change: bool = True,
 ) -> SynthCase:
     """A synthetic case from `ct`: deformed moving image, exact fixed -> moving field, landmark pairs."""
+    check_magnitude(magnitude_mm)
     _check_inputs(ct, family, labels, n_landmarks, noise_hu)
     rng = np.random.default_rng([int(seed), FAMILIES.index(family)])
     fine = ct.geometry

@@ -79,9 +79,11 @@ def scan_folder(folder: str | os.PathLike) -> dict[str, list]:
     folder = Path(folder)
     if not folder.is_dir():
         raise IkrError("not a folder", folder)
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise IkrError("this folder cannot be read (permission denied)", folder)
     groups: dict[str, list] = {}
     for path in sorted(_walk(folder)):
-        ds = read_header(path)
+        ds = _checked_header(path)
         if ds is None or "SeriesInstanceUID" not in ds or "SOPInstanceUID" not in ds:
             continue
         ds.filename = str(path)
@@ -98,6 +100,21 @@ def _walk(folder: Path) -> Iterable[Path]:
         for name in files:
             if not name.startswith("."):
                 yield Path(root) / name
+
+
+def _checked_header(path: Path) -> pydicom.Dataset | None:
+    """The header of a file in a scanned folder: None for a file that is not DICOM; IkrError for one
+    that cannot be read or that is DICOM (by suffix or preamble) but damaged, so nothing is skipped silently."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(132)
+    except OSError as err:
+        raise IkrError(f"cannot be read ({err.strerror or err})", path) from err
+    ds = read_header(path)
+    looks_dicom = start[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom", ".ima")
+    if looks_dicom and (ds is None or "SOPInstanceUID" not in ds):
+        raise IkrError("is a damaged DICOM file (its header cannot be parsed); remove it or replace it", path)
+    return ds
 
 
 def read_header(path: Path) -> pydicom.Dataset | None:
@@ -134,9 +151,21 @@ def list_series(folder: str | os.PathLike) -> list[SeriesInfo]:
     return sorted(infos, key=lambda s: (s.modality, s.description, s.series_uid))
 
 
-def read_series(folder: str | os.PathLike, series_uid: str | None = None, include_phi: bool = False) -> Image:
-    """Read one series of a DICOM folder as an LPS Image (resampled onto a regular grid when sheared)."""
+def read_series(
+    folder: str | os.PathLike, series_uid: str | None = None, include_phi: bool = False, choose: bool = False
+) -> Image:
+    """Read one series of a DICOM folder as an LPS Image (resampled onto a regular grid when sheared).
+
+    With several image series and no `series_uid`, `choose` picks the one a radiologist would register
+    (`choose_series`) and records which and why in `meta["series_choice"]`; without it they are listed.
+    """
     groups = scan_folder(folder)
+    choice = None
+    if series_uid is None and choose and len(_image_groups(groups)) > 1:
+        choice = choose_series(groups, folder)
+        series_uid = choice["uid"]
+    elif series_uid is not None and len(groups) > 1:
+        choice = {"uid": series_uid, "why": f"series {series_uid}, as asked"}
     uid = _choose_series(groups, series_uid, folder)
     try:
         plan = _plan(groups[uid], uid)
@@ -145,8 +174,88 @@ def read_series(folder: str | os.PathLike, series_uid: str | None = None, includ
     slices = [_slice_values(h, uid) for h in plan.headers]
     array, geometry = _stack(plan, slices) if not plan.resample_reason else _resample(plan, slices)
     meta = _meta(plan, uid, include_phi)
+    if choice is not None:
+        meta["series_choice"] = choice
     image = Image(_final_dtype(array, plan.headers), geometry, meta)
     return image
+
+
+AXIAL_COS = 0.87  # slice normal within about 30 degrees of the patient's head-foot axis
+COVERAGE_TIE = 0.95  # coverages within 5 % of the largest count as equally large
+
+
+def _image_groups(groups: dict[str, list]) -> dict[str, list]:
+    """The series that hold images (not SEG, SR, RT objects...)."""
+    return {u: h for u, h in groups.items() if _modality(h[0]) not in NON_IMAGE_MODALITIES}
+
+
+def _candidate(uid: str, headers: list) -> tuple[dict | None, str]:
+    """A series' facts for choosing it (None and why not when it is no candidate)."""
+    try:
+        plan = _plan(headers, uid)
+    except IkrError as err:
+        name = _series_name(uid, headers)
+        return None, err.problem.removeprefix(f"{name}: ").removeprefix(f"{name} ")
+    image_type = " ".join(str(v) for v in (headers[0].get("ImageType", []) or [])).upper()
+    if "LOCALIZER" in image_type:
+        return None, "a localizer (scout)"
+    if abs(plan.normal[2]) < AXIAL_COS:
+        return None, "not axial"
+    step = float(np.median(np.diff(plan.normal_pos)))
+    facts = {
+        "uid": uid,
+        "description": str(headers[0].get("SeriesDescription", "") or ""),
+        "modality": _modality(headers[0]) or "unknown",
+        "n_slices": len(headers),
+        "slice_spacing_mm": round(step, 3),
+        "coverage_mm": round(float(plan.normal_pos[-1]) + step, 1),
+        "regular": not plan.resample_reason,
+        "study": str(headers[0].get("StudyInstanceUID", "") or ""),
+        "series_number": int(headers[0].get("SeriesNumber", 0) or 0),
+    }
+    return facts, ""
+
+
+def choose_series(groups: dict[str, list], folder: object) -> dict:
+    """The series a radiologist would register: an axial CT volume, largest coverage, thinnest regular slices.
+
+    Refuses (listing the series) when no series qualifies or the qualifying ones belong to more than one
+    study, since then the choice is the user's.
+    """
+    images = _image_groups(groups)
+    found, rejected = [], []
+    for uid, headers in images.items():
+        facts, why_not = _candidate(uid, headers)
+        if facts is None:
+            rejected.append(f"'{headers[0].get('SeriesDescription', '') or uid}': {why_not}")
+        else:
+            found.append(facts)
+    if any(f["modality"] == "CT" for f in found):
+        rejected += [
+            f"'{f['description'] or f['uid']}': {f['modality']}, not CT" for f in found if f["modality"] != "CT"
+        ]
+        found = [f for f in found if f["modality"] == "CT"]
+    hint = f"choose one with --fixed-series/--moving-series (register) or --series (info): {_uid_list(images)}"
+    if not found:
+        raise IkrError(f"no series here is an axial image volume; {hint}", folder)
+    if len({f["study"] for f in found}) > 1:
+        raise IkrError(f"the volumes here belong to {len({f['study'] for f in found})} studies; {hint}", folder)
+    widest = max(f["coverage_mm"] for f in found)
+    wide = [f for f in found if f["coverage_mm"] >= COVERAGE_TIE * widest]
+    best = min(wide, key=lambda f: (not f["regular"], f["slice_spacing_mm"], f["series_number"], f["uid"]))
+    rejected += [
+        f"'{f['description'] or f['uid']}': {f['coverage_mm']:g} mm coverage, {f['slice_spacing_mm']:g} mm slices"
+        + ("" if f["regular"] else ", irregular")
+        for f in found
+        if f is not best
+    ]
+    why = (
+        f"chose series {best['uid']} ('{best['description']}', {best['modality']}, {best['n_slices']} axial slices"
+        f" {best['slice_spacing_mm']:g} mm apart covering {best['coverage_mm']:g} mm) of {len(images)} image series:"
+        " the axial CT volume with the largest coverage and the thinnest regular slices"
+        + (f"; not chosen: {'; '.join(rejected)}" if rejected else "")
+    )
+    return {**{k: v for k, v in best.items() if k != "study"}, "why": why}
 
 
 def _choose_series(groups: dict[str, list], series_uid: str | None, folder: object) -> str:
@@ -257,10 +366,12 @@ def _check_spacing(headers: list, normal_pos: np.ndarray, inplane: np.ndarray, n
     median = float(np.median(steps))
     thick = [float(h.get("SliceThickness", 0) or 0) for h in headers]
     for k, step in enumerate(steps):
-        allowed = max(thick[k], thick[k + 1]) or median
-        if step > GAP_FACTOR * max(allowed, median) + POSITION_TOL_MM:
+        neighbours = [steps[j] for j in (k - 1, k + 1) if 0 <= j < len(steps)]
+        regular = min(neighbours) if neighbours else median  # the spacing of the run around this step
+        expected = max(thick[k], thick[k + 1], regular) if len(steps) > 2 else max(thick[k], thick[k + 1], median)
+        if step > GAP_FACTOR * expected + POSITION_TOL_MM:
             raise IkrError(
-                f"{name} has a gap: slices {step:.2f} mm apart where {max(allowed, median):.2f} mm is expected "
+                f"{name} has a gap: slices {step:.2f} mm apart where {expected:.2f} mm is expected "
                 "(missing slices); it is not one volume"
             )
     reasons = []

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import os
+import re
+import struct
+import tempfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,19 +42,66 @@ def image_format(path: str | os.PathLike) -> str | None:
     return None
 
 
-def read_image(path: str | os.PathLike, series_uid: str | None = None, include_phi: bool = False) -> Image:
-    """Read a 3D scalar image from a NIfTI/NRRD/MetaImage file or a DICOM folder (or file), and check it."""
+def read_image(
+    path: str | os.PathLike, series_uid: str | None = None, include_phi: bool = False, choose_series: bool = False
+) -> Image:
+    """Read a 3D scalar image from a NIfTI/NRRD/MetaImage file or a DICOM folder (or file), and check it.
+
+    `choose_series`: in a DICOM folder with several series and no `series_uid`, pick the one to register.
+    """
     path = Path(path)
-    if not path.exists():
-        raise IkrError("no such file or folder", path)
+    check_readable(path)
     if path.is_dir():
-        image = dicom.read_series(path, series_uid, include_phi=include_phi)
+        image = dicom.read_series(path, series_uid, include_phi=include_phi, choose=choose_series)
     elif image_format(path) is None and _is_dicom_file(path):
         uid = series_uid or _series_uid_of(path)
         image = dicom.read_series(path.parent, uid, include_phi=include_phi)
     else:
         image = _read_sitk(path)
     check_image(image, path)
+    return image
+
+
+def check_readable(path: Path) -> None:
+    """Refuse a path that is missing or that this process may not read, with the true reason."""
+    try:
+        path.stat()
+    except PermissionError as err:
+        raise IkrError("cannot be reached: permission denied on a folder above it", path) from err
+    except OSError as err:
+        raise IkrError("no such file or folder", path) from err
+    if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise IkrError("this folder cannot be read (permission denied)", path)
+    elif not os.access(path, os.R_OK):
+        raise IkrError("this file cannot be read (permission denied)", path)
+
+
+MAX_MASK_LABELS = 255
+
+
+def read_mask(path: str | os.PathLike) -> Image:
+    """Read a mask (nonzero = inside): all ones is fine; empty, non-integer or CT-like values are refused."""
+    path = Path(path)
+    check_readable(path)
+    image = dicom.read_series(path) if path.is_dir() else _read_sitk(path)
+    arr = image.array
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+        raise IkrError("is not a mask: it contains NaN or infinite values", path)
+    if not np.any(arr):
+        raise IkrError("is an empty mask (no nonzero voxel)", path)
+    lo, hi = arr.min(), arr.max()
+    integral = np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_ or np.array_equal(arr, np.round(arr))
+    if not integral or lo < 0 or hi > MAX_MASK_LABELS:
+        raise IkrError(
+            f"is not a mask: its values run from {float(lo):g} to {float(hi):g}"
+            f"{'' if integral else ' with fractions'} (an image?); a mask holds 0 outside and 1 (or a label) inside",
+            path,
+        )
+    spacing = np.asarray(image.geometry.spacing_mm)
+    if np.any(~np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise IkrError(f"has an invalid voxel spacing {tuple(spacing)}", path)
+    image.meta["path"] = str(path)
     return image
 
 
@@ -76,10 +129,14 @@ def _read_sitk(path: Path) -> Image:
     fmt = image_format(path)
     if fmt is None:
         raise IkrError("unsupported image format; use .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or a DICOM folder", path)
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        raise IkrError(f"cannot read {fmt} image: {_first_line(err)}", path) from err
+    if fmt == "NIfTI":
+        check_nifti_payload(path)
+    with native_output() as native:
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as err:
+            reason = _native_reason(native()) or first_line(err)
+            raise IkrError(f"cannot read {fmt} image: {reason}", path) from err
     if image.GetDimension() != 3:
         raise IkrError(f"is a {image.GetDimension()}D image; a 3D volume is needed", path)
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -90,7 +147,108 @@ def _read_sitk(path: Path) -> Image:
     return Image.from_sitk(image, {"format": fmt})
 
 
-def _first_line(err: Exception) -> str:
+@contextlib.contextmanager
+def native_output() -> Iterator:
+    """Catch what ITK's C++ readers print on the process's stdout/stderr; yield a function returning it."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+
+        def captured() -> str:
+            sink.seek(0)
+            return sink.read().decode("utf-8", "replace")
+
+        try:
+            yield captured
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def _native_reason(text: str) -> str:
+    """The reason MetaIO or NRRD printed for a failed read ('' when it printed none we understand)."""
+    ideal = re.search(r"ideal = (\d+) : actual = (\d+)", text)
+    if ideal:
+        return f"the file is truncated: {ideal.group(2)} of {ideal.group(1)} bytes of voxel data are present"
+    return ""
+
+
+def _nifti_expected_bytes(header: bytes, path: Path) -> int:
+    """The bytes a NIfTI-1/2 file needs according to its header: voxel offset plus voxel data."""
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = max(352, int(struct.unpack(order + "f", header[108:112])[0]))
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = max(544, int(struct.unpack(order + "q", header[168:176])[0]))
+            break
+    else:
+        raise IkrError("cannot read NIfTI image: no NIfTI header at its start", path)
+    n_dims = dims[0]
+    if not 1 <= n_dims <= 7 or any(d < 1 for d in dims[1 : n_dims + 1]) or bitpix <= 0 or bitpix % 8:
+        raise IkrError(
+            f"cannot read NIfTI image: damaged header (dims {list(dims[: n_dims + 1])}, {bitpix} bits per voxel)", path
+        )
+    return offset + int(np.prod(dims[1 : n_dims + 1], dtype=np.int64)) * (bitpix // 8)
+
+
+def check_nifti_payload(path: Path) -> None:
+    """Refuse a NIfTI file whose voxel data is shorter than its header says (a cut or damaged download).
+
+    For .nii.gz the gzip trailer's length field is compared first (cheap); only when it disagrees
+    is the stream decompressed (without keeping it) to count the bytes and find where it ends.
+    """
+    gz = path.name.lower().endswith(".gz")
+    try:
+        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+            header = f.read(540)
+        expected = _nifti_expected_bytes(header, path)
+        if not gz:
+            present = path.stat().st_size
+        elif _gzip_trailer_size(path) == expected % 2**32:
+            return
+        else:
+            present = _decompressed_size(path, expected)
+    except (EOFError, OSError, zlib.error) as err:
+        raise IkrError(f"cannot read NIfTI image: a damaged or truncated gzip file ({err})", path) from err
+    if present < expected:
+        raise IkrError(
+            f"cannot read NIfTI image: truncated, its header describes {expected} bytes but the file holds {present}",
+            path,
+        )
+
+
+def _gzip_trailer_size(path: Path) -> int:
+    """The uncompressed size (mod 2^32) stored in the last 4 bytes of a gzip file."""
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        return struct.unpack("<I", f.read(4))[0]
+
+
+def _decompressed_size(path: Path, limit: int) -> int:
+    """Bytes a gzip file decompresses to, counting up to `limit` (raises EOFError when it is cut)."""
+    total = 0
+    with gzip.open(path, "rb") as f:
+        while total < limit:
+            chunk = f.read(1 << 22)
+            if not chunk:
+                break
+            total += len(chunk)
+    return total
+
+
+def first_line(err: Exception) -> str:
     """The most informative single line of a (multi-line) ITK error message."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     for ln in lines:
@@ -163,15 +321,14 @@ def write_image(image: Image, path: str | os.PathLike) -> Path:
         try:
             write_sitk_image(image.to_sitk(), tmp)
         except (RuntimeError, OSError) as err:
-            raise IkrError(f"cannot write image: {_first_line(err)}", path) from err
+            raise IkrError(f"cannot write image: {first_line(err)}", path) from err
     return path
 
 
 def describe_image(path: str | os.PathLike, series_uid: str | None = None) -> dict:
     """A JSON-friendly description for `ikr info` (geometry, modality, values; series for DICOM), no PHI."""
     path = Path(path)
-    if not path.exists():
-        raise IkrError("no such file or folder", path)
+    check_readable(path)
     desc: dict = {"path": str(path)}
     if path.is_dir():
         series = dicom.list_series(path)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io as _io
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +20,8 @@ from ..errors import IkrError
 from ..fields import Field
 from ..geometry import Image
 from .atomic import atomic_directory, write_text_atomic
-from .images import write_image
+from .guard import end_journal, read_journal, start_journal
+from .images import check_nifti_payload, first_line, native_output, write_image
 from .transforms import write_field, write_transform
 
 SESSION_VERSION = 1
@@ -55,19 +59,44 @@ def correspondences_csv(corr: Correspondences) -> str:
     return buf.getvalue()
 
 
-def read_correspondences_csv(path: str | os.PathLike) -> Correspondences:
-    """Read a correspondences.csv written by `correspondences_csv`."""
+def read_correspondences_csv(path: str | os.PathLike, expected: dict | None = None) -> Correspondences:
+    """Read a correspondences.csv written by `correspondences_csv`; check it against `expected` (count, SHA-256)."""
     path = Path(path)
     try:
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise IkrError(f"not a readable correspondences CSV ({err})", path) from err
+    if expected:
+        check_correspondences_text(text, expected, path)
+    try:
+        rows = list(csv.DictReader(_io.StringIO(text, newline="")))
         fixed = np.array([[float(r[k]) for k in CORRESPONDENCE_HEADER[:3]] for r in rows]).reshape(-1, 3)
         moving = np.array([[float(r[k]) for k in CORRESPONDENCE_HEADER[3:6]] for r in rows]).reshape(-1, 3)
         conf = np.array([float(r["confidence"]) for r in rows])
         source = np.array([1 if r["source"] == "user" else 0 for r in rows], dtype=np.int8)
-    except (OSError, KeyError, ValueError, TypeError) as err:
+    except (KeyError, ValueError, TypeError) as err:
         raise IkrError(f"not a readable correspondences CSV ({err})", path) from err
     return Correspondences(fixed, moving - fixed, conf, source)
+
+
+def correspondences_record(text: str) -> dict:
+    """What session.json records of its correspondences.csv: the row count and the SHA-256 of the text."""
+    return {"n": max(0, text.count("\n") - 1), "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+
+
+def check_correspondences_text(text: str, expected: dict, path: Path) -> None:
+    """Refuse a correspondences.csv that is not the one session.json recorded (cut, edited or from elsewhere).
+
+    `expected` holds the row count `n` and `sha256`; `also_sha256` (an interrupted write's new file) is accepted too.
+    """
+    found = correspondences_record(text)
+    if found["sha256"] in (expected.get("sha256"), expected.get("also_sha256")):
+        return
+    raise IkrError(
+        f"does not match session.json ({found['n']} rows where {expected.get('n')} were written, checksum differs):"
+        " damaged, edited or from another registration; register again",
+        path,
+    )
 
 
 def read_session(outdir: str | os.PathLike) -> dict:
@@ -82,14 +111,53 @@ def read_session(outdir: str | os.PathLike) -> dict:
     if not isinstance(session, dict) or session.get("version") != SESSION_VERSION:
         found = session.get("version") if isinstance(session, dict) else None
         raise IkrError(f"session version {found!r} is not supported (this program reads {SESSION_VERSION})", path)
+    _check_session_fields(session, path)
     return session
 
 
+def _check_session_fields(session: dict, path: Path) -> None:
+    """Refuse a session.json that lacks what refinement needs (inputs, config, a valid working grid)."""
+    from ..geometry import Geometry
+
+    inputs = session.get("inputs")
+    if not isinstance(inputs, dict) or not all(isinstance(inputs.get(k), str) for k in ("fixed", "moving")):
+        raise IkrError("is incomplete: it has no 'inputs' with the fixed and moving image paths", path)
+    if not isinstance(session.get("config"), dict):
+        raise IkrError("is incomplete: it has no registration 'config'", path)
+    try:
+        geometry = Geometry.from_dict(session["working_geometry"])
+        ok = min(geometry.size) >= 1 and min(geometry.spacing_mm) > 0
+    except (KeyError, TypeError, ValueError) as err:
+        raise IkrError(f"has no valid 'working_geometry' ({type(err).__name__}: {err})", path) from err
+    if not ok:
+        raise IkrError(f"has an invalid 'working_geometry' (size {geometry.size}, spacing {geometry.spacing_mm})", path)
+
+
+def read_report(outdir: str | os.PathLike) -> dict:
+    """The report.json of an output folder (one-line error when it is missing or damaged)."""
+    path = Path(outdir) / OUTPUT_FILES["report"]
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise IkrError("is missing from this output folder: register again", path) from err
+    except (OSError, ValueError) as err:
+        raise IkrError(f"is damaged ({err}): register again", path) from err
+    if not isinstance(report, dict):
+        raise IkrError("is damaged (not a JSON object): register again", path)
+    return report
+
+
 def write_session(outdir: str | os.PathLike, session: dict, correspondences: Correspondences) -> None:
-    """Write session.json and correspondences.csv (each atomically): what refinement needs to resume."""
+    """Write correspondences.csv, then session.json recording its row count and checksum (each atomically)."""
     outdir = Path(outdir)
-    write_text_atomic(outdir / OUTPUT_FILES["correspondences"], correspondences_csv(correspondences))
-    session = {"version": SESSION_VERSION, **session, "files": OUTPUT_FILES}
+    text = correspondences_csv(correspondences)
+    write_text_atomic(outdir / OUTPUT_FILES["correspondences"], text)
+    session = {
+        "version": SESSION_VERSION,
+        **session,
+        "files": OUTPUT_FILES,
+        "correspondences": correspondences_record(text),
+    }
     write_text_atomic(outdir / OUTPUT_FILES["session"], json.dumps(session, indent=2, default=str))
 
 
@@ -101,29 +169,68 @@ def _write_all(
     report: dict,
     session: dict,
     uncertainty: Image | None,
+    shown: Path | None = None,
     final_figures: Callable[[], dict] | None = None,
 ) -> None:
-    """Write every output file into an existing folder, each atomically; report.json last.
+    """Write every output file into a folder, each atomically; check each was written whole (errors name `shown`).
 
-    The four large files are written in threads at once (ITK's writers and zlib release the GIL):
-    on 2 cores this takes about half the time of one after the other. `final_figures`, called once
-    they are all written, adds figures measured at the end (peak memory, command time) to the report.
+    `final_figures`, called once the large files are written, adds figures measured at the end (peak
+    memory, command time) to the report.
+    """
+    shown = shown or folder
+    with native_output():  # a failed write makes ITK's C libraries print pages; the error below says it in a line
+        try:
+            _write_files(folder, field, warped, correspondences, report, session, uncertainty, final_figures)
+        except (RuntimeError, OSError) as err:
+            reason = getattr(err, "strerror", None) or first_line(err)
+            raise IkrError(f"cannot write the outputs (disk full or not writable?): {reason}", shown) from err
+        except IkrError as err:
+            raise IkrError(err.problem, shown / Path(err.path or "").name) from err
+
+
+def _whole(path: Path) -> None:
+    """Refuse a NIfTI file that was written short (ITK's NIfTI writer reports a full disk only on stderr)."""
+    try:
+        check_nifti_payload(path)
+    except IkrError as err:
+        raise IkrError("was not written completely (disk full?)", path) from err
+
+
+def _written_whole(write: Callable[..., Path], *args: object) -> None:
+    """Write one NIfTI output and check it was written whole."""
+    _whole(write(*args))
+
+
+def _write_files(
+    folder: Path,
+    field: Field,
+    warped: Image,
+    correspondences: Correspondences,
+    report: dict,
+    session: dict,
+    uncertainty: Image | None,
+    final_figures: Callable[[], dict] | None = None,
+) -> None:
+    """Write every output file into an existing folder, each atomically; report.json, then session.json last.
+
+    The large files are written in threads at once (ITK's writers and zlib release the GIL): on 2 cores
+    this takes about half the time of one after the other. Each NIfTI file is checked whole.
     """
     jobs: list[tuple[Callable[..., object], tuple]] = [
-        (write_field, (field, folder / OUTPUT_FILES["displacement"])),
+        (_written_whole, (write_field, field, folder / OUTPUT_FILES["displacement"])),
         (write_transform, (field, folder / OUTPUT_FILES["transform"])),
-        (write_image, (warped, folder / OUTPUT_FILES["warped"])),
+        (_written_whole, (write_image, warped, folder / OUTPUT_FILES["warped"])),
     ]
     if uncertainty is not None:
-        jobs.append((write_image, (uncertainty, folder / OUTPUT_FILES["uncertainty"])))
+        jobs.append((_written_whole, (write_image, uncertainty, folder / OUTPUT_FILES["uncertainty"])))
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         futures = [pool.submit(fn, *args) for fn, args in jobs]
         for future in futures:
             future.result()  # the first failure is raised here, after every thread has ended
-    write_session(folder, session, correspondences)
     if final_figures is not None:
         report = {**report, **final_figures()}
     write_text_atomic(folder / OUTPUT_FILES["report"], json.dumps(report, indent=2, default=str))
+    write_session(folder, session, correspondences)  # last: it commits the clicked pairs
 
 
 def check_output_folder(outdir: str | os.PathLike) -> bool:
@@ -146,21 +253,60 @@ def write_registration(
     session: dict,
     uncertainty: Image | None = None,
     final_figures: Callable[[], dict] | None = None,
+    replace: bool = False,
 ) -> Path:
     """Write every output of a registration into `outdir` (with the expected-error map when given).
 
-    `final_figures()`, when given, is called after every other file is written and its figures
-    join the report (report.json is written last).
-
-    A new folder is written all or nothing (a temporary folder, renamed); an existing ikr output
-    folder (refinement) is updated file by file, each file atomically. Any other non-empty folder
-    is refused, so nothing of the user's is overwritten.
+    A new folder (or, with `replace`, a new version of an existing one) is written all or nothing:
+    a temporary folder, renamed. An existing ikr output folder (refinement) is updated file by file,
+    each file atomically, under a journal, session.json last; the generation number goes up by one.
+    Any other non-empty folder is refused, so nothing of the user's is overwritten. `final_figures()`,
+    when given, is called after the large files are written and its figures join the report.
     """
     outdir = Path(outdir)
     existing = check_output_folder(outdir)
-    if existing:
-        _write_all(outdir, field, warped, correspondences, report, session, uncertainty, final_figures)
+    generation = int(session.get("generation", 0) or 0) + 1
+    session = {**session, "generation": generation}
+    report = {**report, "generation": generation}
+    if existing and not replace:
+        _update_in_place(
+            outdir, generation, field, warped, correspondences, report, session, uncertainty, final_figures
+        )
     else:
         with atomic_directory(outdir) as tmp:
-            _write_all(tmp, field, warped, correspondences, report, session, uncertainty, final_figures)
+            _write_all(tmp, field, warped, correspondences, report, session, uncertainty, outdir, final_figures)
     return outdir
+
+
+def _update_in_place(
+    outdir: Path,
+    generation: int,
+    field: Field,
+    warped: Image,
+    correspondences: Correspondences,
+    report: dict,
+    session: dict,
+    uncertainty: Image | None,
+    final_figures: Callable[[], dict] | None = None,
+) -> None:
+    """Write every file into a hidden staging folder, then move them in under a journal, session.json last.
+
+    A failure while writing leaves the folder as it was; a kill while moving leaves the journal, which
+    the next refine sees (it rebuilds every output from session.json, which still holds the old pairs).
+    """
+    staging = Path(tempfile.mkdtemp(prefix=".staging.", suffix=".tmp", dir=outdir))
+    try:
+        _write_all(staging, field, warped, correspondences, report, session, uncertainty, outdir, final_figures)
+        text = (staging / OUTPUT_FILES["correspondences"]).read_text(encoding="utf-8")
+        start_journal(outdir, generation, correspondences_record(text)["sha256"])
+        names = [n for n in OUTPUT_FILES.values() if (staging / n).exists() and n != OUTPUT_FILES["session"]]
+        for name in [*names, OUTPUT_FILES["session"]]:
+            os.replace(staging / name, outdir / name)
+        end_journal(outdir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def interrupted_generation(outdir: str | os.PathLike) -> dict | None:
+    """The journal of an interrupted write in this folder (None when its outputs are consistent)."""
+    return read_journal(outdir)

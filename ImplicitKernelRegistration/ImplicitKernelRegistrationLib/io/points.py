@@ -206,12 +206,16 @@ def check_points_inside(
 def _read_text(path: str | os.PathLike) -> str:
     """The file's text (UTF-8, a byte-order mark dropped); IkrError when missing, unreadable or empty."""
     p = Path(path)
+    if p.is_dir():
+        raise IkrError("is a folder, not a point file", path)
     if not p.is_file():
         raise IkrError("no such file", path)
     try:
         text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise IkrError(f"not a UTF-8 text file (byte {exc.start})", path) from None
+    except OSError as exc:
+        raise IkrError(f"cannot be read ({exc.strerror or exc})", path) from None
     if not text.strip():
         raise IkrError("the file is empty", path)
     return text
