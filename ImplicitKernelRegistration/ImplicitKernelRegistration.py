@@ -279,8 +279,6 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
             self._setBusy(False)
             self._observePointLists(self._parameterNode)
             self._refreshPairTable()
-        # ----- The initial-transform input and the quality verdict (lead engineer, in parallel): the library
-        # ----- will provide both; show the verdict here, after Register, without inventing its API.
 
     def onCancel(self) -> None:
         """Ask the running registration to stop at its next step."""
@@ -449,6 +447,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         self.result = None
         self.session = None
         self.savedSession = None  # session.json's content without the version: config, working geometry, inputs
+        self.quality = None  # the quality verdict of the registration (quality.assess)
         self.expectedError = None  # the session's expected-error map (library Image); None: not computed or stale
         self.marginResult = None
         self.marginInterval = None  # the minimal margin's interval over the uncertainty (uncertainty.margin_interval)
@@ -569,6 +568,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         registration (map, output writing), so Cancel is seen there too.
         """
         from ImplicitKernelRegistrationLib.pipeline import RegistrationConfig, register
+        from ImplicitKernelRegistrationLib.quality import assess
         from ImplicitKernelRegistrationLib.refine import session_from_result
 
         p = parameterNode
@@ -592,7 +592,9 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
             "inputs": {"fixed": p.fixedVolume.GetName(), "moving": p.movingVolume.GetName()},
             "config": result.report["config"],
             "working_geometry": result.working_geometry.to_dict(),
+            "alignment": result.alignment.to_dict(),  # clicked pairs and a reopened session pass through it
         }
+        self.quality = assess(fixed, moving, result.field, result.correspondences, result.alignment)
         self.showField(p)
         self.showCorrespondences(p)
         self.ensurePairNodes(p)
@@ -607,8 +609,11 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         self.saveSession(p, full=True)
         report = {k: result.report.get(k) for k in ("runtime_s", "device", "n_keypoints")}
         logging.info("registration: %s", report)
-        self.lastMessage = f"registered in {report['runtime_s']:.0f} s on {report['device']}" + (
-            f"; {note}" if note else ""
+        verdict = self.quality["verdict"]
+        reasons = f" ({'; '.join(self.quality['reasons'])})" if self.quality["reasons"] else ""
+        self.lastMessage = (
+            f"registered in {report['runtime_s']:.0f} s on {report['device']}; quality {verdict}{reasons}"
+            + (f"; {note}" if note else "")
         )
 
     def ensureOutputTransform(self, parameterNode):
@@ -944,7 +949,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
                 self.session.field,
                 warped,
                 self.result.correspondences,
-                self.result.report,
+                {**self.result.report, "quality": self.quality},
                 session,
                 self.expectedError,  # uncertainty.nii.gz, read by `ikr suggest` and `ikr margin --uncertainty`
             )
