@@ -550,6 +550,27 @@ def test_folder_given_as_point_file(capsys, tmp_path, outdir):
     _one_line_error(err, str(tmp_path), "is a folder, not a point file")
 
 
+@pytest.mark.bad_input(
+    "A file or DICOM folder this user may not read (not as root: root reads everything)",
+    "exit 2 with the true reason, `cannot be read (permission denied)`, not `no such file` or `no DICOM files`",
+)
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads every file: no permission to deny")
+def test_unreadable_file_and_folder_get_the_true_reason(capsys, tmp_path, case):
+    image = Path(shutil.copy(case / "fixed.nii.gz", tmp_path / "locked.nii.gz"))
+    folder = tmp_path / "locked_dicom"
+    folder.mkdir()
+    image.chmod(0)
+    folder.chmod(0)
+    try:
+        for path in (image, folder):
+            code, _, err = _run(capsys, "info", path)
+            assert code == 2
+            _one_line_error(err, path.name, "permission denied")
+    finally:
+        image.chmod(0o600)
+        folder.chmod(0o700)
+
+
 # ------------------------------------------------------------------ 13: masks
 
 
