@@ -10,6 +10,7 @@ before registration sit under it, so their own coordinates stay moving-CT coordi
 after registration in the registered views lies in the fixed frame and Slicer's export brings it back.
 """
 
+import contextlib
 import logging
 import pathlib
 from typing import Annotated
@@ -505,20 +506,24 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         array = slicer.util.arrayFromVolume(volumeNode)
         return slicer_bridge.image_from_volume_array(array, slicer.util.arrayFromVTKMatrix(matrix))
 
-    def imageFromVolume(self, volumeNode, ownTransform=None) -> Image:
-        """The volume as a library Image (LPS), in the frame the registration works in.
+    @contextlib.contextmanager
+    def inputVolume(self, volumeNode, ownTransform=None):
+        """The node whose own voxels and geometry are the volume in the frame the registration works in.
 
         Under no transform or only the module's own (ownTransform; e.g. the moving volume at a second Register)
-        its own voxels are read. Under another transform (Slicer's DICOM reader puts a tilted or unevenly spaced
-        CT under a regularisation transform) a temporary copy is hardened (resampled when the transform is not
-        linear) and read, and lastMessage says so; the module's own transform above it is left out.
+        that is the volume itself. Under another transform (Slicer's DICOM reader puts a tilted or unevenly
+        spaced CT under a regularisation transform) it is a temporary copy, hardened (resampled when the
+        transform is not linear), removed on leaving; lastMessage says so. The module's own transform above the
+        other one is left out of the hardening; the copy then sits under it as the volume does, so a segmentation
+        exported against the copy meets the same transforms as against the volume, less the other one.
         """
         if volumeNode is None:
             raise IkrError("no volume selected")
         chain = self._transformChain(volumeNode)
         ownId = ownTransform.GetID() if ownTransform is not None else None
         if slicer_bridge.transform_action([t.GetID() for t in chain], ownId) == "direct":
-            return self._volumeImage(volumeNode)
+            yield volumeNode
+            return
         top = next((t for t in chain if ownId is not None and t.GetTransformNodeID() == ownId), None)
         copy = slicer.modules.volumes.logic().CloneVolume(slicer.mrmlScene, volumeNode, "IKR temporary copy")
         try:
@@ -526,15 +531,29 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
                 top.SetAndObserveTransformNodeID(None)  # the module's own transform is not part of the input
             copy.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
             copy.HardenTransform()
-            image = self._volumeImage(copy)
+            if top is not None:  # back under the module's transform, as the volume: exports see the same relations
+                top.SetAndObserveTransformNodeID(ownId)
+                copy.SetAndObserveTransformNodeID(ownId)
+            note = f"{volumeNode.GetName()!r} is under transform {chain[0].GetName()!r}: a hardened copy was registered"
+            logging.info(note)
+            self.lastMessage = note
+            yield copy
         finally:
             if top is not None:
                 top.SetAndObserveTransformNodeID(ownId)
             slicer.mrmlScene.RemoveNode(copy)
-        note = f"{volumeNode.GetName()!r} is under transform {chain[0].GetName()!r}: a hardened copy was registered"
-        logging.info(note)
-        self.lastMessage = note
-        return image
+
+    def imageFromVolume(self, volumeNode, ownTransform=None) -> Image:
+        """The volume as a library Image (LPS) in the frame the registration works in (see inputVolume)."""
+        with self.inputVolume(volumeNode, ownTransform) as node:
+            return self._volumeImage(node)
+
+    def inputMask(self, segmentationNode, volumeNode, ownTransform=None) -> Image | None:
+        """A segmentation as a mask on the grid of imageFromVolume(volumeNode) (None without a segmentation)."""
+        if segmentationNode is None:
+            return None
+        with self.inputVolume(volumeNode, ownTransform) as node:
+            return self.maskFromSegmentation(segmentationNode, node)
 
     @staticmethod
     def maskFromSegmentation(segmentationNode, referenceVolume) -> Image | None:
@@ -575,10 +594,10 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         step = progress or (lambda fraction, message: None)
         self.lastMessage = ""
         own = p.outputTransform
-        fixed = self.imageFromVolume(p.fixedVolume, own)
-        moving = self.imageFromVolume(p.movingVolume, own)
-        fixedMask = self.maskFromSegmentation(p.fixedMask, p.fixedVolume)
-        movingMask = self.maskFromSegmentation(p.movingMask, p.movingVolume)
+        with self.inputVolume(p.fixedVolume, own) as fixedNode, self.inputVolume(p.movingVolume, own) as movingNode:
+            fixed, moving = self._volumeImage(fixedNode), self._volumeImage(movingNode)
+            fixedMask = self.maskFromSegmentation(p.fixedMask, fixedNode)
+            movingMask = self.maskFromSegmentation(p.movingMask, movingNode)
         config = RegistrationConfig(spacing_mm=float(p.spacingMm), device=p.device)  # shipped weights: resources
         note = self.lastMessage  # e.g. that a hardened copy was registered
         self.lastMessage = "nothing was changed"
@@ -1059,10 +1078,10 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
 
         p = parameterNode
         if p.tumourSegmentation is not None:
-            tumour = self.maskFromSegmentation(p.tumourSegmentation, p.movingVolume)  # drawn on the moving CT
+            tumour = self.inputMask(p.tumourSegmentation, p.movingVolume, p.outputTransform)  # on the moving CT
             return warp_labels(tumour, self.session.field)
         if p.ablationSegmentation is not None:
-            return self.maskFromSegmentation(p.ablationSegmentation, p.fixedVolume)
+            return self.inputMask(p.ablationSegmentation, p.fixedVolume, p.outputTransform)
         return None
 
     def suggestClicks(self, parameterNode, n: int | None = None) -> np.ndarray:
@@ -1119,8 +1138,8 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
             raise IkrError("choose the tumour and the ablation-zone segmentations")
         if self.session is None and self.hasSession(p):
             self.openSession(p)
-        tumour = self.maskFromSegmentation(p.tumourSegmentation, p.movingVolume)
-        ablation = self.maskFromSegmentation(p.ablationSegmentation, p.fixedVolume)
+        tumour = self.inputMask(p.tumourSegmentation, p.movingVolume, p.outputTransform)
+        ablation = self.inputMask(p.ablationSegmentation, p.fixedVolume, p.outputTransform)
         field = self.session.field if self.session is not None else None
         self.marginResult = compute_margin(tumour, ablation, field)
         self.marginInterval = self.marginErrorMap = None
@@ -1217,7 +1236,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         }
         if self.marginInterval is not None:
             info["inputs"]["uncertainty"] = "expected-error map of the refinement session"
-        background = self.imageFromVolume(p.fixedVolume)
+        background = self.imageFromVolume(p.fixedVolume, p.outputTransform)
         page = report_html(self.marginResult, info, background, self.marginErrorMap, self.marginInterval)
         outdir = pathlib.Path(outdir)
         with atomic_directory(outdir) as tmp:
@@ -1255,7 +1274,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         if segmentationNode is None:
             raise IkrError("choose a segmentation to export")
         self.openSession(parameterNode)
-        mask = self.maskFromSegmentation(segmentationNode, parameterNode.movingVolume)
+        mask = self.inputMask(segmentationNode, parameterNode.movingVolume, parameterNode.outputTransform)
         warped = warp_image(mask, self.session.field, interpolation="nearest", default_value=0)
         labels = warped.with_array(warped.array.astype(np.uint8))
         path = pathlib.Path(path)
@@ -1442,7 +1461,8 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Test passed")
 
     def test_ResampleModeAndExports(self) -> None:
-        """Resample mode (a displayed output volume, moving points under the transform) and both exports."""
+        """Resample mode (a displayed output volume, moving points under the transform), a fixed volume under a
+        regularisation-like transform (a hardened copy is registered), and both exports."""
         import tempfile
 
         from ImplicitKernelRegistrationLib.fields import transform_points
@@ -1455,8 +1475,16 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
         p.resampleMoving = True
         tumour, _, _ = demo_tumour_and_zone(case.fixed, case.true_field, None, 2)
         p.tumourSegmentation = self._addSegmentation(tumour, "tumour", p.movingVolume)
-        self.delayDisplay("Registering in resample mode")
+        shift = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "regularisation")
+        matrix = vtk.vtkMatrix4x4()
+        matrix.SetElement(0, 3, 3.0)
+        shift.SetMatrixTransformToParent(matrix)
+        p.fixedVolume.SetAndObserveTransformNodeID(shift.GetID())
+        self.delayDisplay("Registering in resample mode, the fixed volume under a transform")
         logic.register(p)
+        self.assertIn("hardened copy", logic.lastMessage)
+        self.assertEqual(p.fixedVolume.GetTransformNodeID(), shift.GetID())  # left as Slicer loaded it
+        self.assertIsNone(slicer.mrmlScene.GetFirstNodeByName("IKR temporary copy"))
         self.assertIsNone(p.movingVolume.GetTransformNodeID())
         self.assertIsNotNone(p.outputVolume.GetDisplayNode())
         self.assertEqual(p.movingPoints.GetTransformNodeID(), p.outputTransform.GetID())

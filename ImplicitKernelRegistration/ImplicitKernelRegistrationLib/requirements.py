@@ -5,7 +5,9 @@ installed over Slicer's own); torch comes from the PyTorch extension (PyTorchUti
 pip; matplotlib (the margin report's pictures) from pip. highdicom, slicerio and pydicom >= 3 are not needed
 in Slicer: the module reads no DICOM itself and saves .seg.nrrd with Slicer (installing pydicom 3 would
 replace the pydicom 2.4 that Slicer's DICOM module uses).
-Testing/test_slicer_module.py checks that every string here agrees with pyproject.toml's dependencies
+Slicer 5.10.0's SuperBuild pins numpy 2.0.2, scipy 1.13.1 and packaging 25.0 (used here to compare versions),
+all within the bounds below.
+Testing/test_slicer_workflow.py checks that every string here agrees with pyproject.toml's dependencies
 (the development pin of torch must lie in the range given here).
 """
 
