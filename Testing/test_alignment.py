@@ -171,7 +171,7 @@ def test_the_written_transform_includes_the_alignment(repositioned):
     seen = ct.geometry.contains_lps(truth.apply(points), margin_voxels=-4)  # the moving image has data there
     assert np.linalg.norm(ours - truth.apply(points), axis=1)[seen].mean() < 1.0
     report = json.loads((out / "report.json").read_text())
-    assert report["alignment"]["mode"] == "affine"
+    assert report["alignment"]["mode"] == "rigid"
     assert report["quality"]["verdict"] == "ok", report["quality"]
     assert report["alignment"]["rotation_deg"] == pytest.approx(truth.summary(_centre(ct))["rotation_deg"], abs=1.0)
     session = json.loads((out / "session.json").read_text())

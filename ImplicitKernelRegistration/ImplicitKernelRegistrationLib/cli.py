@@ -691,9 +691,9 @@ def _add_registration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spacing", type=float, default=2.0, help="working grid spacing in mm (default 2)")
     p.add_argument(
         "--align",
-        default="affine",
-        choices=["affine", "rigid", "none"],
-        help="automatic initial alignment before the deformable stage (default: rigid, then affine)",
+        default="rigid",
+        choices=["rigid", "affine", "none"],
+        help="automatic initial alignment before the deformable stage (default rigid; affine: rigid, then affine)",
     )
     p.add_argument("--kernel", default="learned", choices=["learned", "tps", "gaussian"])
     p.add_argument("--heads", default="both", choices=["both", "spatial", "semantic"])

@@ -71,7 +71,10 @@ class RegistrationConfig:
     """Settings of one registration; every field is recorded in the report."""
 
     spacing_mm: float = 2.0
-    alignment: str = "affine"
+    # Rigid by default: on an already aligned breathing-like case (bench clinical set, abdomen) an affine
+    # start cost 0.23 mm of TRE (1.19 against 0.96 mm without alignment), a rigid one 0.01 mm; both recover
+    # a repositioned patient (test_alignment).
+    alignment: str = "rigid"
     kernel: str = "learned"
     heads: str = "both"
     weights: str | None = None
