@@ -213,12 +213,13 @@ def _write_files(
 ) -> None:
     """Write every output file into an existing folder, each atomically; report.json, then session.json last.
 
-    The large files are written in threads at once (ITK's writers and zlib release the GIL): on 2 cores
-    this takes about half the time of one after the other. Each NIfTI file is checked whole.
+    The NIfTI files are written in threads at once (ITK's writers and zlib release the GIL): on 2 cores
+    this takes about half the time of one after the other; each is checked whole. transform.h5 comes
+    after them: HDF5 can crash the process at exit when its write fails (a full disk), so it is only
+    started once the others are known to be written.
     """
     jobs: list[tuple[Callable[..., object], tuple]] = [
         (_written_whole, (write_field, field, folder / OUTPUT_FILES["displacement"])),
-        (write_transform, (field, folder / OUTPUT_FILES["transform"])),
         (_written_whole, (write_image, warped, folder / OUTPUT_FILES["warped"])),
     ]
     if uncertainty is not None:
@@ -227,6 +228,7 @@ def _write_files(
         futures = [pool.submit(fn, *args) for fn, args in jobs]
         for future in futures:
             future.result()  # the first failure is raised here, after every thread has ended
+    write_transform(field, folder / OUTPUT_FILES["transform"])
     if final_figures is not None:
         report = {**report, **final_figures()}
     write_text_atomic(folder / OUTPUT_FILES["report"], json.dumps(report, indent=2, default=str))
