@@ -43,7 +43,8 @@ class Field:
 
     def to_sitk(self) -> sitk.Image:
         """A float64 3-component SimpleITK vector image (the form DisplacementFieldTransform takes)."""
-        out = sitk.GetImageFromArray(self.displacement_mm.astype(np.float64), isVector=True)
+        # Cast inside ITK (exact from float32): no float64 numpy copy beside the float64 image.
+        out = sitk.Cast(sitk.GetImageFromArray(self.displacement_mm, isVector=True), sitk.sitkVectorFloat64)
         return self.geometry.apply_to_sitk(out)
 
     def to_sitk_transform(self) -> sitk.DisplacementFieldTransform:

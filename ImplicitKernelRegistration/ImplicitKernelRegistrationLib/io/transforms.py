@@ -64,12 +64,8 @@ def write_transform(field: Field, path: str | os.PathLike) -> Path:
     """Write the field as an ITK DisplacementFieldTransform file (.h5, .tfm, .txt), atomically."""
     path = Path(path)
     _check_suffix(path, TRANSFORM_SUFFIXES, "transform")
-    image = field.geometry.apply_to_sitk(sitk.GetImageFromArray(field.displacement_mm, isVector=True))
-    # The float64 field ITK needs, cast inside ITK (exact from float32): no float64 numpy copy beside it.
-    transform = sitk.DisplacementFieldTransform(sitk.Cast(image, sitk.sitkVectorFloat64))
-    del image
     with atomic_path(path) as tmp:
-        sitk.WriteTransform(transform, str(tmp))
+        sitk.WriteTransform(field.to_sitk_transform(), str(tmp))
     return path
 
 
