@@ -141,6 +141,7 @@ def test_a_session_reopens_from_the_scene_text_with_its_pairs(own_registration, 
     saved = {
         "config": result.report["config"],
         "working_geometry": result.working_geometry.to_dict(),
+        "alignment": result.alignment.to_dict(),  # as the module saves it
         "user": session.to_dict(),
     }
     text = session_state_json(saved, session.automatic)

@@ -44,6 +44,7 @@ ITERATIONS = 40
 FINE_ITERATIONS = 80
 _HU_WINDOW = (-1000.0, 1000.0)
 _LINEARITY_TOLERANCE_MM = 1e-3
+_MIN_SIZE = 8  # voxels kept along each axis at every level (ITK's smoothing needs 4; a thin slab stays usable)
 
 
 @dataclass(frozen=True)
@@ -152,10 +153,10 @@ def _to_sitk(image: Image) -> sitk.Image:
 
 def _level(image: Image, mask: np.ndarray | None, spacing_mm: float) -> tuple[Image, np.ndarray | None]:
     """A coarser level: the image block-averaged to about `spacing_mm`, and its mask (block majority)."""
-    coarse = block_average(image, spacing_mm)
+    coarse = block_average(image, spacing_mm, _MIN_SIZE)
     if mask is None:
         return coarse, None
-    coarse_mask = block_average(Image(mask.astype(np.float32), image.geometry), spacing_mm).array > 0.5
+    coarse_mask = block_average(Image(mask.astype(np.float32), image.geometry), spacing_mm, _MIN_SIZE).array > 0.5
     return coarse, coarse_mask
 
 
@@ -217,14 +218,21 @@ def _metric(level: _Pair, transform: sitk.Transform) -> float:
     """Mattes MI (negative: lower is better) of the pair under `transform`, on the fixed body."""
     method = _method(level)
     method.SetInitialTransform(transform, inPlace=False)
-    return float(method.MetricEvaluate(level.fixed, level.moving))
+    try:
+        return float(method.MetricEvaluate(level.fixed, level.moving))
+    except RuntimeError:  # too few samples overlap the moving image: the worst possible score
+        return math.inf
 
 
 def _optimise(level: _Pair, transform: sitk.Transform, iterations: int, learning_rate: float) -> float:
     """Optimise `transform` in place on one level; the final metric."""
+    start = transform.GetParameters()
     method = _method(level, iterations, learning_rate)
     method.SetInitialTransform(transform, inPlace=True)
-    method.Execute(level.fixed, level.moving)
+    try:
+        method.Execute(level.fixed, level.moving)
+    except RuntimeError:  # the optimiser left the moving image: keep the start
+        transform.SetParameters(start)
     return _metric(level, transform)
 
 
@@ -268,7 +276,8 @@ def align(
         return AlignmentResult(
             alignment, {"mode": "none", "initial": initial is not None, **_summary(alignment, fixed)}
         )
-    fixed_f, moving_f = block_average(fixed, FINE_SPACING_MM), block_average(moving, FINE_SPACING_MM)
+    fixed_f = block_average(fixed, FINE_SPACING_MM, _MIN_SIZE)
+    moving_f = block_average(moving, FINE_SPACING_MM, _MIN_SIZE)
     mask_f = body_mask(fixed_f)
     fixed_m, mask_m = _level(fixed_f, mask_f, ALIGN_SPACING_MM)
     fixed_s, mask_s = _level(fixed_f, mask_f, SEARCH_SPACING_MM)

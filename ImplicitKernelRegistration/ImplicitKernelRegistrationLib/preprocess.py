@@ -87,15 +87,17 @@ def resample_to(
     return Image(sitk.GetArrayFromImage(out), geometry, dict(image.meta))
 
 
-def block_factors(geometry: Geometry, spacing_mm: float) -> list[int]:
-    """Whole-voxel block sizes (x, y, z) that bring a grid's spacing to about `spacing_mm`."""
-    return [max(1, round(spacing_mm / s)) for s in geometry.spacing_mm]
+def block_factors(geometry: Geometry, spacing_mm: float, min_size: int = 1) -> list[int]:
+    """Whole-voxel block sizes (x, y, z) that bring a grid's spacing to about `spacing_mm`, leaving at least
+    `min_size` voxels along each axis."""
+    sizes_spacings = zip(geometry.size, geometry.spacing_mm, strict=True)
+    return [max(1, min(n // max(1, min_size), round(spacing_mm / s))) for n, s in sizes_spacings]
 
 
-def block_average(image: Image, spacing_mm: float) -> Image:
+def block_average(image: Image, spacing_mm: float, min_size: int = 1) -> Image:
     """The image averaged over blocks of whole voxels (SimpleITK's BinShrink) to about `spacing_mm` per axis:
     a fast, alias-free coarse copy on a grid of its own (float32)."""
-    factors = block_factors(image.geometry, spacing_mm)
+    factors = block_factors(image.geometry, spacing_mm, min_size)
     src = sitk.Cast(image.to_sitk(), sitk.sitkFloat32)
     return Image.from_sitk(sitk.BinShrink(src, factors) if max(factors) > 1 else src, dict(image.meta))
 
