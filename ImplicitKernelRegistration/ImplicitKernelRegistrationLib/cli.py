@@ -297,7 +297,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     everything = read_correspondences_csv(outdir / OUTPUT_FILES["correspondences"])
     automatic = everything.subset(everything.source == AUTOMATIC)
     start = time.perf_counter()
-    session = open_session(fixed, saved, automatic)
+    session = open_session(fixed, saved, automatic, moving)
     opened_s = time.perf_counter() - start
     start = time.perf_counter()
     for pair_id in args.remove or []:
