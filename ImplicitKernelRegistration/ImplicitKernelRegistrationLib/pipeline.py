@@ -82,11 +82,11 @@ class RegistrationConfig:
     control_step_vox: int = 5
     consistency_threshold_vox: float = 1.5
     # The residual fitted to the images after the last scale (residual.py); 0 iterations: none.
-    residual_iterations: int = 40
-    residual_step_vox: int = 2
+    residual_iterations: int = 30
+    residual_step_vox: int = 3
     residual_learning_rate: float = 0.1
     residual_smoothness: float = 1.0
-    residual_points: int = 131072
+    residual_points: int = 16384
     scales: tuple[ScaleSettings, ...] = field(default_factory=lambda: DEFAULT_SCALES)
 
     def residual_settings(self) -> ResidualSettings:

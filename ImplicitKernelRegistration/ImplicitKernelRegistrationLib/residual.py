@@ -14,6 +14,7 @@ Everything is in working voxels (x, y, z), on whatever device the inputs live on
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -27,11 +28,11 @@ from .kernel import control_axes
 class ResidualSettings:
     """How the residual is fitted (see the module docstring); iterations 0 switches it off."""
 
-    iterations: int = 40
-    step_vox: int = 2
+    iterations: int = 30
+    step_vox: int = 3
     learning_rate: float = 0.1
     smoothness: float = 1.0
-    points: int = 131072
+    points: int = 16384
 
 
 def residual_shape(working_zyx: tuple[int, int, int], step_vox: int) -> tuple[int, int, int]:
@@ -58,6 +59,33 @@ def sample_grid(grid: torch.Tensor, points_xyz: torch.Tensor, working_zyx: tuple
     coords = points_to_grid(points_xyz, working_zyx).reshape(1, -1, 1, 1, 3)
     out = F.grid_sample(grid, coords, mode="bilinear", padding_mode="border", align_corners=True)
     return out.reshape(grid.shape[1], -1).t()
+
+
+def channels_last(volume: torch.Tensor) -> torch.Tensor:
+    """A (1, C, D, H, W) volume as a (D * H * W, C) table, rows in z, y, x order (for `sample_rows`)."""
+    return volume[0].reshape(volume.shape[1], -1).t().contiguous()
+
+
+def sample_rows(table: torch.Tensor, shape_zyx: tuple[int, int, int], points_xyz: torch.Tensor) -> torch.Tensor:
+    """Trilinear interpolation (N, C) of a `channels_last` table at (N, 3) voxel points, border clamped.
+
+    Differentiable in the points; unlike grid_sample's backward it never builds a gradient the size of
+    the volume, which made the residual's iterations ten times slower on a CPU.
+    """
+    d, h, w = shape_zyx
+    upper = torch.tensor([w - 1, h - 1, d - 1], dtype=points_xyz.dtype, device=points_xyz.device)
+    p = torch.minimum(points_xyz.clamp_min(0.0), upper)
+    low = torch.minimum(p.detach().floor(), (upper - 1).clamp_min(0.0))
+    frac = p - low
+    x0, y0, z0 = low.long().unbind(1)
+    x1, y1, z1 = (x0 + 1).clamp_max(w - 1), (y0 + 1).clamp_max(h - 1), (z0 + 1).clamp_max(d - 1)
+    fx, fy, fz = frac.unbind(1)
+    out = 0.0
+    for zi, wz in ((z0, 1 - fz), (z1, fz)):
+        for yi, wy in ((y0, 1 - fy), (y1, fy)):
+            for xi, wx in ((x0, 1 - fx), (x1, fx)):
+                out = out + (wz * wy * wx)[:, None] * table[(zi * h + yi) * w + xi]
+    return out
 
 
 def diffusion(grid: torch.Tensor, step_vox: float) -> torch.Tensor:
@@ -97,18 +125,19 @@ def fit_residual(
     applies to the whole field (kernel plus residual), so the residual also evens out the kernel's own
     roughness; without it, to the residual alone.
     """
+    start = time.perf_counter()
     working = tuple(fixed_features.shape[2:])
     shape = residual_shape(working, settings.step_vox)  # type: ignore[arg-type]
     params = torch.zeros(1, 3, *shape, device=fixed_features.device, requires_grad=True)
     with torch.no_grad():
         target = sample_grid(fixed_features.float(), points, working)  # type: ignore[arg-type]
-    moving = moving_features.float()
+    moving = channels_last(moving_features.float())
     optimiser = torch.optim.Adam([params], lr=settings.learning_rate)
     history = []
     for _ in range(settings.iterations):
         optimiser.zero_grad(set_to_none=True)
         grid = smooth(params)
-        warped = sample_grid(moving, points + base_at + sample_grid(grid, points, working), working)  # type: ignore[arg-type]
+        warped = sample_rows(moving, working, points + base_at + sample_grid(grid, points, working))  # type: ignore[arg-type]
         image = (warped - target).square().mean()
         whole = grid if base_grid is None else grid + base_grid
         loss = image + settings.smoothness * diffusion(whole, settings.step_vox)
@@ -117,10 +146,11 @@ def fit_residual(
         history.append(float(image.detach()))
     with torch.no_grad():
         grid = smooth(params).detach()
-        final = sample_grid(moving, points + base_at + sample_grid(grid, points, working), working) - target  # type: ignore[arg-type]
+        final = sample_rows(moving, working, points + base_at + sample_grid(grid, points, working)) - target  # type: ignore[arg-type]
     summary = {
         "dissimilarity_before": round(history[0], 6) if history else None,
         "dissimilarity_after": round(float(final.square().mean()), 6),
         "max_vox": round(float(grid.abs().max()), 3),
+        "seconds": round(time.perf_counter() - start, 3),
     }
     return grid, summary
