@@ -81,8 +81,10 @@ class RegistrationConfig:
     seed: int = 0
     control_step_vox: int = 5
     consistency_threshold_vox: float = 1.5
-    # The residual fitted to the images after the last scale (residual.py); 0 iterations: none.
-    residual_iterations: int = 30
+    # The residual fitted to the images after the last scale (residual.py); 0 iterations: none. Off by
+    # default for now: it lowers the TRE on most independent cases but not on breathing-like ones, and
+    # costs seconds on the CPU (bench/results/accuracy_dev.md); turn it on with 30 iterations.
+    residual_iterations: int = 0
     residual_step_vox: int = 3
     residual_learning_rate: float = 0.1
     residual_smoothness: float = 1.0
