@@ -493,7 +493,7 @@ def _refine_under_lock(outdir: Path, remove: list[int], pairs: tuple | None) -> 
     if pairs is not None:
         check_moving_points(pairs[1], moving.geometry)
     start = time.perf_counter()
-    session = open_session(fixed, saved, automatic)
+    session = open_session(fixed, saved, automatic, moving)
     opened_s = time.perf_counter() - start
     start = time.perf_counter()
     for pair_id in remove:

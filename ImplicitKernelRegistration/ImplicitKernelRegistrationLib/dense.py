@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .alignment import Alignment
-from .features import points_to_grid, sample_features
+from .features import sample_features
 from .fields import Field
 from .geometry import Geometry
 from .kernel import TPSKernel, control_axes, knn
+from .residual import ResidualSettings, fit_residual, grid_points, residual_shape, sample_grid, sample_points
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # ((z0, z1), (y0, y1), (x0, x1)), end excluded
 EMPTY_BOX: Box = ((0, 0), (0, 0), (0, 0))
@@ -56,6 +56,9 @@ class DenseModel:
         self.disp = torch.zeros(0, 3, device=self.device)
         self.conf = torch.zeros(0, device=self.device)
         self.key_features: torch.Tensor | None = None
+        # A smooth residual (1, 3, z, y, x) in working voxels on a grid spanning the working grid, added to
+        # the kernel field everywhere (residual.py); the keys never change it, so refinement leaves it in place.
+        self.residual: torch.Tensor | None = None
 
     def set_keys(self, key_xyz: torch.Tensor, key_disp: torch.Tensor, key_conf: torch.Tensor) -> None:
         """Replace the key set (working voxels, x y z) and evaluate every control point."""
@@ -115,15 +118,44 @@ class DenseModel:
                 self.neighbours[sel] = nn_idx
                 self.kth_distance[sel] = torch.linalg.vector_norm(self.keys[nn_idx[:, -1]] - q[0], dim=1)
 
+    def fit_residual(
+        self, moving_features: torch.Tensor, mask: torch.Tensor, settings: ResidualSettings, seed: int = 0
+    ) -> dict:
+        """Fit the residual to the images (residual.py) on top of the current kernel field; returns its summary.
+
+        The fixed image's descriptors are the model's own features (MIND-SSC of the fixed working image);
+        `moving_features` are the moving image's, on the working grid; `mask` (1, 1, D, H, W) bool: where
+        the image term is measured.
+        """
+        if self.features is None:
+            raise ValueError("the residual needs the fixed image's features")
+        points = sample_points(mask, settings.points, seed).to(self.device)
+        shape = residual_shape(self.working.shape_zyx, settings.step_vox)
+        base_grid = self.kernel_at(grid_points(shape, self.working.shape_zyx)).t().reshape(1, 3, *shape)
+        with torch.enable_grad():
+            self.residual, summary = fit_residual(
+                self.features, moving_features, self.kernel_at(points), points, settings, base_grid
+            )
+        return summary
+
     def control_volume(self) -> torch.Tensor:
         """The control-grid displacement (1, 3, cz, cy, cx) in working voxels (x, y, z)."""
         return self.values.t().reshape(1, 3, *self.control_shape)
 
+    def kernel_at(self, points_xyz: torch.Tensor) -> torch.Tensor:
+        """The kernel field alone (N, 3), working voxels, at working-grid points (trilinear from the control grid)."""
+        return sample_grid(self.control_volume(), points_xyz.to(self.device), self.working.shape_zyx)
+
+    def residual_at(self, points_xyz: torch.Tensor) -> torch.Tensor:
+        """The residual alone (N, 3), working voxels, at working-grid points (zero when there is none)."""
+        points_xyz = points_xyz.to(self.device)
+        if self.residual is None:
+            return torch.zeros(points_xyz.shape[0], 3, device=self.device)
+        return sample_grid(self.residual, points_xyz, self.working.shape_zyx)
+
     def at_points(self, points_xyz: torch.Tensor) -> torch.Tensor:
-        """Displacement (N, 3) in working voxels at working-grid points, by trilinear interpolation."""
-        grid = points_to_grid(points_xyz.to(self.device), self.working.shape_zyx).reshape(1, -1, 1, 1, 3)
-        out = F.grid_sample(self.control_volume(), grid, mode="bilinear", padding_mode="border", align_corners=True)
-        return out.reshape(3, -1).t()
+        """Displacement (N, 3) in working voxels at working-grid points: kernel field plus residual."""
+        return self.kernel_at(points_xyz) + self.residual_at(points_xyz)
 
     def field_on(self, target: Geometry, box: Box | None = None, out: Field | None = None) -> Field:
         """The displacement in LPS mm on `target`'s voxels (only the index box of `out` when given)."""
@@ -163,11 +195,10 @@ class DenseModel:
             block = out.displacement_mm[z, y0:y1, x0:x1]
             block[...] = (block @ matrix.T.astype(np.float32)) + (in_plane + z * shift[:, 2]).astype(np.float32)
 
-    def _axis_weights(self, axis: int, lo: int, hi: int, scale: float, shift: float) -> torch.Tensor:
-        """Linear-interpolation matrix (hi - lo, m) from the m control points of working axis `axis` (x=0)
-        to target indices lo..hi-1 whose working coordinate is scale * t + shift (clamped at the border)."""
+    def _axis_weights(self, axis: int, lo: int, hi: int, scale: float, shift: float, m: int) -> torch.Tensor:
+        """Linear-interpolation matrix (hi - lo, m) from m evenly spaced points spanning working axis `axis`
+        (x=0) to target indices lo..hi-1 whose working coordinate is scale * t + shift (clamped at the border)."""
         n = self.working.size[axis]
-        m = self.control_shape[2 - axis]
         t = torch.arange(lo, hi, dtype=torch.float64, device=self.device)
         c = (scale * t + shift) * ((m - 1) / max(1, n - 1)) if m > 1 else torch.zeros_like(t)
         c = c.clamp(0.0, m - 1)
@@ -183,16 +214,21 @@ class DenseModel:
     def _separable_into(self, out: Field, box: Box, to_working: np.ndarray, to_mm: np.ndarray) -> None:
         """Trilinear interpolation as three small matrix products (axis-aligned target), slab by slab."""
         (z0, z1), (y0, y1), (x0, x1) = box
-        wx = self._axis_weights(0, x0, x1, to_working[0, 0], to_working[0, 3])
-        wy = self._axis_weights(1, y0, y1, to_working[1, 1], to_working[1, 3])
-        wz = self._axis_weights(2, z0, z1, to_working[2, 2], to_working[2, 3])
         m = torch.tensor(to_mm, dtype=torch.float32, device=self.device)
-        control_mm = (self.values @ m.T).t().reshape(3, *self.control_shape)  # (3, cz, cy, cx), mm
-        in_plane = torch.matmul(wy, torch.matmul(control_mm, wx.t()))  # (3, cz, ny, nx)
+        grids = [(self.values @ m.T).t().reshape(3, *self.control_shape)]  # (3, cz, cy, cx), mm
+        if self.residual is not None:
+            grids.append(torch.einsum("kc,czyx->kzyx", m, self.residual[0]))
+        parts = []
+        for grid in grids:
+            cz, cy, cx = grid.shape[1:]
+            wx = self._axis_weights(0, x0, x1, to_working[0, 0], to_working[0, 3], cx)
+            wy = self._axis_weights(1, y0, y1, to_working[1, 1], to_working[1, 3], cy)
+            wz = self._axis_weights(2, z0, z1, to_working[2, 2], to_working[2, 3], cz)
+            parts.append((wz, torch.matmul(wy, torch.matmul(grid, wx.t()))))  # in plane: (3, cz, ny, nx)
         slab = max(1, 4_000_000 // max(1, (y1 - y0) * (x1 - x0)))
         for start in range(z0, z1, slab):
             stop = min(z1, start + slab)
-            values = torch.einsum("zc,kcyx->zyxk", wz[start - z0 : stop - z0], in_plane)
+            values = sum(torch.einsum("zc,kcyx->zyxk", wz[start - z0 : stop - z0], plane) for wz, plane in parts)
             out.displacement_mm[start:stop, y0:y1, x0:x1] = values.cpu().numpy()
 
     def _sampled_into(self, out: Field, box: Box, to_working: np.ndarray, to_mm: np.ndarray) -> None:

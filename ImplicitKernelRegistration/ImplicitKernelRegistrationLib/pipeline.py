@@ -29,6 +29,7 @@ from .kernel import KernelConfig, make_kernel
 from .keypoints import forstner_keypoints
 from .matching import match_consistent, match_keypoints
 from .preprocess import MOVING_VIEW_MARGIN_MM, make_working_pair
+from .residual import ResidualSettings
 from .resources import ENCODER_WEIGHTS, KERNEL_WEIGHTS, weights_file
 
 Progress = Callable[[float, str], None]
@@ -85,7 +86,25 @@ class RegistrationConfig:
     seed: int = 0
     control_step_vox: int = 5
     consistency_threshold_vox: float = 1.5
+    # The residual fitted to the images after the last scale (residual.py); 0 iterations: none. Off by
+    # default for now: it lowers the TRE on most independent cases but not on breathing-like ones, and
+    # costs seconds on the CPU (bench/results/accuracy_dev.md); turn it on with 30 iterations.
+    residual_iterations: int = 0
+    residual_step_vox: int = 3
+    residual_learning_rate: float = 0.1
+    residual_smoothness: float = 1.0
+    residual_points: int = 16384
     scales: tuple[ScaleSettings, ...] = field(default_factory=lambda: DEFAULT_SCALES)
+
+    def residual_settings(self) -> ResidualSettings:
+        """The residual_* fields as the residual stage's settings."""
+        return ResidualSettings(
+            self.residual_iterations,
+            self.residual_step_vox,
+            self.residual_learning_rate,
+            self.residual_smoothness,
+            self.residual_points,
+        )
 
     def to_dict(self) -> dict:
         """JSON-serialisable settings."""
@@ -316,6 +335,11 @@ def _register_on(
         report_progress(0.9, "reconstructing the dense field")
         model = DenseModel(kernel, kernel_features, pair.geometry, config.control_step_vox, alignment=alignment)
         model.set_keys(keypoints[keep], total[keep], confidence[keep])
+        residual_report = None
+        if config.residual_iterations > 0:
+            report_progress(0.92, "fitting the residual to the images")
+            moving_mind = pyramid[1][1] if 1 in pyramid and extract is mind_ssc else mind_ssc(pair.moving)
+            residual_report = model.fit_residual(moving_mind, pair.fixed_mask, config.residual_settings(), config.seed)
         report_progress(0.95, "sampling the field onto the fixed grid")
         field_fixed = model.field_on(fixed.geometry)
 
@@ -338,6 +362,7 @@ def _register_on(
             "alignment_metric": "automatic body mask of the fixed image",
         },
         "working_size": list(pair.geometry.size),
+        "residual": residual_report,
         "config": config.to_dict(),
     }
     report_progress(1.0, "done")

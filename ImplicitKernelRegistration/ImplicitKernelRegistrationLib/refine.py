@@ -22,8 +22,8 @@ from .errors import IkrError
 from .features import mind_ssc
 from .fields import Field, jacobian_determinant, sample_field
 from .geometry import Geometry, Image
-from .pipeline import RegistrationConfig, RegistrationResult, load_kernel, mm_to_voxels, resolve_device
-from .preprocess import normalise_ct, resample_to, to_tensor
+from .pipeline import RegistrationConfig, RegistrationResult, load_kernel, mm_to_voxels, resolve_device, voxels_to_mm
+from .preprocess import make_working_pair, normalise_ct, resample_to, to_tensor
 
 # A clicked pair gets the highest confidence an automatic match can have (1, the top of the range
 # the kernel was trained on); its extra trust comes from down-weighting contradicting matches and
@@ -197,7 +197,11 @@ class RefinementSession:
             )
 
     def _keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Automatic keys (down-weighted where they contradict a pair) then user keys, in working voxels."""
+        """Automatic keys (down-weighted where they contradict a pair) then user keys, in working voxels.
+
+        The model's residual (residual.py) stays in place under refinement, so a user key carries what
+        the kernel must add to it: (q - p) - residual(p).
+        """
         working = self.model.working
         conf = self.automatic.confidence.copy()
         user = self.user_correspondences()
@@ -208,13 +212,11 @@ class RefinementSession:
         fixed = np.concatenate([self.automatic.fixed_lps, user.fixed_lps])
         moving = np.concatenate([self.automatic.moving_lps, user.moving_lps])
         disp = self.model.key_displacement_mm(fixed, moving)  # in the aligned space of the keys
+        if len(user):
+            user_xyz = torch.tensor(working.lps_to_index(user.fixed_lps), dtype=torch.float32)
+            disp[len(self.automatic) :] -= voxels_to_mm(self.model.residual_at(user_xyz).cpu().numpy(), working)
         conf = np.concatenate([np.maximum(conf, 1e-6), np.full(len(user), USER_CONFIDENCE)])
-        dev = self.model.device
-        return (
-            torch.tensor(working.lps_to_index(fixed), dtype=torch.float32, device=dev),
-            torch.tensor(mm_to_voxels(disp, working), dtype=torch.float32, device=dev),
-            torch.tensor(conf, dtype=torch.float32, device=dev),
-        )
+        return key_tensors(fixed, disp, conf, working, self.model.device)
 
     def _pair_box(self, pairs: list[UserPair]) -> Box:
         """The index box within the correction radius of any of `pairs` (empty when none)."""
@@ -292,6 +294,17 @@ class RefinementSession:
         return float(jacobian_determinant(Field(np.ascontiguousarray(sub), geom)).min())
 
 
+def key_tensors(
+    fixed_lps: np.ndarray, displacement_mm: np.ndarray, confidence: np.ndarray, working: Geometry, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys in LPS mm -> the kernel's tensors: positions and displacements in working voxels, confidences."""
+    return (
+        torch.tensor(working.lps_to_index(fixed_lps), dtype=torch.float32, device=device),
+        torch.tensor(mm_to_voxels(displacement_mm, working), dtype=torch.float32, device=device),
+        torch.tensor(confidence, dtype=torch.float32, device=device),
+    )
+
+
 def _intersect(a: Box, b: Box) -> Box:
     """The intersection of two index boxes (possibly empty)."""
     return tuple((max(x[0], y[0]), min(x[1], y[1])) for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
@@ -314,10 +327,22 @@ def session_from_result(result: RegistrationResult, fixed: Image) -> RefinementS
     return RefinementSession(result.model, fixed.geometry, result.correspondences)
 
 
-def open_session(fixed: Image, saved: dict, automatic: Correspondences) -> RefinementSession:
-    """Rebuild a session from a saved one (session.json's content) and its automatic correspondences."""
+def open_session(
+    fixed: Image,
+    saved: dict,
+    automatic: Correspondences,
+    moving: Image | None = None,
+    fixed_mask: Image | None = None,
+) -> RefinementSession:
+    """Rebuild a session from a saved one (session.json's content) and its automatic correspondences.
+
+    When the registration fitted a residual (config residual_iterations > 0) it is fitted again, the
+    same way, on the kernel field of the automatic correspondences: that needs `moving` (and the
+    fixed mask the registration was given, if any; the body mask otherwise).
+    """
     try:
-        config = RegistrationConfig.from_dict(saved["config"])
+        # A session saved before the residual stage existed had none.
+        config = RegistrationConfig.from_dict({"residual_iterations": 0, **saved["config"]})
         working = Geometry.from_dict(saved["working_geometry"])
         pairs = [UserPair.from_dict(p) for p in saved.get("user", {}).get("pairs", [])]
         next_id = int(saved.get("user", {}).get("next_id", 1))
@@ -331,6 +356,15 @@ def open_session(fixed: Image, saved: dict, automatic: Correspondences) -> Refin
     kernel = load_kernel(config, device)
     features = mind_ssc(to_tensor(normalise_ct(resample_to(fixed, working).array), device))
     model = DenseModel(kernel, features, working, config.control_step_vox, alignment=alignment)
+    if config.residual_iterations > 0:
+        if moving is None:
+            raise IkrError("the saved registration fitted a residual to the images: reopening needs the moving image")
+        start = None if alignment is None else alignment.to_sitk()
+        pair = make_working_pair(fixed, moving, config.spacing_mm, device, fixed_mask, alignment=start)
+        auto = automatic.subset(automatic.confidence > 0)
+        keys = model.key_displacement_mm(auto.fixed_lps, auto.moving_lps)
+        model.set_keys(*key_tensors(auto.fixed_lps, keys, auto.confidence, working, device))
+        model.fit_residual(mind_ssc(pair.moving), pair.fixed_mask, config.residual_settings(), config.seed)
     session = RefinementSession(model, fixed.geometry, automatic, pairs)
     session.next_id = max(session.next_id, next_id)
     return session
