@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -169,6 +170,7 @@ def result_row(spec: Spec, case, run: dict) -> dict:
 def time_command(spec: Spec, case, folder: Path, args: argparse.Namespace, timeout: float) -> dict:
     """Wall time of the whole `ikr register FIXED MOVING -o OUT` (every output written), and its TRE."""
     out = args.work / "runs" / spec.name / "ikr-command"
+    shutil.rmtree(out, ignore_errors=True)  # `ikr register` refuses to replace an earlier result unasked
     run = run_command(folder / "fixed.nii.gz", folder / "moving.nii.gz", out, args.device, args.threads, timeout)
     if run["status"] != "ok":
         return {"command_status": f"{run['status']}: {run.get('reason', '')}"}
