@@ -254,7 +254,10 @@ def register(
     device = resolve_device(config.device)
     start = time.perf_counter()
     if progress is not None:
-        progress(0.0, "aligning (rigid, then affine)" if config.alignment != "none" else "starting")
+        progress(
+            0.0,
+            {"rigid": "aligning (rigid)", "affine": "aligning (rigid, then affine)"}.get(config.alignment, "starting"),
+        )
     aligned = align(fixed, moving, config.alignment, initial)
     try:
         result = _register_on(fixed, moving, config, device, fixed_mask, moving_mask, progress, aligned.alignment)
