@@ -22,6 +22,7 @@ import vtk
 from slicer import (
     vtkMRMLColorTableNode,
     vtkMRMLGridTransformNode,
+    vtkMRMLLinearTransformNode,
     vtkMRMLMarkupsFiducialNode,
     vtkMRMLModelNode,
     vtkMRMLScalarVolumeNode,
@@ -108,6 +109,7 @@ class ImplicitKernelRegistrationParameterNode:
     movingVolume: vtkMRMLScalarVolumeNode
     fixedMask: vtkMRMLSegmentationNode
     movingMask: vtkMRMLSegmentationNode
+    initialTransform: vtkMRMLLinearTransformNode  # the user's rigid/affine start (puts moving onto fixed)
     tumourSegmentation: vtkMRMLSegmentationNode
     ablationSegmentation: vtkMRMLSegmentationNode
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
@@ -488,6 +490,20 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------------------ MRML -> library
 
+    def initialAlignment(self, parameterNode):
+        """The chosen initial transform as the library's start alignment; None when there is none, or when the
+        moving volume already sits under it (its voxels are then read through it)."""
+        node = parameterNode.initialTransform
+        if node is None:
+            return None
+        if node.GetID() in [t.GetID() for t in self._transformChain(parameterNode.movingVolume)]:
+            return None
+        if not node.IsLinear():
+            raise ValueError(f"The initial transform {node.GetName()} is not linear: choose a rigid or affine one.")
+        matrix = vtk.vtkMatrix4x4()
+        node.GetMatrixTransformToWorld(matrix)
+        return slicer_bridge.alignment_from_ras_to_parent(slicer.util.arrayFromVTKMatrix(matrix))
+
     @staticmethod
     def _transformChain(node) -> list:
         """The node's parent transform nodes, nearest first."""
@@ -601,7 +617,8 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         config = RegistrationConfig(spacing_mm=float(p.spacingMm), device=p.device)  # shipped weights: resources
         note = self.lastMessage  # e.g. that a hardened copy was registered
         self.lastMessage = "nothing was changed"
-        result = register(fixed, moving, config, fixedMask, movingMask, progress)
+        initial = self.initialAlignment(p)
+        result = register(fixed, moving, config, fixedMask, movingMask, progress, initial)
         foregroundBefore = self._foregroundBefore  # what the expected-error overlay covers, kept across runs
         self.reset()
         self._foregroundBefore = foregroundBefore

@@ -214,3 +214,22 @@ def test_margin_polydata_is_in_ras_with_margin_scalars() -> None:
     scalars = poly.GetPointData().GetScalars()
     assert scalars.GetName() == "margin_mm"
     np.testing.assert_allclose(numpy_support.vtk_to_numpy(scalars), margins)
+
+
+def test_an_initial_transform_node_becomes_the_start_alignment():
+    """A linear transform that puts moving onto fixed (RAS, to parent) maps fixed LPS points to moving LPS points."""
+    import SimpleITK as sitk
+
+    from ImplicitKernelRegistrationLib.geometry import lps_ras
+    from ImplicitKernelRegistrationLib.slicer_bridge import alignment_from_ras_to_parent
+
+    rigid = sitk.Euler3DTransform((10.0, -20.0, 30.0), 0.1, -0.2, 0.3, (5.0, 6.0, -7.0))
+    to_parent = np.eye(4)
+    to_parent[:3, :3] = np.asarray(rigid.GetMatrix()).reshape(3, 3) * np.array([1.02, 0.98, 1.0])
+    to_parent[:3, 3] = [12.0, -3.0, 40.0]
+    start = alignment_from_ras_to_parent(to_parent)
+    fixed_lps = np.random.default_rng(3).uniform(-150, 150, size=(20, 3))
+    moving_lps = start.apply(fixed_lps)
+    # the moving point, put under the node, lands on the fixed point
+    landed_ras = lps_ras(moving_lps) @ to_parent[:3, :3].T + to_parent[:3, 3]
+    np.testing.assert_allclose(lps_ras(landed_ras), fixed_lps, atol=1e-9)

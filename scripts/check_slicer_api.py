@@ -191,6 +191,7 @@ METHOD_RECEIVERS: dict[str, str | tuple[str, ...]] = {
     ),
     "GetIJKToRASMatrix": "vtkMRMLScalarVolumeNode",
     "GetLayoutNode": "vtkMRMLLayoutLogic",
+    "GetMatrixTransformToWorld": "vtkMRMLLinearTransformNode",
     "GetName": (
         "vtkMRMLScalarVolumeNode",
         "vtkMRMLSegmentationNode",
@@ -198,6 +199,7 @@ METHOD_RECEIVERS: dict[str, str | tuple[str, ...]] = {
         "vtkMRMLLinearTransformNode",
     ),
     "GetNodeReferenceID": "vtkMRMLSegmentationNode",
+    "IsLinear": "vtkMRMLLinearTransformNode",
     "GetNthControlPointID": "vtkMRMLMarkupsFiducialNode",
     "GetNthControlPointIndexByID": "vtkMRMLMarkupsFiducialNode",
     "GetNthControlPointPosition": "vtkMRMLMarkupsFiducialNode",

@@ -16,6 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from vtkmodules.util import numpy_support
@@ -29,7 +30,21 @@ from .fields import Field, resample_field
 from .geometry import Geometry, Image, lps_ras
 from .io.points import PointSet, read_points, write_points
 
+if TYPE_CHECKING:
+    from .alignment import Alignment
+
 # ----------------------------------------------------------------------------- volumes
+
+
+def alignment_from_ras_to_parent(to_parent_ras: np.ndarray) -> Alignment:
+    """A linear transform node's matrix (RAS, to parent: it puts the moving volume onto the fixed one) as the
+    library's start alignment (fixed -> moving, LPS): its inverse, RAS <-> LPS by geometry.lps_ras."""
+    from .alignment import Alignment  # here: alignment imports torch, which the module loads only when needed
+
+    inverse = np.linalg.inv(np.asarray(to_parent_ras, dtype=np.float64).reshape(4, 4))
+    probe_lps = np.array([[0, 0, 0], [100, 0, 0], [0, 100, 0], [0, 0, 100]], dtype=np.float64)
+    mapped = lps_ras(lps_ras(probe_lps) @ inverse[:3, :3].T + inverse[:3, 3])
+    return Alignment((mapped[1:] - mapped[0]).T / 100.0, mapped[0])
 
 
 def ijk_to_ras_matrix(geometry: Geometry) -> np.ndarray:
