@@ -19,6 +19,9 @@ def test_verdict_follows_the_thresholds():
         assert middle["verdict"] == "doubtful" and name in middle["reasons"][0]
         low = verdict({**good, name: failed_below - 0.01})
         assert low["verdict"] == "failed" and name in low["reasons"][0]
+    first, second = list(QUALITY_THRESHOLDS)[:2]
+    two = {name: (d + f) / 2 for name, (d, f) in QUALITY_THRESHOLDS.items() if name in (first, second)}
+    assert verdict({**good, **two})["verdict"] == "failed"  # two doubtful signs at once
 
 
 def test_keys_that_move_unlike_their_neighbours_are_counted():

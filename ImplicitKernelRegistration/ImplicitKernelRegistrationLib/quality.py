@@ -14,7 +14,11 @@ The thresholds (QUALITY_THRESHOLDS) come from good and failed registrations of t
 ones (breathing-like thorax; abdomen and thorax repositioned by up to 21 deg / 60 mm, fields of view
 cut to 60 %) gave ncc_after 0.935-0.994, body_dice >= 0.986, coherent keys >= 0.998; failed ones
 (an abdomen CT against a thorax CT; a 12 deg / 40 mm repositioning without alignment, 16 mm error)
-gave ncc_after -0.24 and 0.77, coherent keys 0.50 and 0.77.
+gave ncc_after -0.24 and 0.77, coherent keys 0.50 and 0.77. On bench's independent and clinical cases
+(session 3) the 12 good registrations (TRE 0.33-1.84 mm, contrast changes and ablation zones
+included) gave ncc_after 0.883-0.996 and coherent keys >= 0.996; the same repositioned cases
+registered without alignment (TRE 11, 14 and 38 mm) gave ncc_after 0.80, 0.46, 0.34 and coherent
+keys 0.81, 0.75, 0.51. Two doubtful measurements at once make a failure.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ _HU_WINDOW = (-1000.0, 1000.0)
 
 # measurement: (doubtful below, failed below)
 QUALITY_THRESHOLDS: dict[str, tuple[float, float]] = {
-    "ncc_after": (0.90, 0.80),
+    "ncc_after": (0.88, 0.80),
     "body_dice": (0.93, 0.85),
     "moving_coverage": (0.40, 0.20),
     "keys_coherent_fraction": (0.90, 0.80),
@@ -126,7 +130,7 @@ def verdict(measurements: dict) -> dict:
             reasons_failed.append(f"{name} {value:.2f} < {failed_below:.2f}")
         elif value < doubtful_below:
             reasons_doubtful.append(f"{name} {value:.2f} < {doubtful_below:.2f}")
-    if reasons_failed:
+    if reasons_failed or len(reasons_doubtful) >= 2:  # two doubtful signs at once: a failure
         return {"verdict": "failed", "reasons": reasons_failed + reasons_doubtful}
     if reasons_doubtful:
         return {"verdict": "doubtful", "reasons": reasons_doubtful}
