@@ -21,8 +21,7 @@ from ImplicitKernelRegistrationLib.preprocess import body_mask
 
 def _centre(image: Image) -> np.ndarray:
     """The LPS centre of an image's grid."""
-    g = image.geometry
-    return g.index_to_lps((np.asarray(g.size, float) - 1)[None] / 2)[0]
+    return image.geometry.centre_lps()
 
 
 def _moved(image: Image, truth: sitk.Transform, cut_z: float = 1.0) -> Image:

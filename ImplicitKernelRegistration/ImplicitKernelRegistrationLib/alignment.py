@@ -3,8 +3,8 @@
 A patient scanned on another day lies differently: the two CTs differ by a large rigid motion (tens
 of degrees and millimetres) and a small affine part, while the keypoint search reaches +-32 mm at
 its coarsest. This stage finds an affine map A (fixed LPS -> moving LPS, ITK's convention and the
-direction of the displacement field) with SimpleITK's registration framework, on both images
-downsampled to a coarse isotropic grid:
+direction of the displacement field) with SimpleITK's registration framework, on block-averaged
+copies of both images:
 
 1. a start: the translation between the body masks' centres, turned about the long axis and shifted
    along it over a grid of starts (a cut field of view moves the centre), each scored on a 12 mm
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +31,7 @@ import SimpleITK as sitk
 
 from .errors import IkrError
 from .geometry import Geometry, Image
-from .preprocess import block_average, body_mask
+from .preprocess import CT_WINDOW_HU, block_average, body_mask
 
 ALIGN_MODES = ("affine", "rigid", "none")
 FINE_SPACING_MM = 3.0  # the pyramid: the last stage (rigid or affine) runs on a 3 mm grid,
@@ -42,7 +43,6 @@ SEARCH_STEP_MM = 15.0
 N_REFINED_STARTS = 3  # the best starts that are optimised on the search grid
 ITERATIONS = 40
 FINE_ITERATIONS = 80
-_HU_WINDOW = (-1000.0, 1000.0)
 _LINEARITY_TOLERANCE_MM = 1e-3
 _MIN_SIZE = 8  # voxels kept along each axis at every level (ITK's smoothing needs 4; a thin slab stays usable)
 
@@ -90,19 +90,26 @@ class Alignment:
         return transform
 
     @staticmethod
+    def from_point_map(map_points: Callable[[np.ndarray], np.ndarray]) -> Alignment:
+        """The affine map that agrees with `map_points` ((N, 3) -> (N, 3), LPS mm) at the origin and 100 mm along
+        each axis (exact when `map_points` is affine)."""
+        mapped = map_points(np.array([[0, 0, 0], [100, 0, 0], [0, 100, 0], [0, 0, 100]], dtype=np.float64))
+        return Alignment((mapped[1:] - mapped[0]).T / 100.0, mapped[0])
+
+    @staticmethod
     def from_sitk(transform: sitk.Transform, where: object | None = None) -> Alignment:
         """The affine map of a linear SimpleITK transform (rigid, similarity, affine, or a composite of them)."""
-        probe = np.array([[0, 0, 0], [100, 0, 0], [0, 100, 0], [0, 0, 100]], dtype=np.float64)
+
+        def map_points(points: np.ndarray) -> np.ndarray:
+            """The transform applied to each point."""
+            return np.array([transform.TransformPoint(p.tolist()) for p in points])
+
         try:
-            mapped = np.array([transform.TransformPoint(p.tolist()) for p in probe])
+            alignment = Alignment.from_point_map(map_points)
         except RuntimeError as err:
             raise IkrError(f"the transform cannot map points ({str(err).splitlines()[0]})", where) from err
-        translation = mapped[0]
-        matrix = (mapped[1:] - translation).T / 100.0
-        alignment = Alignment(matrix, translation)
         check = np.random.default_rng(0).uniform(-300, 300, size=(16, 3))
-        expected = np.array([transform.TransformPoint(p.tolist()) for p in check])
-        if np.abs(alignment.apply(check) - expected).max() > _LINEARITY_TOLERANCE_MM:
+        if np.abs(alignment.apply(check) - map_points(check)).max() > _LINEARITY_TOLERANCE_MM:
             raise IkrError("the transform is not linear (rigid or affine); give a rigid or affine transform", where)
         return alignment
 
@@ -116,7 +123,7 @@ class Alignment:
         return Alignment(np.asarray(data["matrix"], float), np.asarray(data["translation_mm"], float))
 
     def summary(self, centre_lps: np.ndarray) -> dict:
-        """Rotation angle (deg), the shift of `centre_lps` (mm), scale factors and shear of the map."""
+        """Rotation angle (deg), the shift of `centre_lps` (mm) and the scale factors (singular values) of the map."""
         u, s, vt = np.linalg.svd(self.matrix)
         rotation = u @ vt
         angle = math.degrees(math.acos(float(np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0))))
@@ -148,14 +155,12 @@ def read_initial_transform(path: str) -> Alignment:
 
 def _to_sitk(image: Image) -> sitk.Image:
     """HU clipped to the window, as a float32 SimpleITK image."""
-    return image.with_array(np.clip(image.array, *_HU_WINDOW).astype(np.float32)).to_sitk()
+    return image.with_array(np.clip(image.array, *CT_WINDOW_HU).astype(np.float32)).to_sitk()
 
 
-def _level(image: Image, mask: np.ndarray | None, spacing_mm: float) -> tuple[Image, np.ndarray | None]:
+def _level(image: Image, mask: np.ndarray, spacing_mm: float) -> tuple[Image, np.ndarray]:
     """A coarser level: the image block-averaged to about `spacing_mm`, and its mask (block majority)."""
     coarse = block_average(image, spacing_mm, _MIN_SIZE)
-    if mask is None:
-        return coarse, None
     coarse_mask = block_average(Image(mask.astype(np.float32), image.geometry), spacing_mm, _MIN_SIZE).array > 0.5
     return coarse, coarse_mask
 
@@ -190,8 +195,7 @@ def _mask_centre(mask: sitk.Image) -> np.ndarray:
     stats.Execute(mask)
     if stats.HasLabel(1):
         return np.asarray(stats.GetCentroid(1), dtype=np.float64)
-    geometry = Geometry.from_sitk(mask)
-    return geometry.index_to_lps((np.asarray(geometry.size, float) - 1)[None] / 2)[0]
+    return Geometry.from_sitk(mask).centre_lps()
 
 
 def _method(level: _Pair, iterations: int = 0, learning_rate: float = 4.0) -> sitk.ImageRegistrationMethod:
@@ -281,7 +285,8 @@ def align(
     mask_f = body_mask(fixed_f)
     fixed_m, mask_m = _level(fixed_f, mask_f, ALIGN_SPACING_MM)
     fixed_s, mask_s = _level(fixed_f, mask_f, SEARCH_SPACING_MM)
-    moving_m, moving_s = _level(moving_f, None, ALIGN_SPACING_MM)[0], _level(moving_f, None, SEARCH_SPACING_MM)[0]
+    moving_m = block_average(moving_f, ALIGN_SPACING_MM, _MIN_SIZE)
+    moving_s = block_average(moving_f, SEARCH_SPACING_MM, _MIN_SIZE)
     fine = _pair(fixed_f, mask_f, moving_f, bins=64, samples=40_000)
     mid = _pair(fixed_m, mask_m, moving_m, bins=32, samples=30_000)
     search = _pair(fixed_s, mask_s, moving_s, bins=32, samples=20_000)
@@ -327,6 +332,5 @@ def align(
 
 def _summary(alignment: Alignment, fixed: Image) -> dict:
     """The alignment's matrix and summary about the fixed image's centre, for the report."""
-    g = fixed.geometry
-    centre = g.index_to_lps((np.asarray(g.size, float) - 1)[None] / 2)[0]
+    centre = fixed.geometry.centre_lps()
     return {**alignment.to_dict(), **alignment.summary(centre)}

@@ -84,6 +84,10 @@ class Geometry:
         idx = np.stack([x, y, z], axis=-1).reshape(-1, 3)
         return self.index_to_lps(idx).reshape(*self.shape_zyx, 3)
 
+    def centre_lps(self) -> np.ndarray:
+        """The LPS mm point at the middle of the grid."""
+        return self.index_to_lps((np.asarray(self.size, dtype=np.float64) - 1.0)[None] / 2.0)[0]
+
     def corners_lps(self) -> np.ndarray:
         """The 8 corner voxel centres in LPS mm, shape (8, 3)."""
         s = np.asarray(self.size) - 1

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .alignment import ALIGN_MODES, Alignment, align
+from .alignment import Alignment, align
 from .correspondences import Correspondences
 from .dense import DenseModel
 from .errors import IkrError
@@ -249,8 +249,6 @@ def register(
     CPU, and the report says so.
     """
     config = config or RegistrationConfig()
-    if config.alignment not in ALIGN_MODES:
-        raise IkrError(f"unknown alignment {config.alignment!r}; choose one of {', '.join(ALIGN_MODES)}")
     device = resolve_device(config.device)
     start = time.perf_counter()
     if progress is not None:

@@ -22,6 +22,7 @@ from .geometry import Geometry, Image
 MIN_SPACING_MM = 0.1
 MAX_SPACING_MM = 20.0
 BODY_THRESHOLD_HU = -500.0
+CT_WINDOW_HU = (-1000.0, 1000.0)  # air and lung to bone; see normalise_ct
 MOVING_VIEW_MARGIN_MM = 6.0  # keypoints keep this far inside the moving image's (aligned) field of view
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
 
@@ -102,7 +103,7 @@ def block_average(image: Image, spacing_mm: float, min_size: int = 1) -> Image:
     return Image.from_sitk(sitk.BinShrink(src, factors) if max(factors) > 1 else src, dict(image.meta))
 
 
-def normalise_ct(array: np.ndarray, window_hu: tuple[float, float] = (-1000.0, 1000.0)) -> np.ndarray:
+def normalise_ct(array: np.ndarray, window_hu: tuple[float, float] = CT_WINDOW_HU) -> np.ndarray:
     """Clip HU to `window_hu` and scale to [0, 1] float32.
 
     The default window [-1000, 1000] HU keeps air and lung parenchyma (-1000 to -500 HU, the

@@ -30,13 +30,11 @@ from .alignment import Alignment
 from .correspondences import AUTOMATIC, Correspondences
 from .fields import Field, warp_image
 from .geometry import Geometry, Image
-from .preprocess import block_average, block_factors, body_mask, resample_to
+from .preprocess import CT_WINDOW_HU, block_average, block_factors, body_mask, resample_to
 
-VERDICTS = ("ok", "doubtful", "failed")
 QUALITY_SPACING_MM = 4.0
 COHERENCE_NEIGHBOURS = 8
 COHERENCE_TOLERANCE_MM = 5.0
-_HU_WINDOW = (-1000.0, 1000.0)
 
 # measurement: (doubtful below, failed below)
 QUALITY_THRESHOLDS: dict[str, tuple[float, float]] = {
@@ -101,14 +99,14 @@ def assess(
     before = resample_to(moving_c, grid, default_value=outside)
     seen_after = warped.array > outside / 2
     seen_before = before.array > outside / 2
-    f = np.clip(fixed_c.array, *_HU_WINDOW)
+    f = np.clip(fixed_c.array, *CT_WINDOW_HU)
     where_after, where_before = body & seen_after, body & seen_before
     warped_body = body_mask(warped.with_array(np.where(seen_after, warped.array, -1024.0)))
     overlap = seen_after & (body | warped_body)
     dice_denominator = float(body[overlap].sum() + warped_body[overlap].sum())
     measurements = {
-        "ncc_before": round(_pearson(f[where_before], np.clip(before.array[where_before], *_HU_WINDOW)), 4),
-        "ncc_after": round(_pearson(f[where_after], np.clip(warped.array[where_after], *_HU_WINDOW)), 4),
+        "ncc_before": round(_pearson(f[where_before], np.clip(before.array[where_before], *CT_WINDOW_HU)), 4),
+        "ncc_after": round(_pearson(f[where_after], np.clip(warped.array[where_after], *CT_WINDOW_HU)), 4),
         "body_dice": round(2.0 * float((body & warped_body & overlap).sum()) / max(dice_denominator, 1.0), 4),
         "moving_coverage": round(float(where_after.sum()) / max(float(body.sum()), 1.0), 4),
         "keys_coherent_fraction": round(coherent_fraction(correspondences, alignment), 4),

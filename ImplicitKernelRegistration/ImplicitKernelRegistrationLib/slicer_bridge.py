@@ -42,9 +42,7 @@ def alignment_from_ras_to_parent(to_parent_ras: np.ndarray) -> Alignment:
     from .alignment import Alignment  # here: alignment imports torch, which the module loads only when needed
 
     inverse = np.linalg.inv(np.asarray(to_parent_ras, dtype=np.float64).reshape(4, 4))
-    probe_lps = np.array([[0, 0, 0], [100, 0, 0], [0, 100, 0], [0, 0, 100]], dtype=np.float64)
-    mapped = lps_ras(lps_ras(probe_lps) @ inverse[:3, :3].T + inverse[:3, 3])
-    return Alignment((mapped[1:] - mapped[0]).T / 100.0, mapped[0])
+    return Alignment.from_point_map(lambda lps: lps_ras(lps_ras(lps) @ inverse[:3, :3].T + inverse[:3, 3]))
 
 
 def ijk_to_ras_matrix(geometry: Geometry) -> np.ndarray:
