@@ -39,8 +39,8 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from ImplicitKernelRegistrationLib import slicer_bridge
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.geometry import Image, lps_ras
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.geometry import Image, lps_ras
 from ImplicitKernelRegistrationLib.requirements import (
     BUNDLED_WITH_SLICER,
     SLICER_REQUIREMENTS,
@@ -602,9 +602,9 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         `progress(fraction, message)` may raise to cancel; it is also called between the steps after the
         registration (map, output writing), so Cancel is seen there too.
         """
-        from ImplicitKernelRegistrationLib.pipeline import RegistrationConfig, register
-        from ImplicitKernelRegistrationLib.quality import assess
-        from ImplicitKernelRegistrationLib.refine import session_from_result
+        from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
+        from ImplicitKernelRegistrationLib.registration.refine import session_from_result
+        from ImplicitKernelRegistrationLib.review.quality import assess
 
         p = parameterNode
         step = progress or (lambda fraction, message: None)
@@ -718,7 +718,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def _resampleMoving(self, parameterNode) -> None:
         """Write the moving volume resampled onto the fixed grid into the output volume node (with a display node)."""
-        from ImplicitKernelRegistrationLib.fields import warp_image
+        from ImplicitKernelRegistrationLib.core.fields import warp_image
 
         p = parameterNode
         warped = warp_image(
@@ -833,9 +833,9 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         """Reopen the refinement session when none is in memory: from the scene, else from the output folder."""
         if self.session is not None:
             return
-        from ImplicitKernelRegistrationLib.correspondences import AUTOMATIC
+        from ImplicitKernelRegistrationLib.core.correspondences import AUTOMATIC
         from ImplicitKernelRegistrationLib.io.outputs import OUTPUT_FILES, read_correspondences_csv, read_session
-        from ImplicitKernelRegistrationLib.refine import open_session
+        from ImplicitKernelRegistrationLib.registration.refine import open_session
 
         p = parameterNode
         if p.sessionState is not None and p.sessionState.GetText():
@@ -976,7 +976,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
             return
         outdir = pathlib.Path(p.outputFolder)
         if full:
-            from ImplicitKernelRegistrationLib.fields import warp_image
+            from ImplicitKernelRegistrationLib.core.fields import warp_image
 
             session = {**self.savedSession, "user": self.session.to_dict()}
             warped = warp_image(self.movingImage, self.session.field)
@@ -1029,7 +1029,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         The node "IKR expected error (mm)" (parameter `expectedErrorVolume`) is made once and reused; it is
         not put into the slice views here (see setExpectedErrorVisible).
         """
-        from ImplicitKernelRegistrationLib.uncertainty import expected_error_map
+        from ImplicitKernelRegistrationLib.review.uncertainty import expected_error_map
 
         p = parameterNode
         if self.expectedError is None:
@@ -1091,7 +1091,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
     def suggestionMask(self, parameterNode) -> Image | None:
         """Where suggestions should lie near (fixed space): the tumour warped through the current field when
         one is chosen, else the ablation zone, else None (anywhere in the body)."""
-        from ImplicitKernelRegistrationLib.fields import warp_labels
+        from ImplicitKernelRegistrationLib.core.fields import warp_labels
 
         p = parameterNode
         if p.tumourSegmentation is not None:
@@ -1108,8 +1108,8 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         and near suggestionMask(). The points replace those of the "IKR suggested clicks" list (parameter
         `suggestedClicks`), labelled with the expected error there; the slice views jump to the first.
         """
-        from ImplicitKernelRegistrationLib.preprocess import body_mask
-        from ImplicitKernelRegistrationLib.uncertainty import suggest_clicks
+        from ImplicitKernelRegistrationLib.registration.preprocess import body_mask
+        from ImplicitKernelRegistrationLib.review.uncertainty import suggest_clicks
 
         p = parameterNode
         error = self.updateExpectedError(p)  # opens the session (and reads the fixed CT) when needed
@@ -1148,7 +1148,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         With a registration, also the minimal margin's 5-95 % interval over the expected error (its figures are
         returned with the margin's, as in margin.json of `ikr margin --uncertainty`, and shown in the summary).
         """
-        from ImplicitKernelRegistrationLib.margin import compute_margin
+        from ImplicitKernelRegistrationLib.review.margin import compute_margin
 
         p = parameterNode
         if p.tumourSegmentation is None or p.ablationSegmentation is None:
@@ -1203,7 +1203,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def _computeMarginInterval(self, parameterNode, tumour: Image, ablation: Image) -> str:
         """The minimal margin's 5-95 % interval over the expected error (uncertainty.margin_interval); its line."""
-        from ImplicitKernelRegistrationLib.uncertainty import margin_interval
+        from ImplicitKernelRegistrationLib.review.uncertainty import margin_interval
 
         try:
             error = self.updateExpectedError(parameterNode)
@@ -1234,7 +1234,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
 
         from ImplicitKernelRegistrationLib.io.atomic import atomic_directory, write_text_atomic
         from ImplicitKernelRegistrationLib.io.images import write_image
-        from ImplicitKernelRegistrationLib.margin_report import (
+        from ImplicitKernelRegistrationLib.review.margin_report import (
             OUTPUT_FILES,
             points_csv,
             report_html,
@@ -1284,7 +1284,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         .seg.nrrd is written by Slicer itself (slicer.util.saveNode; no slicerio in Slicer), other label
         formats (.nii.gz, .nrrd) by the library.
         """
-        from ImplicitKernelRegistrationLib.fields import warp_image
+        from ImplicitKernelRegistrationLib.core.fields import warp_image
         from ImplicitKernelRegistrationLib.io.atomic import atomic_path
         from ImplicitKernelRegistrationLib.io.segmentations import write_labels
 
@@ -1358,8 +1358,8 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
 
     def _phantomCase(self):
         """A small breathing phantom pair (3 mm) from the library."""
-        from ImplicitKernelRegistrationLib.phantom import make_phantom
-        from ImplicitKernelRegistrationLib.synth import make_case
+        from ImplicitKernelRegistrationLib.synthetic.phantom import make_phantom
+        from ImplicitKernelRegistrationLib.synthetic.synth import make_case
 
         ct = make_phantom(seed=1, size=(96, 80, 64), spacing_mm=(3.0, 3.0, 3.0))[0]
         return make_case(ct, "breathing", 1)
@@ -1375,8 +1375,8 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
 
     def test_RegisterRefineMargins(self) -> None:
         """Tumour drawn before and after Register, re-register, one-click pairs by ID, the scene's session."""
-        from ImplicitKernelRegistrationLib.fields import sample_field, transform_points, warp_labels
-        from ImplicitKernelRegistrationLib.margin import demo_tumour_and_zone
+        from ImplicitKernelRegistrationLib.core.fields import sample_field, transform_points, warp_labels
+        from ImplicitKernelRegistrationLib.review.margin import demo_tumour_and_zone
 
         self.delayDisplay("Making a phantom pair; a tumour drawn on the moving CT before registration")
         case = self._phantomCase()
@@ -1482,9 +1482,9 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
         regularisation-like transform (a hardened copy is registered), and both exports."""
         import tempfile
 
-        from ImplicitKernelRegistrationLib.fields import transform_points
+        from ImplicitKernelRegistrationLib.core.fields import transform_points
         from ImplicitKernelRegistrationLib.io.segmentations import read_labels
-        from ImplicitKernelRegistrationLib.margin import demo_tumour_and_zone
+        from ImplicitKernelRegistrationLib.review.margin import demo_tumour_and_zone
 
         case = self._phantomCase()
         logic = ImplicitKernelRegistrationLogic()

@@ -31,8 +31,8 @@ def shared() -> callable:
 @pytest.fixture(scope="session")
 def phantom_case():
     """A breathing-like synthetic case of the procedural phantom (made once per test session)."""
-    from ImplicitKernelRegistrationLib.phantom import make_phantom
-    from ImplicitKernelRegistrationLib.synth import make_case
+    from ImplicitKernelRegistrationLib.synthetic.phantom import make_phantom
+    from ImplicitKernelRegistrationLib.synthetic.synth import make_case
 
     ct, labels, _ = make_phantom(seed=0)
     return make_case(ct, "breathing", seed=0, labels=labels, magnitude_mm=6.0)
@@ -41,7 +41,7 @@ def phantom_case():
 @pytest.fixture(scope="session")
 def phantom_registration(phantom_case):
     """The phantom case registered with the Gaussian kernel at 3 mm (fast; no weights needed)."""
-    from ImplicitKernelRegistrationLib.pipeline import RegistrationConfig, register
+    from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
 
     config = RegistrationConfig(kernel="gaussian", spacing_mm=3.0, max_keypoints=1024)
     return register(phantom_case.fixed, phantom_case.moving, config)

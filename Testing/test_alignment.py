@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ImplicitKernelRegistrationLib.alignment import Alignment, align, read_initial_transform
 from ImplicitKernelRegistrationLib.cli import main
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.fields import transform_points
-from ImplicitKernelRegistrationLib.geometry import Geometry, Image
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.fields import transform_points
+from ImplicitKernelRegistrationLib.core.geometry import Geometry, Image
 from ImplicitKernelRegistrationLib.io.images import read_image, write_image
 from ImplicitKernelRegistrationLib.io.transforms import read_field
-from ImplicitKernelRegistrationLib.preprocess import body_mask
+from ImplicitKernelRegistrationLib.registration.alignment import Alignment, align, read_initial_transform
+from ImplicitKernelRegistrationLib.registration.preprocess import body_mask
 
 
 def _centre(image: Image) -> np.ndarray:
@@ -193,9 +193,9 @@ def test_a_user_start_is_honoured(repositioned):
 
 
 def test_a_click_stays_exact_after_an_alignment(repositioned):
-    from ImplicitKernelRegistrationLib.fields import sample_field
-    from ImplicitKernelRegistrationLib.pipeline import RegistrationConfig, register
-    from ImplicitKernelRegistrationLib.refine import session_from_result
+    from ImplicitKernelRegistrationLib.core.fields import sample_field
+    from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
+    from ImplicitKernelRegistrationLib.registration.refine import session_from_result
 
     folder, ct, truth = repositioned
     moving = read_image(folder / "moving.nii.gz")
@@ -210,8 +210,8 @@ def test_a_click_stays_exact_after_an_alignment(repositioned):
 
 
 def test_images_far_apart_are_aligned_by_default(phantom_case):
-    from ImplicitKernelRegistrationLib.pipeline import RegistrationConfig, register
-    from ImplicitKernelRegistrationLib.report import landmark_errors
+    from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
+    from ImplicitKernelRegistrationLib.review.report import landmark_errors
 
     g = phantom_case.moving.geometry
     far = Geometry(g.size, g.spacing_mm, tuple(o + 500.0 for o in g.origin_lps), g.direction)

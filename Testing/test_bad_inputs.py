@@ -23,8 +23,8 @@ import SimpleITK as sitk
 
 from conftest import ROOT, shared_path
 from ImplicitKernelRegistrationLib.cli import PREVIOUS_PAIRS_FILE, main
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.geometry import Image
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.geometry import Image
 from ImplicitKernelRegistrationLib.io.images import read_image, read_mask, write_image
 
 SPACING = "5"  # a coarse working grid: one phantom registration takes a few seconds
@@ -81,7 +81,7 @@ def _session(outdir: Path) -> dict:
 @pytest.fixture(scope="module")
 def case(tmp_path_factory, phantom_case) -> Path:
     """The phantom breathing case written as files."""
-    from ImplicitKernelRegistrationLib.synth import write_case
+    from ImplicitKernelRegistrationLib.synthetic.synth import write_case
 
     folder = tmp_path_factory.mktemp("case") / "case"
     write_case(phantom_case, folder)
@@ -146,7 +146,7 @@ def test_header_promising_more_voxels_than_present_is_refused(capsys, tmp_path, 
 
 def read_image_geometry():
     """A 20^3 grid at 2 mm."""
-    from ImplicitKernelRegistrationLib.geometry import Geometry
+    from ImplicitKernelRegistrationLib.core.geometry import Geometry
 
     return Geometry((20, 20, 20), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
 
@@ -525,7 +525,7 @@ def test_unwritable_output_is_refused_before_registering(capsys, tmp_path, case)
     "thresholds other than 0 and 5 are reported as asked; NaN or beyond +-50 mm: exit 2, one line; no output",
 )
 def test_margin_thresholds(capsys, tmp_path, phantom_case):
-    from ImplicitKernelRegistrationLib.margin import demo_tumour_and_zone
+    from ImplicitKernelRegistrationLib.review.margin import demo_tumour_and_zone
 
     tumour, zone, _ = demo_tumour_and_zone(phantom_case.fixed, phantom_case.true_field, None, 0)
     write_image(tumour, tmp_path / "t.nii.gz")

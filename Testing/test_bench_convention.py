@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_path
-from ImplicitKernelRegistrationLib.fields import Field, warp_image
+from ImplicitKernelRegistrationLib.core.fields import Field, warp_image
 from ImplicitKernelRegistrationLib.io.images import read_image
 from ImplicitKernelRegistrationLib.io.transforms import write_field
 

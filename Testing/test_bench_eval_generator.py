@@ -10,10 +10,10 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ImplicitKernelRegistrationLib.fields import Field, jacobian_determinant, transform_points, warp_image
-from ImplicitKernelRegistrationLib.phantom import make_phantom
-from ImplicitKernelRegistrationLib.preprocess import body_mask
-from ImplicitKernelRegistrationLib.synth import read_case
+from ImplicitKernelRegistrationLib.core.fields import Field, jacobian_determinant, transform_points, warp_image
+from ImplicitKernelRegistrationLib.registration.preprocess import body_mask
+from ImplicitKernelRegistrationLib.synthetic.phantom import make_phantom
+from ImplicitKernelRegistrationLib.synthetic.synth import read_case
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))

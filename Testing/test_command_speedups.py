@@ -16,16 +16,16 @@ import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
 from ImplicitKernelRegistrationLib.cli import main
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.fields import Field, jacobian_determinant, transform_points, warp_image
-from ImplicitKernelRegistrationLib.geometry import Geometry, Image
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.fields import Field, jacobian_determinant, transform_points, warp_image
+from ImplicitKernelRegistrationLib.core.geometry import Geometry, Image
 from ImplicitKernelRegistrationLib.io.images import read_image, write_image
 from ImplicitKernelRegistrationLib.io.transforms import write_field, write_transform
-from ImplicitKernelRegistrationLib.memory import check_memory, estimate_peak_mb
-from ImplicitKernelRegistrationLib.pipeline import peak_memory_mb
-from ImplicitKernelRegistrationLib.refine import RefinementSession
-from ImplicitKernelRegistrationLib.report import process_elapsed_s
-from ImplicitKernelRegistrationLib.uncertainty import (
+from ImplicitKernelRegistrationLib.registration.memory import check_memory, estimate_peak_mb
+from ImplicitKernelRegistrationLib.registration.pipeline import peak_memory_mb
+from ImplicitKernelRegistrationLib.registration.refine import RefinementSession
+from ImplicitKernelRegistrationLib.review.report import process_elapsed_s
+from ImplicitKernelRegistrationLib.review.uncertainty import (
     CLICK_ERROR_MM,
     _click_factor,
     _click_factor_on_grid,
@@ -146,7 +146,7 @@ def session_pairs(session: RefinementSession) -> np.ndarray:
 
 def uncensored_map(session: RefinementSession, params) -> np.ndarray:
     """The session's expected-error map before the click blend, computed on the whole grid at once."""
-    from ImplicitKernelRegistrationLib.uncertainty import _control_geometry, control_features
+    from ImplicitKernelRegistrationLib.review.uncertainty import _control_geometry, control_features
 
     mu = params.log_error(control_features(session.model, len(session.pairs)))
     control = Image(mu.reshape(session.model.control_shape).astype(np.float32), _control_geometry(session.model))
@@ -170,7 +170,7 @@ def test_peak_memory_counts_children_that_ended() -> None:
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads the process start from /proc (Linux)")
 def test_process_elapsed_counts_from_the_process_start() -> None:
     code = (
-        "import time; time.sleep(0.6); from ImplicitKernelRegistrationLib.report import process_elapsed_s;"
+        "import time; time.sleep(0.6); from ImplicitKernelRegistrationLib.review.report import process_elapsed_s;"
         " print(process_elapsed_s(time.time()))"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout

@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from conftest import shared_path
-from ImplicitKernelRegistrationLib.encoder import (
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.registration.encoder import (
     IN_CHANNELS,
     FeatureEncoder,
     encoder_inputs,
     load_encoder,
     save_encoder,
 )
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.matching import gather_cubes
-from ImplicitKernelRegistrationLib.pipeline import DEFAULT_ENCODER, RegistrationConfig, register
-from ImplicitKernelRegistrationLib.report import landmark_errors
+from ImplicitKernelRegistrationLib.registration.matching import gather_cubes
+from ImplicitKernelRegistrationLib.registration.pipeline import DEFAULT_ENCODER, RegistrationConfig, register
+from ImplicitKernelRegistrationLib.review.report import landmark_errors
 
 
 def _image(shape=(20, 24, 28), seed: int = 0) -> torch.Tensor:
@@ -36,7 +36,7 @@ def test_encoder_features_are_unit_length_and_slab_independent(monkeypatch) -> N
     whole = encoder(image)
     assert whole.shape == (1, 12, *image.shape[2:])
     np.testing.assert_allclose(whole.norm(dim=1).numpy(), 1.0, atol=1e-5)
-    import ImplicitKernelRegistrationLib.encoder as module
+    import ImplicitKernelRegistrationLib.registration.encoder as module
 
     monkeypatch.setattr(module, "_SLAB_VOXELS", 100)  # one z-slice per slab
     assert torch.allclose(encoder(image), whole, atol=1e-6)
@@ -77,7 +77,7 @@ def test_encoder_weights_round_trip_and_bad_files_are_refused(tmp_path) -> None:
 
 def test_a_short_training_run_writes_loadable_weights_and_a_card(tmp_path) -> None:
     """A few steps on the real abdominal CT: weights, model card and validation figures are written."""
-    from ImplicitKernelRegistrationLib.train_encoder import default_encoder_config, train_encoder_main
+    from ImplicitKernelRegistrationLib.training.train_encoder import default_encoder_config, train_encoder_main
 
     ct = shared_path("ct", "abdomen_ts_example_ct_3mm.nii.gz")
     small = replace(

@@ -8,9 +8,9 @@ import SimpleITK as sitk
 import torch
 
 from conftest import shared_path
-from ImplicitKernelRegistrationLib.features import FEATURES, SSC_PAIRS, mind_ssc, sample_features
-from ImplicitKernelRegistrationLib.geometry import Image
-from ImplicitKernelRegistrationLib.preprocess import normalise_ct, to_tensor
+from ImplicitKernelRegistrationLib.core.geometry import Image
+from ImplicitKernelRegistrationLib.registration.features import FEATURES, SSC_PAIRS, mind_ssc, sample_features
+from ImplicitKernelRegistrationLib.registration.preprocess import normalise_ct, to_tensor
 
 
 @functools.cache

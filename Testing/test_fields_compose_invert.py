@@ -6,14 +6,14 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
-from ImplicitKernelRegistrationLib.fields import (
+from ImplicitKernelRegistrationLib.core.fields import (
     Field,
     compose,
     field_from_transform,
     invert,
     transform_points,
 )
-from ImplicitKernelRegistrationLib.geometry import Geometry
+from ImplicitKernelRegistrationLib.core.geometry import Geometry
 
 
 def rotated_geometry() -> Geometry:

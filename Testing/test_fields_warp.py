@@ -8,16 +8,16 @@ import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
 from conftest import shared_path
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.fields import (
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.fields import (
     Field,
     field_from_transform,
     resample_field,
     warp_image,
     warp_labels,
 )
-from ImplicitKernelRegistrationLib.geometry import Geometry, Image
-from ImplicitKernelRegistrationLib.metrics import dice
+from ImplicitKernelRegistrationLib.core.geometry import Geometry, Image
+from ImplicitKernelRegistrationLib.core.metrics import dice
 
 
 def rotated_geometry(size: tuple = (22, 18, 14), spacing: tuple = (1.5, 2.0, 3.0)) -> Geometry:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from ImplicitKernelRegistrationLib.filters import box_filter, filter_1d, gaussian_smooth, max_filter
+from ImplicitKernelRegistrationLib.core.filters import box_filter, filter_1d, gaussian_smooth, max_filter
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from conftest import shared_path
-from ImplicitKernelRegistrationLib.errors import IkrError
+from ImplicitKernelRegistrationLib.core.errors import IkrError
 from ImplicitKernelRegistrationLib.io.dicom import list_series, read_series
 from ImplicitKernelRegistrationLib.io.images import read_image
 

@@ -9,8 +9,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import shared_path
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.geometry import Geometry, Image
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.geometry import Geometry, Image
 from ImplicitKernelRegistrationLib.io.images import (
     check_image,
     describe_image,

@@ -11,9 +11,9 @@ import SimpleITK as sitk
 import slicerio
 
 from conftest import shared_path
-from ImplicitKernelRegistrationLib.correspondences import USER
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.geometry import Geometry, lps_ras
+from ImplicitKernelRegistrationLib.core.correspondences import USER
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.geometry import Geometry, lps_ras
 from ImplicitKernelRegistrationLib.io.points import (
     MARKUPS_SCHEMA_URL,
     PointSet,

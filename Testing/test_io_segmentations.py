@@ -11,8 +11,8 @@ import SimpleITK as sitk
 import slicerio
 
 from conftest import shared_path
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.geometry import Geometry, Image
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.geometry import Geometry, Image
 from ImplicitKernelRegistrationLib.io.dicom import read_series
 from ImplicitKernelRegistrationLib.io.segmentations import read_dicom_seg, read_labels, write_labels
 

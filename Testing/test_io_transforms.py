@@ -12,9 +12,9 @@ import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
 from conftest import shared_path
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.fields import Field, field_from_transform, transform_points, warp_image
-from ImplicitKernelRegistrationLib.geometry import Geometry, Image
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.fields import Field, field_from_transform, transform_points, warp_image
+from ImplicitKernelRegistrationLib.core.geometry import Geometry, Image
 from ImplicitKernelRegistrationLib.io.transforms import read_field, write_field, write_transform
 
 

@@ -8,10 +8,10 @@ import SimpleITK as sitk
 import torch
 
 from conftest import shared_path
-from ImplicitKernelRegistrationLib.dense import DenseModel
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.geometry import Geometry
-from ImplicitKernelRegistrationLib.kernel import (
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.geometry import Geometry
+from ImplicitKernelRegistrationLib.registration.dense import DenseModel
+from ImplicitKernelRegistrationLib.registration.kernel import (
     GaussianKernel,
     KernelConfig,
     LearnedKernel,
@@ -205,9 +205,9 @@ def test_gradients_reach_the_attention_heads() -> None:
 @pytest.fixture(scope="module")
 def liver_features() -> tuple[torch.Tensor, torch.Tensor]:
     """MIND-SSC of a crop of the real liver slab CT and Förstner keypoints in it."""
-    from ImplicitKernelRegistrationLib.features import mind_ssc
-    from ImplicitKernelRegistrationLib.keypoints import forstner_keypoints
-    from ImplicitKernelRegistrationLib.preprocess import normalise_ct
+    from ImplicitKernelRegistrationLib.registration.features import mind_ssc
+    from ImplicitKernelRegistrationLib.registration.keypoints import forstner_keypoints
+    from ImplicitKernelRegistrationLib.registration.preprocess import normalise_ct
 
     path = shared_path("ct", "liver_ts_example_ct_sm_3mm.nii.gz")
     arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))[:21, 30:63, 40:81]  # (21, 33, 41)
@@ -235,7 +235,7 @@ def test_dense_model_equals_direct_evaluation_at_control_points(liver_features: 
     model, dense = _dense(kernel, feats, shape, keys, disp, conf, step=2)
     assert dense.shape == (1, 3, *shape)
     assert model.control_shape == (11, 17, 21)
-    from ImplicitKernelRegistrationLib.features import sample_features
+    from ImplicitKernelRegistrationLib.registration.features import sample_features
 
     pts = model.points
     with torch.no_grad():
@@ -267,7 +267,7 @@ def test_dense_model_is_chunk_size_independent_and_covers_odd_sizes(liver_featur
     assert torch.allclose(big, small, atol=1e-5)
     corner = torch.tensor([[39.0, 32.0, 19.0]])
     with torch.no_grad():
-        from ImplicitKernelRegistrationLib.features import sample_features
+        from ImplicitKernelRegistrationLib.registration.features import sample_features
 
         direct = kernel(
             corner[None],

@@ -7,14 +7,14 @@ import SimpleITK as sitk
 import torch
 
 from conftest import shared_path
-from ImplicitKernelRegistrationLib.geometry import Image
-from ImplicitKernelRegistrationLib.keypoints import (
+from ImplicitKernelRegistrationLib.core.geometry import Image
+from ImplicitKernelRegistrationLib.registration.keypoints import (
     DETECTORS,
     farthest_point_sampling,
     forstner_distinctiveness,
     forstner_keypoints,
 )
-from ImplicitKernelRegistrationLib.preprocess import body_mask, normalise_ct, to_tensor
+from ImplicitKernelRegistrationLib.registration.preprocess import body_mask, normalise_ct, to_tensor
 
 
 def _liver_tensors() -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.fields import Field
-from ImplicitKernelRegistrationLib.geometry import Geometry, Image
-from ImplicitKernelRegistrationLib.margin import ball_occupancy, compute_margin
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.fields import Field
+from ImplicitKernelRegistrationLib.core.geometry import Geometry, Image
+from ImplicitKernelRegistrationLib.review.margin import ball_occupancy, compute_margin
 
 ISO = (1.0, 1.0, 1.0)
 ANISO = (0.7, 0.7, 2.5)

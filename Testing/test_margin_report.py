@@ -11,14 +11,14 @@ import SimpleITK as sitk
 
 from conftest import shared_path
 from ImplicitKernelRegistrationLib import __version__
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.fields import Field
-from ImplicitKernelRegistrationLib.geometry import Geometry, Image
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.fields import Field
+from ImplicitKernelRegistrationLib.core.geometry import Geometry, Image
 from ImplicitKernelRegistrationLib.io.images import read_image, write_image
 from ImplicitKernelRegistrationLib.io.points import read_points
 from ImplicitKernelRegistrationLib.io.transforms import write_field
-from ImplicitKernelRegistrationLib.margin import ball_occupancy, compute_margin, demo_tumour_and_zone
-from ImplicitKernelRegistrationLib.margin_report import run_margin
+from ImplicitKernelRegistrationLib.review.margin import ball_occupancy, compute_margin, demo_tumour_and_zone
+from ImplicitKernelRegistrationLib.review.margin_report import run_margin
 
 KEYS = [
     "min_margin_mm", "margin_p5_mm", "margin_p25_mm", "margin_p50_mm", "surface_fraction_ge_0mm",

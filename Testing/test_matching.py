@@ -9,18 +9,18 @@ import torch
 from scipy import ndimage
 
 from conftest import shared_path
-from ImplicitKernelRegistrationLib import matching
-from ImplicitKernelRegistrationLib.features import mind_ssc
-from ImplicitKernelRegistrationLib.geometry import Image
-from ImplicitKernelRegistrationLib.keypoints import forstner_keypoints
-from ImplicitKernelRegistrationLib.matching import (
+from ImplicitKernelRegistrationLib.core.geometry import Image
+from ImplicitKernelRegistrationLib.registration import matching
+from ImplicitKernelRegistrationLib.registration.features import mind_ssc
+from ImplicitKernelRegistrationLib.registration.keypoints import forstner_keypoints
+from ImplicitKernelRegistrationLib.registration.matching import (
     cost_volume,
     match_consistent,
     match_keypoints,
     min_convolution,
     search_offsets,
 )
-from ImplicitKernelRegistrationLib.preprocess import body_mask, normalise_ct, to_tensor
+from ImplicitKernelRegistrationLib.registration.preprocess import body_mask, normalise_ct, to_tensor
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.fields import Field, jacobian_determinant
-from ImplicitKernelRegistrationLib.geometry import Geometry, Image
-from ImplicitKernelRegistrationLib.metrics import dice, endpoint_error, hd95, sdlogj, tre, tre_summary
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.fields import Field, jacobian_determinant
+from ImplicitKernelRegistrationLib.core.geometry import Geometry, Image
+from ImplicitKernelRegistrationLib.core.metrics import dice, endpoint_error, hd95, sdlogj, tre, tre_summary
 
 IDENTITY = Geometry((20, 18, 14), (1.5, 2.0, 3.0), (-10.0, 5.0, 20.0))
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ImplicitKernelRegistrationLib.phantom import LABEL_NAMES, make_phantom
+from ImplicitKernelRegistrationLib.synthetic.phantom import LABEL_NAMES, make_phantom
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import shared_path
-from ImplicitKernelRegistrationLib.errors import IkrError
+from ImplicitKernelRegistrationLib.core.errors import IkrError
 from ImplicitKernelRegistrationLib.io.images import read_image
-from ImplicitKernelRegistrationLib.pipeline import (
+from ImplicitKernelRegistrationLib.registration.pipeline import (
     DEFAULT_WEIGHTS,
     RegistrationConfig,
     mm_to_voxels,
@@ -17,8 +17,8 @@ from ImplicitKernelRegistrationLib.pipeline import (
     resolve_device,
     voxels_to_mm,
 )
-from ImplicitKernelRegistrationLib.report import field_quality, landmark_errors
-from ImplicitKernelRegistrationLib.synth import make_case
+from ImplicitKernelRegistrationLib.review.report import field_quality, landmark_errors
+from ImplicitKernelRegistrationLib.synthetic.synth import make_case
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +68,14 @@ def test_correspondences_describe_the_field(phantom_registration):
     assert len(corr) == phantom_registration.report["n_keypoints"]
     kept = corr.confidence > 0
     # the field at a kept keypoint is close to that keypoint's own match (the kernel interpolates)
-    from ImplicitKernelRegistrationLib.fields import sample_field
+    from ImplicitKernelRegistrationLib.core.fields import sample_field
 
     at_keys = sample_field(phantom_registration.field, corr.fixed_lps[kept])
     assert np.median(np.linalg.norm(at_keys - corr.displacement_mm[kept], axis=1)) < 1.5
 
 
 def test_voxel_mm_conversion_round_trips_on_a_rotated_grid():
-    from ImplicitKernelRegistrationLib.geometry import Geometry
+    from ImplicitKernelRegistrationLib.core.geometry import Geometry
 
     c, s = np.cos(0.3), np.sin(0.3)
     geom = Geometry((10, 10, 10), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (c, -s, 0, s, c, 0, 0, 0, -1))
@@ -102,7 +102,7 @@ def test_missing_weights_are_named(phantom_case, tmp_path):
 
 
 def test_images_that_do_not_overlap_are_refused_without_alignment(phantom_case):
-    from ImplicitKernelRegistrationLib.geometry import Geometry, Image
+    from ImplicitKernelRegistrationLib.core.geometry import Geometry, Image
 
     g = phantom_case.moving.geometry
     far = Geometry(g.size, g.spacing_mm, tuple(o + 5000.0 for o in g.origin_lps), g.direction)

@@ -9,9 +9,9 @@ import torch
 from scipy import ndimage
 
 from conftest import shared_path
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.geometry import Geometry, Image
-from ImplicitKernelRegistrationLib.preprocess import (
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.geometry import Geometry, Image
+from ImplicitKernelRegistrationLib.registration.preprocess import (
     WorkingPair,
     body_mask,
     make_working_pair,

@@ -7,8 +7,8 @@ import json
 import numpy as np
 
 from ImplicitKernelRegistrationLib.cli import EXIT_QUALITY, main
-from ImplicitKernelRegistrationLib.correspondences import Correspondences
-from ImplicitKernelRegistrationLib.quality import QUALITY_THRESHOLDS, coherent_fraction, verdict
+from ImplicitKernelRegistrationLib.core.correspondences import Correspondences
+from ImplicitKernelRegistrationLib.review.quality import QUALITY_THRESHOLDS, coherent_fraction, verdict
 
 
 def test_verdict_follows_the_thresholds():

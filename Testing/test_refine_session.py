@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.fields import transform_points
-from ImplicitKernelRegistrationLib.refine import session_from_result
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.fields import transform_points
+from ImplicitKernelRegistrationLib.registration.refine import session_from_result
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_update_is_local(session, phantom_case):
 
 
 def test_local_update_equals_full_rebuild(session, phantom_case, phantom_registration):
-    from ImplicitKernelRegistrationLib.refine import RefinementSession
+    from ImplicitKernelRegistrationLib.registration.refine import RefinementSession
 
     session.add_correspondences(phantom_case.landmarks_fixed_lps[:3], phantom_case.landmarks_moving_lps[:3] + 2.0)
     full = RefinementSession(

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import shared_path
-from ImplicitKernelRegistrationLib.fields import transform_points
+from ImplicitKernelRegistrationLib.core.fields import transform_points
 from ImplicitKernelRegistrationLib.io.images import read_image
-from ImplicitKernelRegistrationLib.pipeline import RegistrationConfig, mm_to_voxels, register
-from ImplicitKernelRegistrationLib.refine import open_session, session_from_result
-from ImplicitKernelRegistrationLib.residual import (
+from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, mm_to_voxels, register
+from ImplicitKernelRegistrationLib.registration.refine import open_session, session_from_result
+from ImplicitKernelRegistrationLib.registration.residual import (
     ResidualSettings,
     diffusion,
     grid_points,
@@ -20,7 +20,7 @@ from ImplicitKernelRegistrationLib.residual import (
     sample_points,
     smooth,
 )
-from ImplicitKernelRegistrationLib.synth import make_case
+from ImplicitKernelRegistrationLib.synthetic.synth import make_case
 
 
 @pytest.fixture(scope="module")

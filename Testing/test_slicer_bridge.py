@@ -12,8 +12,8 @@ from vtkmodules.vtkCommonTransforms import vtkGeneralTransform, vtkTransform
 from vtkmodules.vtkFiltersHybrid import vtkGridTransform
 
 from conftest import shared_path
-from ImplicitKernelRegistrationLib.fields import Field, transform_points
-from ImplicitKernelRegistrationLib.geometry import Geometry, lps_ras
+from ImplicitKernelRegistrationLib.core.fields import Field, transform_points
+from ImplicitKernelRegistrationLib.core.geometry import Geometry, lps_ras
 from ImplicitKernelRegistrationLib.slicer_bridge import (
     displacement_image_data,
     feedback_rows,
@@ -220,7 +220,7 @@ def test_an_initial_transform_node_becomes_the_start_alignment():
     """A linear transform that puts moving onto fixed (RAS, to parent) maps fixed LPS points to moving LPS points."""
     import SimpleITK as sitk
 
-    from ImplicitKernelRegistrationLib.geometry import lps_ras
+    from ImplicitKernelRegistrationLib.core.geometry import lps_ras
     from ImplicitKernelRegistrationLib.slicer_bridge import alignment_from_ras_to_parent
 
     rigid = sitk.Euler3DTransform((10.0, -20.0, 30.0), 0.1, -0.2, 0.3, (5.0, 6.0, -7.0))

@@ -18,9 +18,9 @@ import SimpleITK as sitk
 from vtkmodules.util import numpy_support
 from vtkmodules.vtkCommonCore import VTK_FLOAT
 
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.fields import Field, sample_field
-from ImplicitKernelRegistrationLib.geometry import Geometry, lps_ras
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.fields import Field, sample_field
+from ImplicitKernelRegistrationLib.core.geometry import Geometry, lps_ras
 from ImplicitKernelRegistrationLib.io.transforms import read_field, write_field
 from ImplicitKernelRegistrationLib.requirements import SLICER_REQUIREMENTS, unmet_requirements
 from ImplicitKernelRegistrationLib.slicer_bridge import (
@@ -125,14 +125,14 @@ def test_residual_rms() -> None:
 @pytest.fixture(scope="module")
 def own_registration(phantom_case):
     """A registration of the phantom owned by this module (its sessions change the model in place)."""
-    from ImplicitKernelRegistrationLib.pipeline import RegistrationConfig, register
+    from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
 
     config = RegistrationConfig(kernel="gaussian", spacing_mm=4.0, max_keypoints=512)
     return register(phantom_case.fixed, phantom_case.moving, config)
 
 
 def test_a_session_reopens_from_the_scene_text_with_its_pairs(own_registration, phantom_case) -> None:
-    from ImplicitKernelRegistrationLib.refine import open_session, session_from_result
+    from ImplicitKernelRegistrationLib.registration.refine import open_session, session_from_result
 
     result = own_registration
     session = session_from_result(result, phantom_case.fixed)
@@ -282,7 +282,7 @@ import sys
 sys.modules["slicerio"] = None
 sys.modules["highdicom"] = None
 import numpy as np
-from ImplicitKernelRegistrationLib.geometry import Geometry, Image
+from ImplicitKernelRegistrationLib.core.geometry import Geometry, Image
 from ImplicitKernelRegistrationLib.io.segmentations import read_labels, write_labels
 labels = Image(np.eye(4, dtype=np.uint8)[None].repeat(3, 0), Geometry((4, 4, 3), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0)))
 path = write_labels(labels, {{1: "tumour"}}, {str(tmp_path / "t.nii.gz")!r})

@@ -13,11 +13,11 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from conftest import shared_path
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.fields import jacobian_determinant, transform_points, warp_image
-from ImplicitKernelRegistrationLib.geometry import Image
-from ImplicitKernelRegistrationLib.phantom import make_phantom
-from ImplicitKernelRegistrationLib.synth import FAMILIES, SynthCase, make_case, read_case, write_case
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.fields import jacobian_determinant, transform_points, warp_image
+from ImplicitKernelRegistrationLib.core.geometry import Image
+from ImplicitKernelRegistrationLib.synthetic.phantom import make_phantom
+from ImplicitKernelRegistrationLib.synthetic.synth import FAMILIES, SynthCase, make_case, read_case, write_case
 
 LUNG_LABELS = (2, 3, 8)
 

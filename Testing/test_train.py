@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.kernel import LearnedKernel, load_weights
-from ImplicitKernelRegistrationLib.train import (
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.registration.kernel import LearnedKernel, load_weights
+from ImplicitKernelRegistrationLib.training.train import (
     CaseTensors,
     bending_energy,
     corrupt_keys,

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ImplicitKernelRegistrationLib.correspondences import Correspondences
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.fields import sample_field
-from ImplicitKernelRegistrationLib.geometry import Image
-from ImplicitKernelRegistrationLib.margin import ball_occupancy, demo_tumour_and_zone
-from ImplicitKernelRegistrationLib.refine import RefinementSession, session_from_result
-from ImplicitKernelRegistrationLib.uncertainty import (
+from ImplicitKernelRegistrationLib.core.correspondences import Correspondences
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.fields import sample_field
+from ImplicitKernelRegistrationLib.core.geometry import Image
+from ImplicitKernelRegistrationLib.registration.refine import RefinementSession, session_from_result
+from ImplicitKernelRegistrationLib.review.margin import ball_occupancy, demo_tumour_and_zone
+from ImplicitKernelRegistrationLib.review.uncertainty import (
     UncertaintyModel,
     expected_error_at,
     expected_error_map,
@@ -145,7 +145,7 @@ def test_margin_report_carries_the_interval_and_draws_the_uncertainty(
     """`ikr margin --uncertainty`: margin.json has the interval, the HTML states it and draws the isolines."""
     from ImplicitKernelRegistrationLib.io.images import write_image
     from ImplicitKernelRegistrationLib.io.transforms import write_field
-    from ImplicitKernelRegistrationLib.margin_report import run_margin
+    from ImplicitKernelRegistrationLib.review.margin_report import run_margin
 
     labels = phantom_case.fixed_labels
     liver = labels.with_array((labels.array == 4).astype(np.uint8))

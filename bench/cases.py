@@ -19,9 +19,9 @@ from clinical_cases import Clinical, make_clinical_case
 from eval_generator import make_eval_case, write_eval_case
 from scipy import ndimage
 
-from ImplicitKernelRegistrationLib.geometry import Image
+from ImplicitKernelRegistrationLib.core.geometry import Image
 from ImplicitKernelRegistrationLib.io.images import read_image, write_image
-from ImplicitKernelRegistrationLib.synth import SynthCase, make_case, read_case, write_case
+from ImplicitKernelRegistrationLib.synthetic.synth import SynthCase, make_case, read_case, write_case
 
 THORAX = "thorax_popi_T00_1p5mm.nii.gz"
 ABDOMEN = "abdomen_ts_example_ct_3mm.nii.gz"

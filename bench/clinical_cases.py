@@ -41,10 +41,10 @@ from eval_generator import (
 )
 from scipy.spatial.transform import Rotation
 
-from ImplicitKernelRegistrationLib.fields import field_from_transform
-from ImplicitKernelRegistrationLib.geometry import Geometry, Image
-from ImplicitKernelRegistrationLib.preprocess import body_mask
-from ImplicitKernelRegistrationLib.synth import SynthCase
+from ImplicitKernelRegistrationLib.core.fields import field_from_transform
+from ImplicitKernelRegistrationLib.core.geometry import Geometry, Image
+from ImplicitKernelRegistrationLib.registration.preprocess import body_mask
+from ImplicitKernelRegistrationLib.synthetic.synth import SynthCase
 
 LANDMARK_MARGIN_MM = 6.0
 ABLATION_CLEARANCE_MM = 5.0

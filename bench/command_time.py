@@ -78,14 +78,14 @@ def steps(case: Path, repeat: int) -> dict[str, tuple[float, float]]:
     """Wall and CPU seconds of each step of `ikr register` around the registration, timed in this process."""
     start, cpu = time.perf_counter(), time.process_time()
     from ImplicitKernelRegistrationLib import cli  # noqa: F401  (what the command imports first)
-    from ImplicitKernelRegistrationLib.fields import warp_image
+    from ImplicitKernelRegistrationLib.core.fields import warp_image
     from ImplicitKernelRegistrationLib.io import outputs
     from ImplicitKernelRegistrationLib.io.images import read_image, write_image
     from ImplicitKernelRegistrationLib.io.points import pair_points, read_points
     from ImplicitKernelRegistrationLib.io.transforms import write_field, write_transform
-    from ImplicitKernelRegistrationLib.pipeline import RegistrationConfig, register
-    from ImplicitKernelRegistrationLib.report import field_quality, landmark_errors
-    from ImplicitKernelRegistrationLib.uncertainty import expected_error_map
+    from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
+    from ImplicitKernelRegistrationLib.review.report import field_quality, landmark_errors
+    from ImplicitKernelRegistrationLib.review.uncertainty import expected_error_map
 
     figures = {"imports": (time.perf_counter() - start, time.process_time() - cpu)}
     figures["read inputs"] = _best(lambda: (read_image(case / "fixed.nii.gz"), read_image(case / "moving.nii.gz")), 1)

@@ -47,8 +47,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.fields import (
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.fields import (
     Field,
     compose,
     field_from_transform,
@@ -56,9 +56,9 @@ from ImplicitKernelRegistrationLib.fields import (
     sample_field,
     transform_points,
 )
-from ImplicitKernelRegistrationLib.geometry import Geometry, Image
-from ImplicitKernelRegistrationLib.preprocess import body_mask
-from ImplicitKernelRegistrationLib.synth import SynthCase, write_case
+from ImplicitKernelRegistrationLib.core.geometry import Geometry, Image
+from ImplicitKernelRegistrationLib.registration.preprocess import body_mask
+from ImplicitKernelRegistrationLib.synthetic.synth import SynthCase, write_case
 
 KINDS = ("breathing", "random", "local", "mixed")
 WORKING_SPACING_MM = 3.0

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from cases import ABDOMEN, LIVER, THORAX, CaseSpec, build_case, load_case
 
-from ImplicitKernelRegistrationLib.dense import DenseModel
-from ImplicitKernelRegistrationLib.fields import sample_field
+from ImplicitKernelRegistrationLib.core.fields import sample_field
 from ImplicitKernelRegistrationLib.io.atomic import write_text_atomic
-from ImplicitKernelRegistrationLib.pipeline import RegistrationConfig, load_kernel, register
-from ImplicitKernelRegistrationLib.refine import RefinementSession
-from ImplicitKernelRegistrationLib.report import landmark_errors
-from ImplicitKernelRegistrationLib.resources import KERNEL_WEIGHTS
+from ImplicitKernelRegistrationLib.io.resources import KERNEL_WEIGHTS
+from ImplicitKernelRegistrationLib.registration.dense import DenseModel
+from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, load_kernel, register
+from ImplicitKernelRegistrationLib.registration.refine import RefinementSession
+from ImplicitKernelRegistrationLib.review.report import landmark_errors
 
 BENCH = Path(__file__).resolve().parent
 CASES = (

@@ -20,13 +20,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ImplicitKernelRegistrationLib.errors import IkrError
-from ImplicitKernelRegistrationLib.fields import Field, field_from_transform
-from ImplicitKernelRegistrationLib.geometry import Image
+from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.fields import Field, field_from_transform
+from ImplicitKernelRegistrationLib.core.geometry import Image
 from ImplicitKernelRegistrationLib.io.images import read_image
-from ImplicitKernelRegistrationLib.margin import compute_margin, demo_tumour_and_zone
-from ImplicitKernelRegistrationLib.pipeline import RegistrationConfig, register
-from ImplicitKernelRegistrationLib.synth import make_case
+from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
+from ImplicitKernelRegistrationLib.review.margin import compute_margin, demo_tumour_and_zone
+from ImplicitKernelRegistrationLib.synthetic.synth import make_case
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IKR_SHARED_DATA", ROOT.parent / "shared" / "data"))

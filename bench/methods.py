@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ImplicitKernelRegistrationLib.pipeline import DEFAULT_ENCODER, DEFAULT_WEIGHTS
+from ImplicitKernelRegistrationLib.registration.pipeline import DEFAULT_ENCODER, DEFAULT_WEIGHTS
 
 BENCH = Path(__file__).resolve().parent
 ADAPTERS = BENCH / "adapters"

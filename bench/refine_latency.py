@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ImplicitKernelRegistrationLib.fields import Field, transform_points
+from ImplicitKernelRegistrationLib.core.fields import Field, transform_points
 from ImplicitKernelRegistrationLib.io.images import read_image
-from ImplicitKernelRegistrationLib.pipeline import RegistrationConfig, register
-from ImplicitKernelRegistrationLib.refine import RefinementSession
-from ImplicitKernelRegistrationLib.synth import make_case
+from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
+from ImplicitKernelRegistrationLib.registration.refine import RefinementSession
+from ImplicitKernelRegistrationLib.synthetic.synth import make_case
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CT = (

@@ -40,9 +40,9 @@ from methods import (
 from report import convention_table, ratios_table, sets_table, summary_table, time_to_result_table, values_table
 from scoring import convention_check, score, score_tre
 
-from ImplicitKernelRegistrationLib.fields import Field
+from ImplicitKernelRegistrationLib.core.fields import Field
+from ImplicitKernelRegistrationLib.core.metrics import tre
 from ImplicitKernelRegistrationLib.io.atomic import write_text_atomic
-from ImplicitKernelRegistrationLib.metrics import tre
 
 ROOT = BENCH.parent
 

@@ -8,11 +8,11 @@ import numpy as np
 from cases import TRANSLATION_MM, body_mask
 from scipy import ndimage
 
-from ImplicitKernelRegistrationLib.fields import transform_points
+from ImplicitKernelRegistrationLib.core.fields import transform_points
+from ImplicitKernelRegistrationLib.core.metrics import endpoint_error, sdlogj, tre
 from ImplicitKernelRegistrationLib.io.images import read_image
 from ImplicitKernelRegistrationLib.io.transforms import read_field
-from ImplicitKernelRegistrationLib.metrics import endpoint_error, sdlogj, tre
-from ImplicitKernelRegistrationLib.synth import SynthCase
+from ImplicitKernelRegistrationLib.synthetic.synth import SynthCase
 
 CONVENTION_TOLERANCE_MM = 1.0
 CHECK_POINTS = 500

@@ -22,16 +22,15 @@ import numpy as np
 from cases import ABDOMEN, LIVER, CaseSpec, _labels_for, body_mask
 from scipy import ndimage, stats
 
-from ImplicitKernelRegistrationLib.fields import sample_field
-from ImplicitKernelRegistrationLib.geometry import Image
+from ImplicitKernelRegistrationLib.core.fields import sample_field
+from ImplicitKernelRegistrationLib.core.geometry import Image
 from ImplicitKernelRegistrationLib.io.atomic import write_text_atomic
 from ImplicitKernelRegistrationLib.io.images import read_image
-from ImplicitKernelRegistrationLib.margin import ball_occupancy, demo_tumour_and_zone
-from ImplicitKernelRegistrationLib.pipeline import RegistrationConfig, register
-from ImplicitKernelRegistrationLib.refine import session_from_result
-from ImplicitKernelRegistrationLib.resources import KERNEL_WEIGHTS
-from ImplicitKernelRegistrationLib.synth import make_case
-from ImplicitKernelRegistrationLib.uncertainty import (
+from ImplicitKernelRegistrationLib.io.resources import KERNEL_WEIGHTS
+from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
+from ImplicitKernelRegistrationLib.registration.refine import session_from_result
+from ImplicitKernelRegistrationLib.review.margin import ball_occupancy, demo_tumour_and_zone
+from ImplicitKernelRegistrationLib.review.uncertainty import (
     DEFAULT_PARAMS,
     FEATURE_NAMES,
     expected_error_at,
@@ -43,6 +42,7 @@ from ImplicitKernelRegistrationLib.uncertainty import (
     save_uncertainty_model,
     suggest_clicks,
 )
+from ImplicitKernelRegistrationLib.synthetic.synth import make_case
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -16,16 +16,16 @@ import SimpleITK as sitk
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ImplicitKernelRegistrationLib.fields import sample_field, warp_image
-from ImplicitKernelRegistrationLib.geometry import Image
+from ImplicitKernelRegistrationLib.core.fields import sample_field, warp_image
+from ImplicitKernelRegistrationLib.core.geometry import Image
 from ImplicitKernelRegistrationLib.io.transforms import write_transform
-from ImplicitKernelRegistrationLib.margin import compute_margin, demo_tumour_and_zone
-from ImplicitKernelRegistrationLib.phantom import make_phantom
-from ImplicitKernelRegistrationLib.pipeline import RegistrationConfig, register
-from ImplicitKernelRegistrationLib.preprocess import body_mask
-from ImplicitKernelRegistrationLib.refine import session_from_result
-from ImplicitKernelRegistrationLib.synth import make_case
-from ImplicitKernelRegistrationLib.uncertainty import expected_error_map, suggest_clicks
+from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
+from ImplicitKernelRegistrationLib.registration.preprocess import body_mask
+from ImplicitKernelRegistrationLib.registration.refine import session_from_result
+from ImplicitKernelRegistrationLib.review.margin import compute_margin, demo_tumour_and_zone
+from ImplicitKernelRegistrationLib.review.uncertainty import expected_error_map, suggest_clicks
+from ImplicitKernelRegistrationLib.synthetic.phantom import make_phantom
+from ImplicitKernelRegistrationLib.synthetic.synth import make_case
 
 WINDOW = (-200.0, 300.0)
 

@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import __version__
-from .errors import IkrError
+from .core.errors import IkrError
 
 if TYPE_CHECKING:
-    from .alignment import Alignment
-    from .correspondences import Correspondences
-    from .fields import Field
-    from .geometry import Image
-    from .pipeline import RegistrationConfig
-    from .refine import RefinementSession
-    from .synth import SynthCase
+    from .core.correspondences import Correspondences
+    from .core.fields import Field
+    from .core.geometry import Image
+    from .registration.alignment import Alignment
+    from .registration.pipeline import RegistrationConfig
+    from .registration.refine import RefinementSession
+    from .synthetic.synth import SynthCase
 
 EXIT_BAD_INPUT = 2
 EXIT_QUALITY = 3  # --strict: the quality verdict is doubtful or failed
@@ -93,7 +93,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     from .io.atomic import atomic_directory
     from .io.images import write_image
     from .io.segmentations import write_labels
-    from .phantom import make_phantom
+    from .synthetic.phantom import make_phantom
 
     ct, labels, names = make_phantom(seed=args.seed)
     out = Path(args.output)
@@ -108,7 +108,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     """Deform a CT with a known synthetic field and write the case."""
     from .io.images import read_image
     from .io.segmentations import read_labels
-    from .synth import check_magnitude, make_case, write_case
+    from .synthetic.synth import check_magnitude, make_case, write_case
 
     check_magnitude(args.magnitude)
     ct = read_image(Path(args.ct))
@@ -122,7 +122,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def _registration_config(args: argparse.Namespace) -> RegistrationConfig:
     """The RegistrationConfig named by the command-line flags."""
-    from .pipeline import RegistrationConfig
+    from .registration.pipeline import RegistrationConfig
 
     return RegistrationConfig(
         spacing_mm=args.spacing,
@@ -154,13 +154,13 @@ def _run_registration(
 ) -> dict:
     """Register, evaluate and write every output (`replace`: over an earlier result); return the report."""
     fallback_start = time.time()  # the command's start where /proc cannot tell the process's
-    from .fields import warp_image
+    from .core.fields import warp_image
     from .io.outputs import check_output_folder, write_registration
-    from .memory import check_memory
-    from .pipeline import register
-    from .quality import assess
-    from .report import command_figures, field_quality, landmark_errors
-    from .uncertainty import expected_error_map
+    from .registration.memory import check_memory
+    from .registration.pipeline import register
+    from .review.quality import assess
+    from .review.report import command_figures, field_quality, landmark_errors
+    from .review.uncertainty import expected_error_map
 
     check_output_folder(outdir)
     if not force_memory:
@@ -272,7 +272,7 @@ def cmd_register(args: argparse.Namespace) -> int:
             inputs["moving_landmarks"] = str(Path(args.moving_landmarks).resolve())
         initial = None
         if args.initial:
-            from .alignment import read_initial_transform
+            from .registration.alignment import read_initial_transform
 
             initial = read_initial_transform(args.initial)
             inputs["initial"] = str(Path(args.initial).resolve())
@@ -345,7 +345,7 @@ def _keep_previous_pairs(outdir: Path, pairs: list | None) -> None:
 def _read_input_image(path: str, series_uid: str | None, role: str) -> tuple[Image, dict | None]:
     """Read the fixed or moving image; for a DICOM folder, say which series was chosen and why."""
     from .io.images import read_image
-    from .preprocess import check_voxel_spacing
+    from .registration.preprocess import check_voxel_spacing
 
     image = read_image(Path(path), series_uid=series_uid, choose_series=True)
     check_voxel_spacing(image, path)
@@ -377,13 +377,13 @@ def default_demo_ct() -> Path | None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Build a breathing-like case from a real CT (or the phantom), register it, print the figures."""
     from .io.images import read_image
-    from .synth import make_case, write_case
+    from .synthetic.synth import make_case, write_case
 
     ct_path = Path(args.ct) if args.ct else default_demo_ct()
     if ct_path is not None:
         ct, source = read_image(ct_path), ct_path.name
     else:
-        from .phantom import make_phantom
+        from .synthetic.phantom import make_phantom
 
         ct, source = make_phantom(seed=args.seed)[0], "procedural phantom"
     print(f"demo: a breathing-like deformation (seed {args.seed}) of {source}")
@@ -440,7 +440,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
 
 def _open_saved_registration(outdir: Path) -> tuple[dict, dict, Image, Image, Correspondences]:
     """The checked session, report, inputs and automatic correspondences of an output folder."""
-    from .correspondences import AUTOMATIC
+    from .core.correspondences import AUTOMATIC
     from .io.guard import check_fingerprint
     from .io.images import read_image
     from .io.outputs import OUTPUT_FILES, interrupted_generation, read_correspondences_csv, read_report, read_session
@@ -482,12 +482,12 @@ def _series_uid(saved: dict, role: str) -> str | None:
 
 def _refine_under_lock(outdir: Path, remove: list[int], pairs: tuple | None) -> tuple[RefinementSession, dict]:
     """Apply removals and clicked pairs, compute every output in memory, then write them (session last)."""
-    from .fields import warp_image
+    from .core.fields import warp_image
     from .io.outputs import write_registration
-    from .quality import assess
-    from .refine import check_moving_points, open_session
-    from .report import field_quality
-    from .uncertainty import expected_error_map
+    from .registration.refine import check_moving_points, open_session
+    from .review.quality import assess
+    from .review.report import field_quality
+    from .review.uncertainty import expected_error_map
 
     saved, report, fixed, moving, automatic = _open_saved_registration(outdir)
     if pairs is not None:
@@ -522,14 +522,14 @@ def _refine_under_lock(outdir: Path, remove: list[int], pairs: tuple | None) -> 
 
 def _landmark_report(field: Field, landmarks: tuple) -> dict:
     """TRE before and after for landmark pairs."""
-    from .report import landmark_errors
+    from .review.report import landmark_errors
 
     return landmark_errors(field, *landmarks)
 
 
 def cmd_margin(args: argparse.Namespace) -> int:
     """Minimal ablative margin of a tumour (pre-ablation) against an ablation zone (post-ablation)."""
-    from .margin_report import run_margin
+    from .review.margin_report import run_margin
 
     _check_thresholds(args.thresholds)
     figures = run_margin(
@@ -564,7 +564,7 @@ def _check_thresholds(thresholds: list[float]) -> None:
 
 def _print_margin(figures: dict) -> None:
     """Print the key margin figures for a person."""
-    from .margin import fraction_key
+    from .review.margin import fraction_key
 
     point = ", ".join(f"{v:.1f}" for v in figures["min_margin_point_lps"])
     print(f"minimal ablative margin {figures['min_margin_mm']:.1f} mm at ({point}) LPS mm")
@@ -582,8 +582,8 @@ def _print_margin(figures: dict) -> None:
 def _demo_margin(case: SynthCase, outdir: Path, registration_dir: Path, seed: int) -> None:
     """Place a tumour and an ablation zone in the demo case and report the margin through our field."""
     from .io.images import write_image
-    from .margin import demo_tumour_and_zone
-    from .margin_report import run_margin
+    from .review.margin import demo_tumour_and_zone
+    from .review.margin_report import run_margin
 
     liver = None
     names = (case.fixed_labels.meta.get("label_names", {}) if case.fixed_labels is not None else {}) or {}
@@ -611,7 +611,7 @@ def _demo_margin(case: SynthCase, outdir: Path, registration_dir: Path, seed: in
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the learned kernel on synthetic deformations of real CTs (and phantoms)."""
-    from .train import train_main
+    from .training.train import train_main
 
     data = Path(args.data) if args.data else _shared_data_root()
     with _ProgressBar("training", enabled=not args.quiet) as progress:
@@ -632,7 +632,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_train_encoder(args: argparse.Namespace) -> int:
     """Train the learned feature encoder on synthetic deformations of the shared CTs."""
-    from .train_encoder import default_encoder_config, train_encoder_main
+    from .training.train_encoder import default_encoder_config, train_encoder_main
 
     data = Path(args.data) if args.data else _shared_data_root()
     config = replace(default_encoder_config(data, args.seed), threads=args.threads)
@@ -649,12 +649,12 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     """Where one clicked pair would reduce the expected error most (optionally near a tumour)."""
     from scipy import ndimage
 
-    from .geometry import Image
+    from .core.geometry import Image
     from .io.atomic import write_text_atomic
     from .io.images import read_image
     from .io.outputs import OUTPUT_FILES, read_session
-    from .preprocess import body_mask
-    from .uncertainty import suggest_clicks
+    from .registration.preprocess import body_mask
+    from .review.uncertainty import suggest_clicks
 
     outdir = Path(args.outdir)
     saved = read_session(outdir)

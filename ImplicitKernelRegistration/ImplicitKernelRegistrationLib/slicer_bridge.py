@@ -24,14 +24,14 @@ from vtkmodules.vtkCommonCore import vtkFloatArray, vtkLookupTable
 from vtkmodules.vtkCommonDataModel import vtkImageData, vtkPolyData
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
-from .correspondences import AUTOMATIC, Correspondences
-from .errors import IkrError
-from .fields import Field, resample_field
-from .geometry import Geometry, Image, lps_ras
+from .core.correspondences import AUTOMATIC, Correspondences
+from .core.errors import IkrError
+from .core.fields import Field, resample_field
+from .core.geometry import Geometry, Image, lps_ras
 from .io.points import PointSet, read_points, write_points
 
 if TYPE_CHECKING:
-    from .alignment import Alignment
+    from .registration.alignment import Alignment
 
 # ----------------------------------------------------------------------------- volumes
 
@@ -39,7 +39,9 @@ if TYPE_CHECKING:
 def alignment_from_ras_to_parent(to_parent_ras: np.ndarray) -> Alignment:
     """A linear transform node's matrix (RAS, to parent: it puts the moving volume onto the fixed one) as the
     library's start alignment (fixed -> moving, LPS): its inverse, RAS <-> LPS by geometry.lps_ras."""
-    from .alignment import Alignment  # here: alignment imports torch, which the module loads only when needed
+    from .registration.alignment import (
+        Alignment,  # here: alignment imports torch, which the module loads only when needed
+    )
 
     inverse = np.linalg.inv(np.asarray(to_parent_ras, dtype=np.float64).reshape(4, 4))
     return Alignment.from_point_map(lambda lps: lps_ras(lps_ras(lps) @ inverse[:3, :3].T + inverse[:3, 3]))
@@ -504,7 +506,7 @@ def margin_lookup_table() -> vtkLookupTable:
 
 def margin_polydata_ras(points_lps: np.ndarray, triangles: np.ndarray, margins_mm: np.ndarray) -> vtkPolyData:
     """The tumour surface in RAS with point scalars `margin_mm`, ready for a Slicer model node."""
-    from .margin import Surface
+    from .review.margin import Surface
 
     poly = Surface(lps_ras(points_lps), np.asarray(triangles)).to_vtk()
     scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(margins_mm, dtype=np.float32), deep=True)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from _common import Stopwatch, field_image, finish, options, parse_args, read_float, version
 
-from ImplicitKernelRegistrationLib.geometry import Image
-from ImplicitKernelRegistrationLib.pipeline import RegistrationConfig, register
+from ImplicitKernelRegistrationLib.core.geometry import Image
+from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
 
 DEFAULTS = {
     "kernel": "learned",

@@ -26,8 +26,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from scipy import ndimage
 
-from ..errors import IkrError
-from ..geometry import Geometry, Image
+from ..core.errors import IkrError
+from ..core.geometry import Geometry, Image
 
 NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "PR", "KO", "REG", "RTRECORD", "DOC"}
 ORIENTATION_TOL = 1e-3  # direction cosines

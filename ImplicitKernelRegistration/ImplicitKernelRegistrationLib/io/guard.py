@@ -26,7 +26,7 @@ from pathlib import Path
 
 import filelock
 
-from ..errors import IkrError
+from ..core.errors import IkrError
 from .atomic import write_text_atomic
 
 JOURNAL = ".ikr-journal.json"

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import IkrError
-from ..geometry import Image
+from ..core.errors import IkrError
+from ..core.geometry import Image
 from . import dicom
 from .atomic import atomic_path
 

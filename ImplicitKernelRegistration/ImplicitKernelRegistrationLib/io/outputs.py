@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..correspondences import Correspondences
-from ..errors import IkrError
-from ..fields import Field
-from ..geometry import Image
+from ..core.correspondences import Correspondences
+from ..core.errors import IkrError
+from ..core.fields import Field
+from ..core.geometry import Image
 from .atomic import atomic_directory, write_text_atomic
 from .guard import end_journal, read_journal, start_journal
 from .images import check_nifti_payload, first_line, native_output, write_image
@@ -117,7 +117,7 @@ def read_session(outdir: str | os.PathLike) -> dict:
 
 def _check_session_fields(session: dict, path: Path) -> None:
     """Refuse a session.json that lacks what refinement needs (inputs, config, a valid working grid)."""
-    from ..geometry import Geometry
+    from ..core.geometry import Geometry
 
     inputs = session.get("inputs")
     if not isinstance(inputs, dict) or not all(isinstance(inputs.get(k), str) for k in ("fixed", "moving")):

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..correspondences import USER, Correspondences
-from ..errors import IkrError
-from ..geometry import Geometry, lps_ras
+from ..core.correspondences import USER, Correspondences
+from ..core.errors import IkrError
+from ..core.geometry import Geometry, lps_ras
 from .atomic import write_text_atomic
 
 MARKUPS_SCHEMA_URL = (

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import IkrError
-from ..geometry import Geometry, Image
+from ..core.errors import IkrError
+from ..core.geometry import Geometry, Image
 from . import dicom
 from .atomic import atomic_path
 from .images import image_format, read_image, write_image

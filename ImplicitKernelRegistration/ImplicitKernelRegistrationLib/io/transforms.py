@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import IkrError
-from ..fields import Field, field_from_transform
-from ..geometry import Geometry
+from ..core.errors import IkrError
+from ..core.fields import Field, field_from_transform
+from ..core.geometry import Geometry
 from .atomic import atomic_path
 from .images import write_sitk_image
 

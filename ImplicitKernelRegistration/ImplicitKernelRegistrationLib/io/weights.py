@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import IkrError
+from ..core.errors import IkrError
 from .atomic import atomic_path
 
 

@@ -18,19 +18,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core.correspondences import Correspondences
+from ..core.errors import IkrError
+from ..core.fields import Field
+from ..core.geometry import Geometry, Image
+from ..io.resources import ENCODER_WEIGHTS, KERNEL_WEIGHTS, weights_file
 from .alignment import Alignment, align
-from .correspondences import Correspondences
 from .dense import DenseModel
-from .errors import IkrError
 from .features import mind_ssc, sample_features
-from .fields import Field
-from .geometry import Geometry, Image
 from .kernel import KernelConfig, make_kernel
 from .keypoints import forstner_keypoints
 from .matching import match_consistent, match_keypoints
 from .preprocess import MOVING_VIEW_MARGIN_MM, make_working_pair
 from .residual import ResidualSettings
-from .resources import ENCODER_WEIGHTS, KERNEL_WEIGHTS, weights_file
 
 Progress = Callable[[float, str], None]
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
+_LIB = Path(__file__).resolve().parents[1]  # ImplicitKernelRegistrationLib/
 # A checkout (or an editable install): <root>/Resources/weights; an installed Slicer extension copies
 # them beside the module: <qt-scripted-modules>/Resources/weights (see ImplicitKernelRegistration/CMakeLists.txt).
-WEIGHT_FOLDERS = (_HERE.parents[1] / "Resources" / "weights", _HERE.parent / "Resources" / "weights")
+WEIGHT_FOLDERS = (_LIB.parents[1] / "Resources" / "weights", _LIB.parent / "Resources" / "weights")
 
 # The shipped files (each with a model card of the same stem, .md); ImplicitKernelRegistration/CMakeLists.txt
 # copies the same names beside the Slicer module.

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .encoder import EncoderConfig, FeatureEncoder, encoder_inputs, save_encoder
-from .errors import IkrError
-from .io.atomic import write_text_atomic
-from .matching import gather_cubes, patch_ssd, search_offsets, soft_argmin
+from ..core.errors import IkrError
+from ..io.atomic import write_text_atomic
+from ..registration.encoder import EncoderConfig, FeatureEncoder, encoder_inputs, save_encoder
+from ..registration.matching import gather_cubes, patch_ssd, search_offsets, soft_argmin
 from .train import DEFAULT_CTS, FAMILIES
 
 Progress = Callable[[float, str], None]
@@ -89,10 +89,10 @@ def build_encoder_case(
     source: str, family: str, seed: int, spacing_mm: float, config: EncoderTrainConfig
 ) -> EncoderCase:
     """Resample, deform and cache one case (module docstring, steps 1-2)."""
-    from .io.images import read_image
-    from .keypoints import forstner_keypoints
-    from .preprocess import body_mask, normalise_ct, resample_to, to_tensor, working_geometry
-    from .synth import make_case
+    from ..io.images import read_image
+    from ..registration.keypoints import forstner_keypoints
+    from ..registration.preprocess import body_mask, normalise_ct, resample_to, to_tensor, working_geometry
+    from ..synthetic.synth import make_case
 
     ct = read_image(source)
     ct_w = resample_to(ct, working_geometry(ct.geometry, spacing_mm))

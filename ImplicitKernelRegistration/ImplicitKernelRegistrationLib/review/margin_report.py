@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__
-from .errors import IkrError
-from .fields import Field
-from .geometry import Geometry, Image
-from .io.atomic import atomic_directory, write_text_atomic
-from .io.images import image_format, read_image, write_image
-from .io.segmentations import read_labels
-from .io.transforms import read_field
+from .. import __version__
+from ..core.errors import IkrError
+from ..core.fields import Field
+from ..core.geometry import Geometry, Image
+from ..io.atomic import atomic_directory, write_text_atomic
+from ..io.images import image_format, read_image, write_image
+from ..io.segmentations import read_labels
+from ..io.transforms import read_field
 from .margin import MarginResult, compute_margin, fraction_key
 
 OUTPUT_FILES = {

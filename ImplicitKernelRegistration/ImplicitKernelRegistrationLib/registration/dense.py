@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..core.fields import Field
+from ..core.geometry import Geometry
 from .alignment import Alignment
 from .features import sample_features
-from .fields import Field
-from .geometry import Geometry
 from .kernel import TPSKernel, control_axes, knn
 from .residual import ResidualSettings, fit_residual, grid_points, residual_shape, sample_grid, sample_points
 

@@ -15,9 +15,9 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from .errors import IkrError
-from .filters import binary_open, gaussian_smooth
-from .geometry import Geometry, Image
+from ..core.errors import IkrError
+from ..core.filters import binary_open, gaussian_smooth
+from ..core.geometry import Geometry, Image
 
 MIN_SPACING_MM = 0.1
 MAX_SPACING_MM = 20.0

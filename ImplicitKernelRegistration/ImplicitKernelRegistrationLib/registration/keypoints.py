@@ -11,7 +11,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .filters import binary_erode, filter_1d, gaussian_smooth, max_filter
+from ..core.filters import binary_erode, filter_1d, gaussian_smooth, max_filter
 
 
 class KeypointDetector(Protocol):

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import IkrError
+from ..core.errors import IkrError
+from ..core.filters import box_filter
+from ..io.weights import load_payload, save_module
 from .features import mind_ssc
-from .filters import box_filter
-from .io.weights import load_payload, save_module
 
 ENCODER_FORMAT = "ikr-encoder-v1"
 IN_CHANNELS = 14

@@ -33,8 +33,8 @@ import torch
 from scipy.spatial import cKDTree
 from torch import nn
 
-from .errors import IkrError
-from .io.weights import load_payload, save_module
+from ..core.errors import IkrError
+from ..io.weights import load_payload, save_module
 
 WEIGHTS_FORMAT = "ikr-kernel-v1"
 HEADS = ("both", "spatial", "semantic")

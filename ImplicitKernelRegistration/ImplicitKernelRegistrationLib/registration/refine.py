@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..core.correspondences import USER, Correspondences
+from ..core.errors import IkrError
+from ..core.fields import Field, jacobian_determinant, sample_field
+from ..core.geometry import Geometry, Image
 from .alignment import Alignment
-from .correspondences import USER, Correspondences
 from .dense import EMPTY_BOX, Box, DenseModel, box_slices, full_box, index_box, union_box
-from .errors import IkrError
 from .features import mind_ssc
-from .fields import Field, jacobian_determinant, sample_field
-from .geometry import Geometry, Image
 from .pipeline import RegistrationConfig, RegistrationResult, load_kernel, mm_to_voxels, resolve_device, voxels_to_mm
 from .preprocess import make_working_pair, normalise_ct, resample_to, to_tensor
 

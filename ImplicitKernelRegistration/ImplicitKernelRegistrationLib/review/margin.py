@@ -32,9 +32,9 @@ from vtkmodules.util import numpy_support
 from vtkmodules.vtkCommonDataModel import vtkImageData, vtkPolyData
 from vtkmodules.vtkFiltersCore import vtkFlyingEdges3D, vtkImplicitPolyDataDistance, vtkWindowedSincPolyDataFilter
 
-from .errors import IkrError
-from .fields import Field, sample_field
-from .geometry import Geometry, Image
+from ..core.errors import IkrError
+from ..core.fields import Field, sample_field
+from ..core.geometry import Geometry, Image
 
 PAD_VOXELS = 3
 LEVEL = 0.5

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import math
 
-from .errors import IkrError
-from .geometry import Geometry
+from ..core.errors import IkrError
+from ..core.geometry import Geometry
 from .preprocess import working_geometry
 
 BASE_MB = 580.0  # the interpreter, torch, the kernel and the two input images' headers

@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .filters import box_filter
+from ..core.filters import box_filter
 
 
 class FeatureExtractor(Protocol):

@@ -7,9 +7,9 @@ import time
 
 import numpy as np
 
-from .fields import Field
-from .geometry import Image
-from .metrics import sdlogj, tre, tre_summary
+from ..core.fields import Field
+from ..core.geometry import Image
+from ..core.metrics import sdlogj, tre, tre_summary
 
 
 def field_quality(field: Field, mask: Image | np.ndarray | None = None) -> dict:
@@ -50,7 +50,7 @@ def command_figures(device: str, fallback_start: float) -> dict:
     """The whole command's wall time (s) and peak memory (MB, children included), measured now."""
     import torch
 
-    from .pipeline import peak_memory_mb
+    from ..registration.pipeline import peak_memory_mb
 
     return {
         "command_s": round(process_elapsed_s(fallback_start), 3),

@@ -27,15 +27,15 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from .dense import DenseModel
-from .errors import IkrError
-from .fields import Field
-from .geometry import Geometry, Image
-from .io.atomic import write_text_atomic
-from .pipeline import RegistrationResult, voxels_to_mm
-from .preprocess import resample_to
-from .refine import CORRECTION_RADIUS_MM, RefinementSession, wendland
-from .resources import UNCERTAINTY_PARAMS, weights_file
+from ..core.errors import IkrError
+from ..core.fields import Field
+from ..core.geometry import Geometry, Image
+from ..io.atomic import write_text_atomic
+from ..io.resources import UNCERTAINTY_PARAMS, weights_file
+from ..registration.dense import DenseModel
+from ..registration.pipeline import RegistrationResult, voxels_to_mm
+from ..registration.preprocess import resample_to
+from ..registration.refine import CORRECTION_RADIUS_MM, RefinementSession, wendland
 
 if TYPE_CHECKING:
     from .margin import MarginResult  # margin imports vtk (about 0.3 s): only margin_interval needs it

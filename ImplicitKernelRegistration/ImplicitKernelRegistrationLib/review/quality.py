@@ -26,11 +26,11 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .alignment import Alignment
-from .correspondences import AUTOMATIC, Correspondences
-from .fields import Field, warp_image
-from .geometry import Geometry, Image
-from .preprocess import CT_WINDOW_HU, block_average, block_factors, body_mask, resample_to
+from ..core.correspondences import AUTOMATIC, Correspondences
+from ..core.fields import Field, warp_image
+from ..core.geometry import Geometry, Image
+from ..registration.alignment import Alignment
+from ..registration.preprocess import CT_WINDOW_HU, block_average, block_factors, body_mask, resample_to
 
 QUALITY_SPACING_MM = 4.0
 COHERENCE_NEIGHBOURS = 8

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import IkrError
-from .geometry import Geometry, Image
+from ..core.errors import IkrError
+from ..core.geometry import Geometry, Image
 from .preprocess import CT_WINDOW_HU, block_average, body_mask
 
 ALIGN_MODES = ("affine", "rigid", "none")

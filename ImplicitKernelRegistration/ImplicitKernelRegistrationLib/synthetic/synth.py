@@ -69,16 +69,16 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
-from .errors import IkrError
-from .fields import (
+from ..core.errors import IkrError
+from ..core.fields import (
     Field,
     invert,
     jacobian_determinant,
     sample_field,
     transform_points,
 )
-from .geometry import Geometry, Image
-from .io.atomic import atomic_directory
+from ..core.geometry import Geometry, Image
+from ..io.atomic import atomic_directory
 
 FAMILIES = ("breathing", "bspline", "local", "sliding")
 WORKING_SPACING_MM = 5.0
@@ -680,7 +680,7 @@ def _check_inputs(ct: Image, family: str, labels: Image | None, n_landmarks: int
         raise IkrError(f"the label map's grid {labels.geometry.size} differs from the CT's {ct.geometry.size}")
     if n_landmarks < 0 or noise_hu < 0:
         raise IkrError("n_landmarks and noise_hu must not be negative")
-    from .preprocess import check_looks_like_ct
+    from ..registration.preprocess import check_looks_like_ct
 
     check_looks_like_ct(ct, str(ct.meta.get("path") or "the CT"))
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage
 
-from .geometry import Geometry, Image
+from ..core.geometry import Geometry, Image
 
 LABEL_NAMES: dict[int, str] = {
     1: "body",

@@ -46,10 +46,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import IkrError
-from .geometry import Image
-from .io.atomic import write_text_atomic
-from .kernel import (
+from ..core.errors import IkrError
+from ..core.geometry import Image
+from ..io.atomic import write_text_atomic
+from ..registration.kernel import (
     GaussianKernel,
     KernelConfig,
     LearnedKernel,
@@ -192,12 +192,12 @@ def _source_name(source: str) -> str:
 def _load_source(source: str, config: TrainConfig) -> Image:
     """The CT (HU) of a source: a phantom for "phantom:SEED", else the image file."""
     if source.startswith("phantom:"):
-        from .phantom import make_phantom
+        from ..synthetic.phantom import make_phantom
 
         s = config.phantom_spacing_mm
         ct, _, _ = make_phantom(int(source.split(":", 1)[1]), config.phantom_size, (s, s, s))
         return ct
-    from .io.images import read_image
+    from ..io.images import read_image
 
     return read_image(Path(source))
 
@@ -217,10 +217,10 @@ def _patch_centres(mask: np.ndarray, n: int, rng: np.random.Generator) -> np.nda
 
 def build_case(ct: Image, source: str, family: str, seed: int, spacing_mm: float, config: TrainConfig) -> CaseTensors:
     """Resample, deform, detect, describe and cache one synthetic case (see the module docstring)."""
-    from .features import mind_ssc, sample_features
-    from .keypoints import forstner_keypoints
-    from .preprocess import body_mask, normalise_ct, resample_to, to_tensor, working_geometry
-    from .synth import make_case
+    from ..registration.features import mind_ssc, sample_features
+    from ..registration.keypoints import forstner_keypoints
+    from ..registration.preprocess import body_mask, normalise_ct, resample_to, to_tensor, working_geometry
+    from ..synthetic.synth import make_case
 
     geometry = working_geometry(ct.geometry, spacing_mm)
     ct_w = resample_to(ct, geometry)
@@ -277,9 +277,9 @@ def build_case(ct: Image, source: str, family: str, seed: int, spacing_mm: float
 
 def _add_matches(case: CaseTensors, moving: Image, geometry: object, feats: torch.Tensor, config: TrainConfig) -> None:
     """Store real keypoint matches (one scale, forward/backward checked) for this case."""
-    from .features import mind_ssc
-    from .matching import match_consistent
-    from .preprocess import normalise_ct, to_tensor
+    from ..registration.features import mind_ssc
+    from ..registration.matching import match_consistent
+    from ..registration.preprocess import normalise_ct, to_tensor
 
     feat_m = mind_ssc(to_tensor(normalise_ct(moving.array)))
     fwd, cons = match_consistent(feats, feat_m, case.key_xyz, config.match_radius_vox)
@@ -614,7 +614,7 @@ def train_main(
 
 
 def _cli(argv: list[str] | None = None) -> int:
-    """`python -m ImplicitKernelRegistrationLib.train` (the same as `ikr train`)."""
+    """`python -m ImplicitKernelRegistrationLib.training.train` (the same as `ikr train`)."""
     import argparse
     import sys
 
@@ -631,7 +631,7 @@ def _cli(argv: list[str] | None = None) -> int:
     def show(fraction: float, message: str) -> None:
         print(f"[{fraction * 100:5.1f}%] {message}", flush=True)
 
-    command = "python -m ImplicitKernelRegistrationLib.train " + " ".join(argv or sys.argv[1:])
+    command = "python -m ImplicitKernelRegistrationLib.training.train " + " ".join(argv or sys.argv[1:])
     result = train_main(
         Path(args.output),
         args.data and Path(args.data),

@@ -1,0 +1,1 @@
+"""Geometry, fields, correspondences, errors, filters and metrics: what every stage shares."""

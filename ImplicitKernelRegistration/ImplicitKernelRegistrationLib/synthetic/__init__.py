@@ -1,0 +1,1 @@
+"""Made-up data with a known answer: the phantom and the deformation generator."""
