@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from ImplicitKernelRegistrationLib.core.fields import sample_field, warp_image
 from ImplicitKernelRegistrationLib.core.geometry import Image
@@ -24,6 +26,7 @@ from ImplicitKernelRegistrationLib.registration.preprocess import body_mask
 from ImplicitKernelRegistrationLib.registration.refine import session_from_result
 from ImplicitKernelRegistrationLib.review.margin import compute_margin, demo_tumour_and_zone
 from ImplicitKernelRegistrationLib.review.uncertainty import expected_error_map, suggest_clicks
+from ImplicitKernelRegistrationLib.slicer_bridge import MARGIN_CLASSES, MARGIN_TABLE_RANGE_MM
 from ImplicitKernelRegistrationLib.synthetic.phantom import make_phantom
 from ImplicitKernelRegistrationLib.synthetic.synth import make_case
 
@@ -131,7 +134,7 @@ def main() -> None:
     tumour, zone, true_margin = demo_tumour_and_zone(fixed, session.field, None, args.seed)
     margin = compute_margin(tumour, zone, session.field)
     k = np.round(g.lps_to_index(margin.min_margin_point_lps[None])[0]).astype(int)
-    fig = Figure(figsize=(6.4, 3.6))
+    fig = Figure(figsize=(8.0, 3.8))
     ax = fig.add_subplot(1, 2, 1)
     ax.imshow(grey(coronal(fixed, k[1])), cmap="gray", aspect=aspect)
     ax.contour(zone.array[::-1, k[1], :], levels=[0.5], colors="lime", linewidths=1)
@@ -141,11 +144,21 @@ def main() -> None:
     ax.set_axis_off()
     ax = fig.add_subplot(1, 2, 2, projection="3d")
     pts = margin.surface.points_lps
-    shown = ax.scatter(pts[:, 0], pts[:, 1], pts[:, 2], c=margin.margins_mm, cmap="RdYlGn", vmin=-5, vmax=10, s=3)
+    # The Slicer module's clinical classes (red < 0, yellow 0-5, green >= 5 mm), with their legend.
+    lo, hi = MARGIN_TABLE_RANGE_MM
+    bounds = [lo] + [c[1] for c in MARGIN_CLASSES[:-1]] + [hi]
+    cmap = ListedColormap([c[3] for c in MARGIN_CLASSES])
+    shown = ax.scatter(*pts.T, c=np.clip(margin.margins_mm, lo, hi), cmap=cmap, norm=BoundaryNorm(bounds, cmap.N), s=3)
     ax.set_title(f"margin map: min {margin.min_margin_mm:.1f} mm (true {true_margin:.1f})", fontsize=8)
     ax.set_axis_off()
-    fig.colorbar(shown, ax=ax, fraction=0.046, label="margin (mm)")
-    fig.tight_layout()
+    fig.colorbar(shown, ax=ax, fraction=0.046, label="margin (mm)", ticks=bounds).ax.tick_params(labelsize=7)
+    share = [np.mean((margin.margins_mm >= c[0]) & (margin.margins_mm < c[1])) for c in MARGIN_CLASSES]
+    legend = [
+        Patch(color=c[3], label=f"{c[2]}: {100 * f:.0f} % of the surface")
+        for c, f in zip(MARGIN_CLASSES, share, strict=True)
+    ]
+    fig.legend(handles=legend, loc="lower center", ncol=3, fontsize=6, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.96))
     save(fig, out / "margin_overlay.png")
 
     uncertainty_figure(result, fixed, zone, aspect, out / "uncertainty.png")
