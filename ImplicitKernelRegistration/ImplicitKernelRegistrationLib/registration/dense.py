@@ -8,6 +8,8 @@ control grid is sampled trilinearly onto any target grid (the fixed image's own)
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -91,6 +93,28 @@ class DenseModel:
         index = torch.nonzero(affected).reshape(-1)
         self._evaluate(index)
         return index
+
+    def copy(self) -> DenseModel:
+        """A model that shares the kernel and the image features but owns its keys and control values."""
+        other = copy.copy(self)
+        other.values = self.values.clone()
+        other.neighbours = self.neighbours.clone()
+        other.kth_distance = self.kth_distance.clone()
+        return other
+
+    def restore(
+        self,
+        control: torch.Tensor,
+        values: torch.Tensor,
+        neighbours: torch.Tensor,
+        kth_distance: torch.Tensor,
+        keys: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> None:
+        """Put back saved control points (values, neighbours, K-th distances) and the key set they were made from."""
+        self.values[control] = values
+        self.neighbours[control] = neighbours
+        self.kth_distance[control] = kth_distance
+        self._store_keys(*keys)
 
     def _store_keys(self, key_xyz: torch.Tensor, key_disp: torch.Tensor, key_conf: torch.Tensor) -> None:
         """Keep the keys and their sampled features."""

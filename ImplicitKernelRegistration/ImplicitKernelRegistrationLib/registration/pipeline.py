@@ -284,9 +284,12 @@ def _register_on(
     """The deformable registration on one device, after the alignment (see `register`)."""
     report_progress = progress or (lambda fraction, message: None)
     start = time.perf_counter()
-    torch.manual_seed(config.seed)
-    kernel = load_kernel(config, device)
-    extract = load_features(config, device)
+    # Building a kernel or an encoder draws initial weights (then replaced by a weights file's) from
+    # torch's global RNG: draw them from a copy of it, so that the caller's RNG state stays as it was.
+    # Nothing in the registration itself is random (keypoints and the residual take config.seed).
+    with torch.random.fork_rng(devices=[]):
+        kernel = load_kernel(config, device)
+        extract = load_features(config, device)
 
     report_progress(0.0, "resampling onto the working grid")
     start_transform = None if alignment.is_identity else alignment.to_sitk()

@@ -75,7 +75,7 @@ class RefinementSession:
     def __init__(
         self, model: DenseModel, target: Geometry, automatic: Correspondences, pairs: list[UserPair] | None = None
     ) -> None:
-        self.model = model
+        self.model = model.copy()  # the session edits its own copy, never the registration it was given
         self.target = target
         self.automatic = automatic.subset(automatic.confidence > 0)
         self.pairs: list[UserPair] = []
@@ -128,10 +128,7 @@ class RefinementSession:
             self.pairs = [p for p in self.pairs if p.id != pair.id]
         else:
             self.pairs.insert(saved["position"], pair)
-        self.model.values[saved["control"]] = saved["values"]
-        self.model.neighbours[saved["control"]] = saved["neighbours"]
-        self.model.kth_distance[saved["control"]] = saved["kth"]
-        self.model._store_keys(*self._keys())
+        self.model.restore(saved["control"], saved["values"], saved["neighbours"], saved["kth"], self._keys())
         region = box_slices(saved["box"])
         self.base.displacement_mm[region] = saved["base"]
         self.field.displacement_mm[region] = saved["field"]

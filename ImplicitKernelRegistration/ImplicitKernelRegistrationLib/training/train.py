@@ -57,6 +57,7 @@ from ..registration.kernel import (
     count_parameters,
     save_weights,
 )
+from .torch_state import own_torch_state
 
 Progress = Callable[[float, str], None]
 FAMILIES = ("breathing", "bspline", "local", "sliding")
@@ -406,9 +407,13 @@ def _metadata(config: TrainConfig, history: list, validation: dict | None, step:
 
 
 def train(config: TrainConfig, progress: Progress | None = None) -> dict:
+    """Train the learned kernel (see `_train`) with its own seed and threads; the caller's are given back."""
+    with own_torch_state(config.seed, config.threads):
+        return _train(config, progress)
+
+
+def _train(config: TrainConfig, progress: Progress | None = None) -> dict:
     """Train the learned kernel by the recipe of the module docstring; returns history and validation."""
-    torch.manual_seed(config.seed)
-    torch.set_num_threads(max(1, config.threads))
     start = time.time()
     train_cases, val_cases = build_cases(config, progress)
     kernel = LearnedKernel(config.kernel).train()

@@ -31,6 +31,7 @@ from ..core.errors import IkrError
 from ..io.atomic import write_text_atomic
 from ..registration.encoder import EncoderConfig, FeatureEncoder, encoder_inputs, save_encoder
 from ..registration.matching import gather_cubes, patch_ssd, search_offsets, soft_argmin
+from .torch_state import own_torch_state
 from .train import DEFAULT_CTS, FAMILIES
 
 Progress = Callable[[float, str], None]
@@ -149,10 +150,14 @@ def _draw(case: EncoderCase, config: EncoderTrainConfig, gen: torch.Generator) -
 
 
 def train_encoder(config: EncoderTrainConfig, progress: Progress | None = None) -> dict:
+    """Train the encoder (see `_train_encoder`) with its own seed and threads; the caller's are given back."""
+    with own_torch_state(config.seed, config.threads):
+        return _train_encoder(config, progress)
+
+
+def _train_encoder(config: EncoderTrainConfig, progress: Progress | None = None) -> dict:
     """Train the encoder by the recipe of the module docstring; returns history, validation and the model."""
     report = progress or (lambda fraction, message: None)
-    torch.manual_seed(config.seed)
-    torch.set_num_threads(max(1, config.threads))
     start = time.time()
     train_cases: list[EncoderCase] = []
     val_cases: list[EncoderCase] = []
