@@ -40,12 +40,13 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..core.config import Config
 from ..core.errors import IkrError
 from ..core.geometry import Image
 from ..io.atomic import write_text_atomic
@@ -69,7 +70,7 @@ DEFAULT_CTS = (
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """Everything that decides a training run (recorded in the weights file and the model card)."""
 
     kernel: KernelConfig = field(default_factory=KernelConfig)
@@ -102,12 +103,6 @@ class TrainConfig:
     threads: int = 1
     output: str | None = None
     checkpoint_every: int = 500
-
-    def to_dict(self) -> dict:
-        """A JSON-safe dict (the kernel config nested)."""
-        out = asdict(self)
-        out["kernel"] = self.kernel.to_dict()
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
 def default_config(data_dir: Path, output: Path | None = None, seed: int = 0) -> TrainConfig:

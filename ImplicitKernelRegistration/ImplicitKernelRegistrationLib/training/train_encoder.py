@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..core.config import Config
 from ..core.errors import IkrError
 from ..io.atomic import write_text_atomic
 from ..registration.encoder import EncoderConfig, FeatureEncoder, encoder_inputs, save_encoder
@@ -38,7 +39,7 @@ Progress = Callable[[float, str], None]
 
 
 @dataclass
-class EncoderTrainConfig:
+class EncoderTrainConfig(Config):
     """Everything that decides an encoder training run (recorded in the weights file and model card)."""
 
     encoder: EncoderConfig
@@ -58,11 +59,6 @@ class EncoderTrainConfig:
     lr: float = 3e-3
     seed: int = 0
     threads: int = 1
-
-    def to_dict(self) -> dict:
-        """A JSON-safe dict."""
-        out = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
 @dataclass
