@@ -9,7 +9,7 @@ Points are continuous voxel indices (x, y, z) on the isotropic working grid, dis
 working voxels (x, y, z), distances are therefore in working-voxel units. Tensors follow the device
 of their inputs (CPU, or CUDA when the inputs live there).
 
-The learned kernel (METHOD.md section 2) computes, for each query x and its K nearest keys y,
+The learned kernel (docs/method.md, section 2) computes, for each query x and its K nearest keys y,
 
     d(x) = sum_y w(x, y) d(y),   w = softmax_K( Hs(x, y) + Hf(x, y) + g * log b(x, y) + a * log(c_y + eps) )
 
@@ -164,7 +164,7 @@ def _mlp(n_in: int, hidden: int, n_out: int, layers: int = 2, act: type[nn.Modul
 
 
 class LearnedKernel(nn.Module):
-    """Dual-stream attention kernel over the K nearest keypoints (METHOD.md section 2)."""
+    """Dual-stream attention kernel over the K nearest keypoints (docs/method.md, section 2)."""
 
     def __init__(self, config: KernelConfig | None = None) -> None:
         super().__init__()

@@ -26,7 +26,7 @@ from ..io.resources import ENCODER_WEIGHTS, KERNEL_WEIGHTS, weights_file
 from .alignment import Alignment, align
 from .config import DEFAULT_SCALES, FEATURE_NAMES, RegistrationConfig, ScaleSettings  # noqa: F401 (re-exported)
 from .dense import DenseModel
-from .features import mind_ssc, sample_features
+from .features import FeatureExtractor, mind_ssc, sample_features
 from .kernel import KernelConfig, make_kernel
 from .keypoints import forstner_keypoints
 from .matching import match_consistent, match_keypoints
@@ -79,7 +79,7 @@ def load_kernel(config: RegistrationConfig, device: torch.device) -> torch.nn.Mo
     return make_kernel(config.kernel, kernel_config, weights).to(device)
 
 
-def load_features(config: RegistrationConfig, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def load_features(config: RegistrationConfig, device: torch.device) -> FeatureExtractor:
     """The matching features named by the config: MIND-SSC, or the learned encoder (shipped weights by default)."""
     if config.features == "mind":
         return mind_ssc

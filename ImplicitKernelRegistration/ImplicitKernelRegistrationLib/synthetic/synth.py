@@ -697,7 +697,7 @@ def check_magnitude(magnitude_mm: float | None) -> None:
 
 
 def _inverse_check(true_field: Field, inverse: Field, rng: np.random.Generator) -> dict:
-    """Residual |u(y) + d(y + u(y))| (mm) at up to 100000 random voxels whose preimage is in the grid."""
+    """Residual |u(y) + d(y + u(y))| (mm) at up to 20 000 random voxels whose preimage is in the grid."""
     geo = true_field.geometry
     count = min(20_000, int(np.prod(geo.size)))
     flat = rng.choice(int(np.prod(geo.size)), size=count, replace=False)

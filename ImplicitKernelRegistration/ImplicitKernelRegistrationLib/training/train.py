@@ -1,6 +1,6 @@
 """Training the learned kernel on synthetic deformations of real CTs and phantoms.
 
-Recipe (METHOD.md section 5, adapted; every number below is a TrainConfig field):
+Recipe (docs/method.md, section 5; every number below is a TrainConfig field):
 
 1. Cases. Each source (a real CT from ../shared/data/ct, or `phantom:SEED` for the procedural
    phantom) is resampled to an isotropic working grid (2.5 or 3.5 mm, alternating with the case seed;
