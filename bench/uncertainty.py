@@ -30,7 +30,6 @@ from ImplicitKernelRegistrationLib.io.resources import KERNEL_WEIGHTS
 from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
 from ImplicitKernelRegistrationLib.registration.preprocess import body_mask
 from ImplicitKernelRegistrationLib.registration.refine import session_from_result
-from ImplicitKernelRegistrationLib.review.margin import ball_occupancy, demo_tumour_and_zone
 from ImplicitKernelRegistrationLib.review.uncertainty import (
     DEFAULT_PARAMS,
     FEATURE_NAMES,
@@ -44,6 +43,7 @@ from ImplicitKernelRegistrationLib.review.uncertainty import (
     suggest_clicks,
 )
 from ImplicitKernelRegistrationLib.synthetic.synth import make_case
+from ImplicitKernelRegistrationLib.synthetic.tumour import ball_occupancy, demo_tumour_and_zone
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -582,8 +582,8 @@ def _print_margin(figures: dict) -> None:
 def _demo_margin(case: SynthCase, outdir: Path, registration_dir: Path, seed: int) -> None:
     """Place a tumour and an ablation zone in the demo case and report the margin through our field."""
     from .io.images import write_image
-    from .review.margin import demo_tumour_and_zone
     from .review.margin_report import run_margin
+    from .synthetic.tumour import demo_tumour_and_zone
 
     liver = None
     names = (case.fixed_labels.meta.get("label_names", {}) if case.fixed_labels is not None else {}) or {}

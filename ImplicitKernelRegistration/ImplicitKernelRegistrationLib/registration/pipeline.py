@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..core.correspondences import Correspondences
 from ..core.errors import IkrError
 from ..core.fields import Field
-from ..core.geometry import Geometry, Image
+from ..core.geometry import Geometry, Image, voxels_to_mm
 from ..io.resources import ENCODER_WEIGHTS, KERNEL_WEIGHTS, weights_file
 from .alignment import Alignment, align
 from .config import DEFAULT_SCALES, FEATURE_NAMES, RegistrationConfig, ScaleSettings  # noqa: F401 (re-exported)
@@ -116,16 +116,6 @@ def kernel_at_points(
         k_feat = sample_features(feature_volume, key_xyz)[None]
     out = kernel(query_xyz[None].float(), q_feat, key_xyz[None].float(), key_disp[None].float(), k_feat, key_conf[None])
     return out[0]
-
-
-def voxels_to_mm(displacement_vox: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Displacements (..., 3) in working voxels (x, y, z) -> LPS mm (direction and spacing applied)."""
-    return np.asarray(displacement_vox, dtype=np.float64) @ geometry.voxel_to_mm_matrix().T
-
-
-def mm_to_voxels(displacement_mm: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Displacements (..., 3) in LPS mm -> working voxels (x, y, z)."""
-    return np.asarray(displacement_mm, dtype=np.float64) @ np.linalg.inv(geometry.voxel_to_mm_matrix()).T
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -18,11 +18,11 @@ import torch
 from ..core.correspondences import USER, Correspondences
 from ..core.errors import IkrError
 from ..core.fields import Field, jacobian_determinant, sample_field
-from ..core.geometry import Geometry, Image
+from ..core.geometry import Geometry, Image, mm_to_voxels, voxels_to_mm
 from .alignment import Alignment
 from .dense import EMPTY_BOX, Box, DenseModel, box_slices, full_box, index_box, union_box
 from .features import mind_ssc
-from .pipeline import RegistrationConfig, RegistrationResult, load_kernel, mm_to_voxels, resolve_device, voxels_to_mm
+from .pipeline import RegistrationConfig, RegistrationResult, load_kernel, resolve_device
 from .preprocess import make_working_pair, normalise_ct, resample_to, to_tensor
 
 # A clicked pair gets the highest confidence an automatic match can have (1, the top of the range
