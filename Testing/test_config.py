@@ -11,7 +11,7 @@ from ImplicitKernelRegistrationLib.core.errors import IkrError
 from ImplicitKernelRegistrationLib.registration.config import ALIGN_MODES, RegistrationConfig, ScaleSettings
 from ImplicitKernelRegistrationLib.registration.encoder import EncoderConfig
 from ImplicitKernelRegistrationLib.registration.kernel import KernelConfig
-from ImplicitKernelRegistrationLib.training.train import TrainConfig
+from ImplicitKernelRegistrationLib.training.config import TrainConfig
 from ImplicitKernelRegistrationLib.training.train_encoder import EncoderTrainConfig
 
 CONFIGS = [

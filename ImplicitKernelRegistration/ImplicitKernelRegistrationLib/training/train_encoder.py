@@ -32,8 +32,8 @@ from ..core.errors import IkrError
 from ..io.atomic import write_text_atomic
 from ..registration.encoder import EncoderConfig, FeatureEncoder, encoder_inputs, save_encoder
 from ..registration.matching import gather_cubes, patch_ssd, search_offsets, soft_argmin
+from .config import DEFAULT_CTS, FAMILIES
 from .torch_state import own_torch_state
-from .train import DEFAULT_CTS, FAMILIES
 
 Progress = Callable[[float, str], None]
 
