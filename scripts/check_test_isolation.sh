@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Check that the tests do not depend on their order: the whole suite in reverse file order, then each
 # test file alone. Slow (about the suite's time twice over); not part of scripts/test.sh. Prints one
-# line per run and a summary; exit status 1 when any run failed.
+# line per run and a summary; exit status 1 when any run failed. With FILE arguments, only those
+# files are run alone, in that order (the reverse-order run still covers the whole suite).
 #   bash scripts/check_test_isolation.sh > isolation.log 2>&1 &
+#   bash scripts/check_test_isolation.sh Testing/test_uncertainty.py Testing/test_refine_session.py
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTEST=(.venv/bin/python -m pytest -q -p no:cacheprovider)
@@ -18,7 +20,9 @@ else
   failed+=("reverse order")
 fi
 echo "== each test file alone"
-for file in "${FILES[@]}"; do
+ALONE=("${FILES[@]}")
+[ "$#" -gt 0 ] && ALONE=("$@")
+for file in "${ALONE[@]}"; do
   log=$(mktemp)
   "${PYTEST[@]}" "$file" > "$log" 2>&1
   status=$?
