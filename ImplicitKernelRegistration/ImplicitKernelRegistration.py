@@ -1376,7 +1376,7 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
     def test_RegisterRefineMargins(self) -> None:
         """Tumour drawn before and after Register, re-register, one-click pairs by ID, the scene's session."""
         from ImplicitKernelRegistrationLib.core.fields import sample_field, transform_points, warp_labels
-        from ImplicitKernelRegistrationLib.review.margin import demo_tumour_and_zone
+        from ImplicitKernelRegistrationLib.synthetic.tumour import demo_tumour_and_zone
 
         self.delayDisplay("Making a phantom pair; a tumour drawn on the moving CT before registration")
         case = self._phantomCase()
@@ -1484,7 +1484,7 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
 
         from ImplicitKernelRegistrationLib.core.fields import transform_points
         from ImplicitKernelRegistrationLib.io.segmentations import read_labels
-        from ImplicitKernelRegistrationLib.review.margin import demo_tumour_and_zone
+        from ImplicitKernelRegistrationLib.synthetic.tumour import demo_tumour_and_zone
 
         case = self._phantomCase()
         logic = ImplicitKernelRegistrationLogic()

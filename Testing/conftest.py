@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +23,30 @@ def shared_path(*parts: str) -> Path:
     return p
 
 
+def frozen(value: object, seen: set[int] | None = None) -> object:
+    """`value` with every numpy array it holds (through the library's objects, lists and dicts) made read-only.
+
+    Session-wide fixtures are frozen so that a test that writes into them fails at once instead of changing
+    what later tests see. Torch tensors cannot be frozen: code that edits a result's model copies it first.
+    """
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return value
+    seen.add(id(value))
+    if isinstance(value, np.ndarray):
+        value.flags.writeable = False
+    elif isinstance(value, dict):
+        for item in value.values():
+            frozen(item, seen)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            frozen(item, seen)
+    elif type(value).__module__.startswith("ImplicitKernelRegistrationLib") and hasattr(value, "__dict__"):
+        for item in vars(value).values():
+            frozen(item, seen)
+    return value
+
+
 @pytest.fixture
 def shared() -> callable:
     """The `shared_path` helper as a fixture."""
@@ -35,7 +60,7 @@ def phantom_case():
     from ImplicitKernelRegistrationLib.synthetic.synth import make_case
 
     ct, labels, _ = make_phantom(seed=0)
-    return make_case(ct, "breathing", seed=0, labels=labels, magnitude_mm=6.0)
+    return frozen(make_case(ct, "breathing", seed=0, labels=labels, magnitude_mm=6.0))
 
 
 @pytest.fixture(scope="session")
@@ -44,4 +69,4 @@ def phantom_registration(phantom_case):
     from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
 
     config = RegistrationConfig(kernel="gaussian", spacing_mm=3.0, max_keypoints=1024)
-    return register(phantom_case.fixed, phantom_case.moving, config)
+    return frozen(register(phantom_case.fixed, phantom_case.moving, config))

@@ -525,7 +525,7 @@ def test_unwritable_output_is_refused_before_registering(capsys, tmp_path, case)
     "thresholds other than 0 and 5 are reported as asked; NaN or beyond +-50 mm: exit 2, one line; no output",
 )
 def test_margin_thresholds(capsys, tmp_path, phantom_case):
-    from ImplicitKernelRegistrationLib.review.margin import demo_tumour_and_zone
+    from ImplicitKernelRegistrationLib.synthetic.tumour import demo_tumour_and_zone
 
     tumour, zone, _ = demo_tumour_and_zone(phantom_case.fixed, phantom_case.true_field, None, 0)
     write_image(tumour, tmp_path / "t.nii.gz")

@@ -134,8 +134,8 @@ def test_phantom_synth_register_refine_margin_end_to_end(capsys, tmp_path):
     _one_line_error(err, "7")
 
     # margin of a tumour and a zone placed in the liver, through the registered field
-    from ImplicitKernelRegistrationLib.review.margin import demo_tumour_and_zone
     from ImplicitKernelRegistrationLib.synthetic.synth import read_case
+    from ImplicitKernelRegistrationLib.synthetic.tumour import demo_tumour_and_zone
 
     synth_case = read_case(case)
     tumour, zone, true_margin = demo_tumour_and_zone(synth_case.fixed, synth_case.true_field, None, 0)

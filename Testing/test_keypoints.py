@@ -9,7 +9,6 @@ import torch
 from conftest import shared_path
 from ImplicitKernelRegistrationLib.core.geometry import Image
 from ImplicitKernelRegistrationLib.registration.keypoints import (
-    DETECTORS,
     farthest_point_sampling,
     forstner_distinctiveness,
     forstner_keypoints,
@@ -47,12 +46,6 @@ def test_keypoints_inside_mask_bounded_and_deterministic() -> None:
     assert len(torch.unique(points, dim=0)) == 60
     everything = forstner_keypoints(image, mask, max_points=100_000)
     assert 60 < everything.shape[0] < 100_000
-
-
-def test_registry_and_positional_interface() -> None:
-    image, mask = _liver_tensors()
-    detector = DETECTORS["forstner"]
-    assert torch.equal(detector(image, mask, 40, 1), forstner_keypoints(image, mask, max_points=40, seed=1))
 
 
 def test_farthest_point_sampling_spreads_points() -> None:

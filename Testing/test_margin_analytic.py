@@ -8,7 +8,8 @@ import pytest
 from ImplicitKernelRegistrationLib.core.errors import IkrError
 from ImplicitKernelRegistrationLib.core.fields import Field
 from ImplicitKernelRegistrationLib.core.geometry import Geometry, Image
-from ImplicitKernelRegistrationLib.review.margin import ball_occupancy, compute_margin
+from ImplicitKernelRegistrationLib.review.margin import compute_margin
+from ImplicitKernelRegistrationLib.synthetic.tumour import ball_occupancy
 
 ISO = (1.0, 1.0, 1.0)
 ANISO = (0.7, 0.7, 2.5)

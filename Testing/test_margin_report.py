@@ -17,8 +17,9 @@ from ImplicitKernelRegistrationLib.core.geometry import Geometry, Image
 from ImplicitKernelRegistrationLib.io.images import read_image, write_image
 from ImplicitKernelRegistrationLib.io.points import read_points
 from ImplicitKernelRegistrationLib.io.transforms import write_field
-from ImplicitKernelRegistrationLib.review.margin import ball_occupancy, compute_margin, demo_tumour_and_zone
+from ImplicitKernelRegistrationLib.review.margin import compute_margin
 from ImplicitKernelRegistrationLib.review.margin_report import run_margin
+from ImplicitKernelRegistrationLib.synthetic.tumour import ball_occupancy, demo_tumour_and_zone
 
 KEYS = [
     "min_margin_mm", "margin_p5_mm", "margin_p25_mm", "margin_p50_mm", "surface_fraction_ge_0mm",

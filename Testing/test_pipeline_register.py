@@ -8,14 +8,13 @@ import torch
 
 from conftest import shared_path
 from ImplicitKernelRegistrationLib.core.errors import IkrError
+from ImplicitKernelRegistrationLib.core.geometry import mm_to_voxels, voxels_to_mm
 from ImplicitKernelRegistrationLib.io.images import read_image
 from ImplicitKernelRegistrationLib.registration.pipeline import (
     DEFAULT_WEIGHTS,
     RegistrationConfig,
-    mm_to_voxels,
     register,
     resolve_device,
-    voxels_to_mm,
 )
 from ImplicitKernelRegistrationLib.review.report import field_quality, landmark_errors
 from ImplicitKernelRegistrationLib.synthetic.synth import make_case

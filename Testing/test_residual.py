@@ -8,8 +8,9 @@ import torch
 
 from conftest import shared_path
 from ImplicitKernelRegistrationLib.core.fields import transform_points
+from ImplicitKernelRegistrationLib.core.geometry import mm_to_voxels
 from ImplicitKernelRegistrationLib.io.images import read_image
-from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, mm_to_voxels, register
+from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
 from ImplicitKernelRegistrationLib.registration.refine import open_session, session_from_result
 from ImplicitKernelRegistrationLib.registration.residual import (
     ResidualSettings,

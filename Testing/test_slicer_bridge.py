@@ -14,6 +14,7 @@ from vtkmodules.vtkFiltersHybrid import vtkGridTransform
 from conftest import shared_path
 from ImplicitKernelRegistrationLib.core.fields import Field, transform_points
 from ImplicitKernelRegistrationLib.core.geometry import Geometry, lps_ras
+from ImplicitKernelRegistrationLib.io.points import PointSet, read_points, write_points
 from ImplicitKernelRegistrationLib.slicer_bridge import (
     displacement_image_data,
     feedback_rows,
@@ -26,8 +27,6 @@ from ImplicitKernelRegistrationLib.slicer_bridge import (
     image_from_volume_array,
     margin_polydata_ras,
     pairs_ras,
-    read_markups,
-    write_markups,
 )
 
 
@@ -177,12 +176,12 @@ def test_field_round_trips_through_grid_arrays_and_image_data() -> None:
 
 def test_markups_json_round_trip(tmp_path) -> None:
     f_lps = np.array([[-10.0, 20.0, 5.0], [-1.0, -2.0, 3.0]])
-    path = write_markups(f_lps, ["a", "b"], tmp_path / "fixed.mrk.json")
+    path = write_points(PointSet(f_lps, ["a", "b"]), tmp_path / "fixed.mrk.json", "LPS")
     doc = json.loads(path.read_text())
     markup = doc["markups"][0]
     assert markup["type"] == "Fiducial" and markup["coordinateSystem"] == "LPS"
     assert markup["controlPoints"][0]["position"] == [-10.0, 20.0, 5.0]
-    back = read_markups(path)
+    back = read_points(path)
     np.testing.assert_allclose(back.points_lps, f_lps)
     assert back.labels == ["a", "b"]
 

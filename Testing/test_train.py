@@ -10,14 +10,11 @@ import torch
 
 from ImplicitKernelRegistrationLib.core.errors import IkrError
 from ImplicitKernelRegistrationLib.registration.kernel import LearnedKernel, load_weights
-from ImplicitKernelRegistrationLib.training.train import (
-    CaseTensors,
-    bending_energy,
-    corrupt_keys,
-    model_card,
-    quick_config,
-    train_main,
-)
+from ImplicitKernelRegistrationLib.training.card import model_card
+from ImplicitKernelRegistrationLib.training.cases import CaseTensors
+from ImplicitKernelRegistrationLib.training.config import quick_config
+from ImplicitKernelRegistrationLib.training.corruption import corrupt_keys
+from ImplicitKernelRegistrationLib.training.train import bending_energy, train_main
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from ImplicitKernelRegistrationLib.core.errors import IkrError
 from ImplicitKernelRegistrationLib.core.fields import sample_field
 from ImplicitKernelRegistrationLib.core.geometry import Image
 from ImplicitKernelRegistrationLib.registration.refine import RefinementSession, session_from_result
-from ImplicitKernelRegistrationLib.review.margin import ball_occupancy, demo_tumour_and_zone
 from ImplicitKernelRegistrationLib.review.uncertainty import (
     UncertaintyModel,
     expected_error_at,
@@ -20,6 +19,7 @@ from ImplicitKernelRegistrationLib.review.uncertainty import (
     margin_interval,
     suggest_clicks,
 )
+from ImplicitKernelRegistrationLib.synthetic.tumour import ball_occupancy, demo_tumour_and_zone
 
 RADIUS_MM = 40.0
 

@@ -13,11 +13,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 from clinical_cases import Clinical, make_clinical_case
 from eval_generator import make_eval_case, write_eval_case
-from scipy import ndimage
 
 from ImplicitKernelRegistrationLib.core.geometry import Image
 from ImplicitKernelRegistrationLib.io.images import read_image, write_image
@@ -166,15 +164,6 @@ def build_case(spec: CaseSpec, data_dir: Path, work_dir: Path) -> Path:
 def load_case(folder: Path) -> SynthCase:
     """Read a case written by build_case."""
     return read_case(folder)
-
-
-def body_mask(image: Image) -> np.ndarray:
-    """Body of a CT: > -500 HU, the largest component, holes filled (z, y, x booleans)."""
-    mask = ndimage.binary_opening(image.array > -500, iterations=1)
-    labels, n = ndimage.label(mask)
-    if n > 1:
-        mask = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
-    return ndimage.binary_fill_holes(mask)
 
 
 def build_translation_case(data_dir: Path, work_dir: Path) -> Path:

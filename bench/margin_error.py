@@ -25,8 +25,9 @@ from ImplicitKernelRegistrationLib.core.fields import Field, field_from_transfor
 from ImplicitKernelRegistrationLib.core.geometry import Image
 from ImplicitKernelRegistrationLib.io.images import read_image
 from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
-from ImplicitKernelRegistrationLib.review.margin import compute_margin, demo_tumour_and_zone
+from ImplicitKernelRegistrationLib.review.margin import compute_margin
 from ImplicitKernelRegistrationLib.synthetic.synth import make_case
+from ImplicitKernelRegistrationLib.synthetic.tumour import demo_tumour_and_zone
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IKR_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from cases import TRANSLATION_MM, body_mask
+from cases import TRANSLATION_MM
 from scipy import ndimage
 
 from ImplicitKernelRegistrationLib.core.fields import transform_points
 from ImplicitKernelRegistrationLib.core.metrics import endpoint_error, sdlogj, tre
 from ImplicitKernelRegistrationLib.io.images import read_image
 from ImplicitKernelRegistrationLib.io.transforms import read_field
+from ImplicitKernelRegistrationLib.registration.preprocess import body_mask
 from ImplicitKernelRegistrationLib.synthetic.synth import SynthCase
 
 CONVENTION_TOLERANCE_MM = 1.0

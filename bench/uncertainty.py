@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from cases import ABDOMEN, LIVER, CaseSpec, _labels_for, body_mask
+from cases import ABDOMEN, LIVER, CaseSpec, _labels_for
 from scipy import ndimage, stats
 
 from ImplicitKernelRegistrationLib.core.fields import sample_field
@@ -28,8 +28,8 @@ from ImplicitKernelRegistrationLib.io.atomic import write_text_atomic
 from ImplicitKernelRegistrationLib.io.images import read_image
 from ImplicitKernelRegistrationLib.io.resources import KERNEL_WEIGHTS
 from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
+from ImplicitKernelRegistrationLib.registration.preprocess import body_mask
 from ImplicitKernelRegistrationLib.registration.refine import session_from_result
-from ImplicitKernelRegistrationLib.review.margin import ball_occupancy, demo_tumour_and_zone
 from ImplicitKernelRegistrationLib.review.uncertainty import (
     DEFAULT_PARAMS,
     FEATURE_NAMES,
@@ -43,6 +43,7 @@ from ImplicitKernelRegistrationLib.review.uncertainty import (
     suggest_clicks,
 )
 from ImplicitKernelRegistrationLib.synthetic.synth import make_case
+from ImplicitKernelRegistrationLib.synthetic.tumour import ball_occupancy, demo_tumour_and_zone
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -24,11 +24,12 @@ from ImplicitKernelRegistrationLib.io.transforms import write_transform
 from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
 from ImplicitKernelRegistrationLib.registration.preprocess import body_mask
 from ImplicitKernelRegistrationLib.registration.refine import session_from_result
-from ImplicitKernelRegistrationLib.review.margin import compute_margin, demo_tumour_and_zone
+from ImplicitKernelRegistrationLib.review.margin import compute_margin
 from ImplicitKernelRegistrationLib.review.uncertainty import expected_error_map, suggest_clicks
 from ImplicitKernelRegistrationLib.slicer_bridge import MARGIN_CLASSES, MARGIN_TABLE_RANGE_MM
 from ImplicitKernelRegistrationLib.synthetic.phantom import make_phantom
 from ImplicitKernelRegistrationLib.synthetic.synth import make_case
+from ImplicitKernelRegistrationLib.synthetic.tumour import demo_tumour_and_zone
 
 WINDOW = (-200.0, 300.0)
 

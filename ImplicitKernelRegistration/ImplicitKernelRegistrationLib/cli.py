@@ -582,8 +582,8 @@ def _print_margin(figures: dict) -> None:
 def _demo_margin(case: SynthCase, outdir: Path, registration_dir: Path, seed: int) -> None:
     """Place a tumour and an ablation zone in the demo case and report the margin through our field."""
     from .io.images import write_image
-    from .review.margin import demo_tumour_and_zone
     from .review.margin_report import run_margin
+    from .synthetic.tumour import demo_tumour_and_zone
 
     liver = None
     names = (case.fixed_labels.meta.get("label_names", {}) if case.fixed_labels is not None else {}) or {}
@@ -686,25 +686,27 @@ def _refuse_interrupted(outdir: Path) -> None:
         raise IkrError(f"its last write was interrupted; run `ikr refine {outdir}` to rebuild its outputs", outdir)
 
 
+# RegistrationConfig field -> its `register`/`demo` option (type, default, choices and help come from the field)
+REGISTRATION_FLAGS = {
+    "spacing_mm": "--spacing",
+    "alignment": "--align",
+    "kernel": "--kernel",
+    "heads": "--heads",
+    "weights": "--weights",
+    "features": "--features",
+    "encoder_weights": "--encoder-weights",
+    "max_keypoints": "--max-keypoints",
+    "device": "--device",
+    "seed": "--seed",
+}
+
+
 def _add_registration_flags(p: argparse.ArgumentParser) -> None:
-    """Flags shared by `register` and `demo`."""
-    p.add_argument("--spacing", type=float, default=2.0, help="working grid spacing in mm (default 2)")
-    p.add_argument(
-        "--align",
-        default="rigid",
-        choices=["rigid", "affine", "none"],
-        help="automatic initial alignment before the deformable stage (default rigid; affine: rigid, then affine)",
-    )
-    p.add_argument("--kernel", default="learned", choices=["learned", "tps", "gaussian"])
-    p.add_argument("--heads", default="both", choices=["both", "spatial", "semantic"])
-    p.add_argument("--weights", default=None, help="learned kernel weights (default: the shipped ones)")
-    p.add_argument(
-        "--features", default="mind", choices=["mind", "learned"], help="matching features: MIND-SSC or the encoder"
-    )
-    p.add_argument("--encoder-weights", default=None, help="learned encoder weights (default: the shipped ones)")
-    p.add_argument("--max-keypoints", type=int, default=2048)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
+    """Flags shared by `register` and `demo`: the RegistrationConfig fields of REGISTRATION_FLAGS, then the rest."""
+    from .core.config import add_flags
+    from .registration.config import RegistrationConfig
+
+    add_flags(p, RegistrationConfig, REGISTRATION_FLAGS)
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--strict", action="store_true", help="exit with status 3 when the quality verdict is not ok")
     p.add_argument(
@@ -714,6 +716,8 @@ def _add_registration_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `ikr` subcommand."""
+    from .registration.config import HEADS
+
     parser = argparse.ArgumentParser(prog="ikr", description="Implicit kernel deformable CT registration")
     parser.add_argument("--version", action="version", version=f"ikr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -792,7 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a tiny run on a phantom (seconds), for testing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--heads", default="both", choices=["both", "spatial", "semantic"])
+    p.add_argument("--heads", default="both", choices=HEADS)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)

@@ -28,7 +28,6 @@ from .core.correspondences import AUTOMATIC, Correspondences
 from .core.errors import IkrError
 from .core.fields import Field, resample_field
 from .core.geometry import Geometry, Image, lps_ras
-from .io.points import PointSet, read_points, write_points
 
 if TYPE_CHECKING:
     from .registration.alignment import Alignment
@@ -337,16 +336,6 @@ def residual_rms_mm(feedback: list[dict]) -> float:
     """The root-mean-square residual over a session's user pairs (0 without pairs)."""
     residuals = np.asarray([p["residual_mm"] for p in feedback], dtype=np.float64)
     return float(np.sqrt(np.mean(residuals**2))) if len(residuals) else 0.0
-
-
-def write_markups(points_lps: np.ndarray, labels: list[str], path: str | os.PathLike) -> Path:
-    """Write a point list as a Slicer markups file (.mrk.json, .fcsv) or CSV, atomically (LPS in the file)."""
-    return write_points(PointSet(points_lps, labels), path, "LPS")
-
-
-def read_markups(path: str | os.PathLike) -> PointSet:
-    """Read a Slicer markups file (.mrk.json, .fcsv) or point CSV as LPS points with labels."""
-    return read_points(path)
 
 
 # ----------------------------------------------------------------------------- a session kept with the scene

@@ -169,3 +169,13 @@ class Image:
     def with_array(self, array: np.ndarray) -> Image:
         """A new Image on the same grid with other voxels (meta is shallow-copied)."""
         return Image(array, self.geometry, dict(self.meta))
+
+
+def voxels_to_mm(displacement_vox: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Displacements (..., 3) in working voxels (x, y, z) -> LPS mm (direction and spacing applied)."""
+    return np.asarray(displacement_vox, dtype=np.float64) @ geometry.voxel_to_mm_matrix().T
+
+
+def mm_to_voxels(displacement_mm: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Displacements (..., 3) in LPS mm -> working voxels (x, y, z)."""
+    return np.asarray(displacement_mm, dtype=np.float64) @ np.linalg.inv(geometry.voxel_to_mm_matrix()).T

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.correspondences import USER, Correspondences
 from ..core.errors import IkrError
 from ..core.geometry import Geometry, lps_ras
 from .atomic import write_text_atomic
@@ -152,20 +151,6 @@ def write_points(point_set: PointSet, path: str | os.PathLike, coordinate_system
     raise IkrError("cannot write points here: use a .csv, .mrk.json or .fcsv file name", path)
 
 
-def write_point_pairs(fixed: PointSet, moving: PointSet, path: str | os.PathLike) -> Path:
-    """Write fixed/moving pairs atomically as a CSV (fixed_x..moving_z,label) in LPS mm."""
-    if len(fixed) != len(moving):
-        raise IkrError(f"cannot write pairs: {len(fixed)} fixed points but {len(moving)} moving points", path)
-    if not Path(path).name.lower().endswith(".csv"):
-        raise IkrError("point pairs are written as CSV: use a .csv file name", path)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*PAIR_COLUMNS, "label"])
-    for f, m, label in zip(fixed.points_lps, moving.points_lps, fixed.labels, strict=True):
-        writer.writerow([*(_fmt(v) for v in f), *(_fmt(v) for v in m), label])
-    return write_text_atomic(path, buffer.getvalue())
-
-
 def pair_points(fixed: PointSet, moving: PointSet, by: str = "order") -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Pair clicked points by list order or by label: (fixed_lps (N,3), moving_lps (N,3), labels)."""
     if by == "order":
@@ -173,14 +158,6 @@ def pair_points(fixed: PointSet, moving: PointSet, by: str = "order") -> tuple[n
     if by == "label":
         return _pair_by_label(fixed, moving)
     raise IkrError(f"unknown pairing {by!r}: use 'order' or 'label'")
-
-
-def clicked_correspondences(fixed_lps: np.ndarray, moving_lps: np.ndarray, confidence: float = 1.0) -> Correspondences:
-    """User correspondences (source USER) from paired fixed and moving points in LPS mm."""
-    fixed_lps = np.asarray(fixed_lps, dtype=np.float64).reshape(-1, 3)
-    moving_lps = np.asarray(moving_lps, dtype=np.float64).reshape(-1, 3)
-    n = len(fixed_lps)
-    return Correspondences(fixed_lps, moving_lps - fixed_lps, np.full(n, confidence), np.full(n, USER))
 
 
 def check_points_inside(

@@ -31,9 +31,9 @@ import SimpleITK as sitk
 
 from ..core.errors import IkrError
 from ..core.geometry import Geometry, Image
+from .config import ALIGN_MODES
 from .preprocess import CT_WINDOW_HU, block_average, body_mask
 
-ALIGN_MODES = ("affine", "rigid", "none")
 FINE_SPACING_MM = 3.0  # the pyramid: the last stage (rigid or affine) runs on a 3 mm grid,
 ALIGN_SPACING_MM = 6.0  # the rigid refinement on 6 mm,
 SEARCH_SPACING_MM = 12.0  # and the search over starts on 12 mm

@@ -8,6 +8,8 @@ control grid is sampled trilinearly onto any target grid (the fixed image's own)
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -15,7 +17,7 @@ from ..core.fields import Field
 from ..core.geometry import Geometry
 from .alignment import Alignment
 from .features import sample_features
-from .kernel import TPSKernel, control_axes, knn
+from .kernel import TPSKernel, control_axes, kernel_neighbours, knn
 from .residual import ResidualSettings, fit_residual, grid_points, residual_shape, sample_grid, sample_points
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # ((z0, z1), (y0, y1), (x0, x1)), end excluded
@@ -23,15 +25,18 @@ EMPTY_BOX: Box = ((0, 0), (0, 0), (0, 0))
 
 
 class DenseModel:
-    """Kernel values on a control grid of the working grid, with each control point's K nearest keys."""
+    """Kernel values on a control grid of the working grid, with each control point's K nearest keys.
+
+    The control step comes from the registration's settings (RegistrationConfig.control_step_vox), K
+    from the kernel (kernel_neighbours).
+    """
 
     def __init__(
         self,
         kernel: torch.nn.Module,
         features: torch.Tensor | None,
         working: Geometry,
-        control_step_vox: int = 3,
-        k: int = 30,
+        control_step_vox: int,
         chunk: int = 16384,
         alignment: Alignment | None = None,
     ) -> None:
@@ -41,7 +46,7 @@ class DenseModel:
         self.local = not isinstance(kernel, TPSKernel)
         self.features = features
         self.working = working
-        self.k = k
+        self.k = kernel_neighbours(kernel)  # the keys a control value depends on (its kernel's K)
         self.chunk = chunk
         self.device = features.device if features is not None else torch.device("cpu")
         axes = control_axes(working.shape_zyx, max(1, int(control_step_vox)))
@@ -91,6 +96,28 @@ class DenseModel:
         index = torch.nonzero(affected).reshape(-1)
         self._evaluate(index)
         return index
+
+    def copy(self) -> DenseModel:
+        """A model that shares the kernel and the image features but owns its keys and control values."""
+        other = copy.copy(self)
+        other.values = self.values.clone()
+        other.neighbours = self.neighbours.clone()
+        other.kth_distance = self.kth_distance.clone()
+        return other
+
+    def restore(
+        self,
+        control: torch.Tensor,
+        values: torch.Tensor,
+        neighbours: torch.Tensor,
+        kth_distance: torch.Tensor,
+        keys: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> None:
+        """Put back saved control points (values, neighbours, K-th distances) and the key set they were made from."""
+        self.values[control] = values
+        self.neighbours[control] = neighbours
+        self.kth_distance[control] = kth_distance
+        self._store_keys(*keys)
 
     def _store_keys(self, key_xyz: torch.Tensor, key_disp: torch.Tensor, key_conf: torch.Tensor) -> None:
         """Keep the keys and their sampled features."""

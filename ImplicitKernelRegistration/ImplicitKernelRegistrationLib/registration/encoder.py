@@ -12,13 +12,14 @@ what is matched. Weights files have the format `ikr-encoder-v1` and are read wit
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.config import Config
 from ..core.errors import IkrError
 from ..core.filters import box_filter
 from ..io.weights import load_payload, save_module
@@ -30,24 +31,12 @@ _SLAB_VOXELS = 1 << 20  # voxels per slab of the pointwise network
 
 
 @dataclass
-class EncoderConfig:
+class EncoderConfig(Config):
     """Encoder shape: hidden width, number of hidden layers, output channels."""
 
     hidden: int = 24
     layers: int = 1
     out_channels: int = 12
-
-    def to_dict(self) -> dict:
-        """A plain dict (weights_only-safe)."""
-        return asdict(self)
-
-    @staticmethod
-    def from_dict(values: dict) -> EncoderConfig:
-        """Build from a dict; unknown keys are refused."""
-        unknown = sorted(set(values) - {f.name for f in fields(EncoderConfig)})
-        if unknown:
-            raise IkrError(f"unknown encoder settings {unknown}")
-        return EncoderConfig(**values)
 
 
 def encoder_inputs(image: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,3 @@ def sample_features(features: torch.Tensor, points: torch.Tensor, padding_mode: 
     grid = points_to_grid(points, tuple(features.shape[2:])).reshape(1, -1, 1, 1, 3)
     out = F.grid_sample(features.float(), grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
     return out.reshape(features.shape[1], -1).t()
-
-
-FEATURES: dict[str, FeatureExtractor] = {"mind": mind_ssc}

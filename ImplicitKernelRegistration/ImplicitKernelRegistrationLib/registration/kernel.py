@@ -9,7 +9,7 @@ Points are continuous voxel indices (x, y, z) on the isotropic working grid, dis
 working voxels (x, y, z), distances are therefore in working-voxel units. Tensors follow the device
 of their inputs (CPU, or CUDA when the inputs live there).
 
-The learned kernel (METHOD.md section 2) computes, for each query x and its K nearest keys y,
+The learned kernel (docs/method.md, section 2) computes, for each query x and its K nearest keys y,
 
     d(x) = sum_y w(x, y) d(y),   w = softmax_K( Hs(x, y) + Hf(x, y) + g * log b(x, y) + a * log(c_y + eps) )
 
@@ -25,7 +25,7 @@ Because the weights sum to one, any constant field is reproduced exactly, traine
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,19 +33,19 @@ import torch
 from scipy.spatial import cKDTree
 from torch import nn
 
+from ..core.config import Config, setting
 from ..core.errors import IkrError
 from ..io.weights import load_payload, save_module
+from .config import HEADS, KERNEL_NAMES
 
 WEIGHTS_FORMAT = "ikr-kernel-v1"
-HEADS = ("both", "spatial", "semantic")
-KERNEL_NAMES = ("learned", "tps", "gaussian")
 ARCH_FIELDS = ("feat_dim", "heads", "dim", "n_heads", "n_freq", "hidden", "pair_hidden", "consistency", "local_linear")
 _KNN_PAIRS_PER_CHUNK = 1 << 23  # bounds the (queries x keys) distance matrix of one kNN chunk
 
 
 @dataclass
-class KernelConfig:
-    """Kernel settings; the architecture fields (ARCH_FIELDS) must match a weights file's.
+class KernelConfig(Config):
+    """Kernel settings; the architecture fields (ARCH_FIELDS) must match a weights file's (dicts: core/config.py).
 
     feat_dim: image-feature channels (12 for MIND-SSC); k: neighbours per query; heads: which attention
     streams to use; dim: attention width; n_heads: attention heads; n_freq: Fourier frequencies of the
@@ -62,7 +62,7 @@ class KernelConfig:
 
     feat_dim: int = 12
     k: int = 30
-    heads: str = "both"
+    heads: str = setting("both", choices=HEADS, help="the learned kernel's attention streams")
     dim: int = 64
     n_heads: int = 4
     n_freq: int = 6
@@ -82,19 +82,6 @@ class KernelConfig:
             raise IkrError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
         if self.k < 1 or self.feat_dim < 1 or self.bias_scale <= 0:
             raise IkrError("k and feat_dim must be positive, bias_scale greater than 0")
-
-    def to_dict(self) -> dict:
-        """A plain dict (JSON- and weights_only-safe)."""
-        return asdict(self)
-
-    @staticmethod
-    def from_dict(values: dict) -> KernelConfig:
-        """Build from a dict; unknown keys are refused, missing keys take defaults."""
-        known = {f.name for f in fields(KernelConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise IkrError(f"unknown kernel settings {unknown}")
-        return KernelConfig(**values)
 
     def architecture(self) -> dict:
         """The fields that decide the learned kernel's parameter shapes."""
@@ -177,7 +164,7 @@ def _mlp(n_in: int, hidden: int, n_out: int, layers: int = 2, act: type[nn.Modul
 
 
 class LearnedKernel(nn.Module):
-    """Dual-stream attention kernel over the K nearest keypoints (METHOD.md section 2)."""
+    """Dual-stream attention kernel over the K nearest keypoints (docs/method.md, section 2)."""
 
     def __init__(self, config: KernelConfig | None = None) -> None:
         super().__init__()
@@ -419,6 +406,15 @@ def make_kernel(name: str, config: KernelConfig | None = None, weights_path: Pat
     return kernel.eval()
 
 
+def kernel_neighbours(kernel: nn.Module) -> int:
+    """K, the nearest keys a kernel's value depends on (TPS uses every key: the default K serves its bookkeeping)."""
+    if isinstance(kernel, LearnedKernel):
+        return kernel.config.k
+    if isinstance(kernel, GaussianKernel):
+        return kernel.k
+    return KernelConfig().k
+
+
 def count_parameters(module: nn.Module) -> int:
     """The number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -446,7 +442,7 @@ def load_weights(path: Path) -> tuple[LearnedKernel, dict]:
     path = Path(path)
     payload = load_payload(path, WEIGHTS_FORMAT, "kernel")
     try:
-        config = KernelConfig.from_dict(dict(payload["config"]))
+        config = KernelConfig.from_dict(dict(payload["config"]), path)
     except (IkrError, TypeError, KeyError) as exc:
         raise IkrError(f"bad kernel config in weights file: {exc}", path) from exc
     kernel = LearnedKernel(config)

@@ -6,22 +6,10 @@ indices in (x, y, z) order, on the input's device.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import numpy as np
 import torch
 
 from ..core.filters import binary_erode, filter_1d, gaussian_smooth, max_filter
-
-
-class KeypointDetector(Protocol):
-    """A detector: (image (1,1,D,H,W), mask or None, max_points, seed) -> (N, 3) xyz voxel indices."""
-
-    def __call__(
-        self, image: torch.Tensor, mask: torch.Tensor | None, max_points: int = 2048, seed: int = 0
-    ) -> torch.Tensor:
-        """Detect at most `max_points` keypoints, deterministically for a seed."""
-        ...
 
 
 def forstner_distinctiveness(image: torch.Tensor, sigma: float = 1.4) -> torch.Tensor:
@@ -87,6 +75,3 @@ def forstner_keypoints(
     if points.shape[0] > max_points:
         points = points[farthest_point_sampling(points, max_points, seed)]
     return points
-
-
-DETECTORS: dict[str, KeypointDetector] = {"forstner": forstner_keypoints}

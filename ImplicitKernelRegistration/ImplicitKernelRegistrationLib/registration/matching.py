@@ -21,16 +21,10 @@ CHUNK_ELEMENTS = 2**25
 
 @dataclass
 class MatchResult:
-    """Per keypoint: displacement (N, 3) xyz voxels, confidence (N,) in [0, 1], cost summary (N,)."""
+    """Per keypoint: displacement (N, 3) xyz voxels, confidence (N,) in [0, 1]."""
 
     displacement: torch.Tensor
     confidence: torch.Tensor
-    cost_best: torch.Tensor
-    cost_mean: torch.Tensor
-
-    def subset(self, keep: torch.Tensor) -> MatchResult:
-        """The matches selected by a boolean mask or index tensor."""
-        return MatchResult(self.displacement[keep], self.confidence[keep], self.cost_best[keep], self.cost_mean[keep])
 
 
 @dataclass
@@ -241,7 +235,7 @@ def match_keypoints(
     n = keypoints.shape[0]
     if n == 0:
         empty = torch.zeros(0, device=device)
-        return MatchResult(torch.zeros(0, 3, device=device), empty, empty, empty)
+        return MatchResult(torch.zeros(0, 3, device=device), empty)
     if float(step_vox).is_integer():  # centre each search cube on a voxel: the moving cubes need no interpolation
         moved = keypoints.float() if prior is None else keypoints.float() + prior.float()
         prior = moved.round() - keypoints.float()
@@ -253,7 +247,7 @@ def match_keypoints(
     displacement, confidence = soft_argmin(cost, offsets, temperature)
     if prior is not None:
         displacement = displacement + prior.float()
-    return MatchResult(displacement, confidence, raw.min(dim=1).values, raw.mean(dim=1))
+    return MatchResult(displacement, confidence)
 
 
 def consistency_filter(forward: MatchResult, backward: MatchResult, threshold_vox: float = 1.5) -> ConsistencyResult:

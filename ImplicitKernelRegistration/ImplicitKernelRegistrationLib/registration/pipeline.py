@@ -11,7 +11,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,106 +21,22 @@ import torch.nn.functional as F
 from ..core.correspondences import Correspondences
 from ..core.errors import IkrError
 from ..core.fields import Field
-from ..core.geometry import Geometry, Image
+from ..core.geometry import Geometry, Image, voxels_to_mm
 from ..io.resources import ENCODER_WEIGHTS, KERNEL_WEIGHTS, weights_file
 from .alignment import Alignment, align
+from .config import DEFAULT_SCALES, FEATURE_NAMES, RegistrationConfig, ScaleSettings  # noqa: F401 (re-exported)
 from .dense import DenseModel
-from .features import mind_ssc, sample_features
+from .features import FeatureExtractor, mind_ssc, sample_features
 from .kernel import KernelConfig, make_kernel
 from .keypoints import forstner_keypoints
 from .matching import match_consistent, match_keypoints
 from .preprocess import MOVING_VIEW_MARGIN_MM, make_working_pair
-from .residual import ResidualSettings
 
 Progress = Callable[[float, str], None]
 
 # The shipped weights (model cards beside them in Resources/weights/, same stem, .md).
 DEFAULT_WEIGHTS = weights_file(KERNEL_WEIGHTS)
 DEFAULT_ENCODER = weights_file(ENCODER_WEIGHTS)
-FEATURE_NAMES = ("mind", "learned")
-
-
-@dataclass(frozen=True)
-class ScaleSettings:
-    """One level of the hierarchy: image pooling factor, search cube radius and step (pooled voxels).
-
-    check: run the backward match and drop keypoints whose round trip fails (forward/backward
-    consistency); without it every forward match is kept with its own confidence.
-    """
-
-    downsample: int
-    search_radius_vox: int
-    step_vox: float
-    check: bool = True
-
-
-# At a 2 mm working grid the five searches reach +-32, +-12, +-6, +-4 and +-2 mm around the
-# current estimate, on images pooled to 8, 4, 2, 2 and 2 mm. The two coarse scales skip the backward
-# match: the finer scales search around their result again and do check it (this saves a quarter of
-# the runtime and left the TRE unchanged on the thorax and abdomen cases of bench/).
-DEFAULT_SCALES: tuple[ScaleSettings, ...] = (
-    ScaleSettings(4, 4, 1.0, check=False),
-    ScaleSettings(2, 3, 1.0, check=False),
-    ScaleSettings(1, 3, 1.0),
-    ScaleSettings(1, 2, 1.0),
-    ScaleSettings(1, 2, 0.5),
-)
-
-
-@dataclass
-class RegistrationConfig:
-    """Settings of one registration; every field is recorded in the report."""
-
-    spacing_mm: float = 2.0
-    # Rigid by default: on an already aligned breathing-like case (bench clinical set, abdomen) an affine
-    # start cost 0.23 mm of TRE (1.19 against 0.96 mm without alignment), a rigid one 0.01 mm; both recover
-    # a repositioned patient (test_alignment).
-    alignment: str = "rigid"
-    kernel: str = "learned"
-    heads: str = "both"
-    weights: str | None = None
-    features: str = "mind"
-    encoder_weights: str | None = None
-    max_keypoints: int = 2048
-    device: str = "auto"
-    seed: int = 0
-    control_step_vox: int = 5
-    consistency_threshold_vox: float = 1.5
-    # The residual fitted to the images after the last scale (residual.py); 0 iterations: none. Off by
-    # default for now: it lowers the TRE on most independent cases but not on breathing-like ones, and
-    # costs seconds on the CPU (bench/results/accuracy_dev.md); turn it on with 30 iterations.
-    residual_iterations: int = 0
-    residual_step_vox: int = 3
-    residual_learning_rate: float = 0.1
-    residual_smoothness: float = 1.0
-    residual_points: int = 16384
-    scales: tuple[ScaleSettings, ...] = field(default_factory=lambda: DEFAULT_SCALES)
-
-    def residual_settings(self) -> ResidualSettings:
-        """The residual_* fields as the residual stage's settings."""
-        return ResidualSettings(
-            self.residual_iterations,
-            self.residual_step_vox,
-            self.residual_learning_rate,
-            self.residual_smoothness,
-            self.residual_points,
-        )
-
-    def to_dict(self) -> dict:
-        """JSON-serialisable settings."""
-        out = asdict(self)
-        out["scales"] = [asdict(s) for s in self.scales]
-        return out
-
-    @staticmethod
-    def from_dict(data: dict) -> RegistrationConfig:
-        """Inverse of to_dict (unknown keys are an error)."""
-        values = dict(data)
-        scales = tuple(ScaleSettings(**s) for s in values.pop("scales", [asdict(s) for s in DEFAULT_SCALES]))
-        try:
-            return RegistrationConfig(**values, scales=scales)
-        except TypeError as err:
-            raise IkrError(f"unknown registration settings ({err})") from err
 
 
 @dataclass
@@ -163,7 +79,7 @@ def load_kernel(config: RegistrationConfig, device: torch.device) -> torch.nn.Mo
     return make_kernel(config.kernel, kernel_config, weights).to(device)
 
 
-def load_features(config: RegistrationConfig, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def load_features(config: RegistrationConfig, device: torch.device) -> FeatureExtractor:
     """The matching features named by the config: MIND-SSC, or the learned encoder (shipped weights by default)."""
     if config.features == "mind":
         return mind_ssc
@@ -200,16 +116,6 @@ def kernel_at_points(
         k_feat = sample_features(feature_volume, key_xyz)[None]
     out = kernel(query_xyz[None].float(), q_feat, key_xyz[None].float(), key_disp[None].float(), k_feat, key_conf[None])
     return out[0]
-
-
-def voxels_to_mm(displacement_vox: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Displacements (..., 3) in working voxels (x, y, z) -> LPS mm (direction and spacing applied)."""
-    return np.asarray(displacement_vox, dtype=np.float64) @ geometry.voxel_to_mm_matrix().T
-
-
-def mm_to_voxels(displacement_mm: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Displacements (..., 3) in LPS mm -> working voxels (x, y, z)."""
-    return np.asarray(displacement_mm, dtype=np.float64) @ np.linalg.inv(geometry.voxel_to_mm_matrix()).T
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -284,9 +190,12 @@ def _register_on(
     """The deformable registration on one device, after the alignment (see `register`)."""
     report_progress = progress or (lambda fraction, message: None)
     start = time.perf_counter()
-    torch.manual_seed(config.seed)
-    kernel = load_kernel(config, device)
-    extract = load_features(config, device)
+    # Building a kernel or an encoder draws initial weights (then replaced by a weights file's) from
+    # torch's global RNG: draw them from a copy of it, so that the caller's RNG state stays as it was.
+    # Nothing in the registration itself is random (keypoints and the residual take config.seed).
+    with torch.random.fork_rng(devices=[]):
+        kernel = load_kernel(config, device)
+        extract = load_features(config, device)
 
     report_progress(0.0, "resampling onto the working grid")
     start_transform = None if alignment.is_identity else alignment.to_sitk()

@@ -18,11 +18,11 @@ import torch
 from ..core.correspondences import USER, Correspondences
 from ..core.errors import IkrError
 from ..core.fields import Field, jacobian_determinant, sample_field
-from ..core.geometry import Geometry, Image
+from ..core.geometry import Geometry, Image, mm_to_voxels, voxels_to_mm
 from .alignment import Alignment
 from .dense import EMPTY_BOX, Box, DenseModel, box_slices, full_box, index_box, union_box
 from .features import mind_ssc
-from .pipeline import RegistrationConfig, RegistrationResult, load_kernel, mm_to_voxels, resolve_device, voxels_to_mm
+from .pipeline import RegistrationConfig, RegistrationResult, load_kernel, resolve_device
 from .preprocess import make_working_pair, normalise_ct, resample_to, to_tensor
 
 # A clicked pair gets the highest confidence an automatic match can have (1, the top of the range
@@ -75,7 +75,7 @@ class RefinementSession:
     def __init__(
         self, model: DenseModel, target: Geometry, automatic: Correspondences, pairs: list[UserPair] | None = None
     ) -> None:
-        self.model = model
+        self.model = model.copy()  # the session edits its own copy, never the registration it was given
         self.target = target
         self.automatic = automatic.subset(automatic.confidence > 0)
         self.pairs: list[UserPair] = []
@@ -128,10 +128,7 @@ class RefinementSession:
             self.pairs = [p for p in self.pairs if p.id != pair.id]
         else:
             self.pairs.insert(saved["position"], pair)
-        self.model.values[saved["control"]] = saved["values"]
-        self.model.neighbours[saved["control"]] = saved["neighbours"]
-        self.model.kth_distance[saved["control"]] = saved["kth"]
-        self.model._store_keys(*self._keys())
+        self.model.restore(saved["control"], saved["values"], saved["neighbours"], saved["kth"], self._keys())
         region = box_slices(saved["box"])
         self.base.displacement_mm[region] = saved["base"]
         self.field.displacement_mm[region] = saved["field"]

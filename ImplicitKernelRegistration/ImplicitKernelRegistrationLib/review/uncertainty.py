@@ -29,11 +29,11 @@ from scipy import ndimage
 
 from ..core.errors import IkrError
 from ..core.fields import Field
-from ..core.geometry import Geometry, Image
+from ..core.geometry import Geometry, Image, voxels_to_mm
 from ..io.atomic import write_text_atomic
 from ..io.resources import UNCERTAINTY_PARAMS, weights_file
 from ..registration.dense import DenseModel
-from ..registration.pipeline import RegistrationResult, voxels_to_mm
+from ..registration.pipeline import RegistrationResult
 from ..registration.preprocess import resample_to
 from ..registration.refine import CORRECTION_RADIUS_MM, RefinementSession, wendland
 

@@ -21,23 +21,25 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..core.config import Config
 from ..core.errors import IkrError
 from ..io.atomic import write_text_atomic
 from ..registration.encoder import EncoderConfig, FeatureEncoder, encoder_inputs, save_encoder
 from ..registration.matching import gather_cubes, patch_ssd, search_offsets, soft_argmin
-from .train import DEFAULT_CTS, FAMILIES
+from .config import DEFAULT_CTS, FAMILIES
+from .torch_state import own_torch_state
 
 Progress = Callable[[float, str], None]
 
 
 @dataclass
-class EncoderTrainConfig:
+class EncoderTrainConfig(Config):
     """Everything that decides an encoder training run (recorded in the weights file and model card)."""
 
     encoder: EncoderConfig
@@ -57,11 +59,6 @@ class EncoderTrainConfig:
     lr: float = 3e-3
     seed: int = 0
     threads: int = 1
-
-    def to_dict(self) -> dict:
-        """A JSON-safe dict."""
-        out = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
 @dataclass
@@ -149,10 +146,14 @@ def _draw(case: EncoderCase, config: EncoderTrainConfig, gen: torch.Generator) -
 
 
 def train_encoder(config: EncoderTrainConfig, progress: Progress | None = None) -> dict:
+    """Train the encoder (see `_train_encoder`) with its own seed and threads; the caller's are given back."""
+    with own_torch_state(config.seed, config.threads):
+        return _train_encoder(config, progress)
+
+
+def _train_encoder(config: EncoderTrainConfig, progress: Progress | None = None) -> dict:
     """Train the encoder by the recipe of the module docstring; returns history, validation and the model."""
     report = progress or (lambda fraction, message: None)
-    torch.manual_seed(config.seed)
-    torch.set_num_threads(max(1, config.threads))
     start = time.time()
     train_cases: list[EncoderCase] = []
     val_cases: list[EncoderCase] = []

@@ -1,0 +1,94 @@
+"""The settings of a registration, and the names its choices take (torch-free: the CLI builds its options here).
+
+RegistrationConfig reads and writes dicts as every settings class does (core/config.py); the
+command line's `register` and `demo` options are generated from its fields (cli.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..core.config import Config, setting
+
+if TYPE_CHECKING:
+    from .residual import ResidualSettings
+
+ALIGN_MODES = ("rigid", "affine", "none")  # the initial alignment (alignment.py)
+KERNEL_NAMES = ("learned", "tps", "gaussian")  # the sparse-to-dense kernels (kernel.py)
+HEADS = ("both", "spatial", "semantic")  # the learned kernel's attention streams (kernel.py)
+FEATURE_NAMES = ("mind", "learned")  # matching features: MIND-SSC or the learned encoder (encoder.py)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ScaleSettings(Config):
+    """One level of the hierarchy: image pooling factor, search cube radius and step (pooled voxels).
+
+    check: run the backward match and drop keypoints whose round trip fails (forward/backward
+    consistency); without it every forward match is kept with its own confidence.
+    """
+
+    downsample: int
+    search_radius_vox: int
+    step_vox: float
+    check: bool = True
+
+
+# At a 2 mm working grid the five searches reach +-32, +-12, +-6, +-4 and +-2 mm around the
+# current estimate, on images pooled to 8, 4, 2, 2 and 2 mm. The two coarse scales skip the backward
+# match: the finer scales search around their result again and do check it (this saves a quarter of
+# the runtime and left the TRE unchanged on the thorax and abdomen cases of bench/).
+DEFAULT_SCALES: tuple[ScaleSettings, ...] = (
+    ScaleSettings(4, 4, 1.0, check=False),
+    ScaleSettings(2, 3, 1.0, check=False),
+    ScaleSettings(1, 3, 1.0),
+    ScaleSettings(1, 2, 1.0),
+    ScaleSettings(1, 2, 0.5),
+)
+
+
+@dataclass
+class RegistrationConfig(Config):
+    """Settings of one registration; every field is recorded in the report (to_dict/from_dict: core/config.py)."""
+
+    spacing_mm: float = setting(2.0, help="working grid spacing in mm")
+    # Rigid by default: on an already aligned breathing-like case (bench clinical set, abdomen) an affine
+    # start cost 0.23 mm of TRE (1.19 against 0.96 mm without alignment), a rigid one 0.01 mm; both recover
+    # a repositioned patient (test_alignment).
+    alignment: str = setting(
+        "rigid",
+        choices=ALIGN_MODES,
+        help="automatic initial alignment before the deformable stage (affine: rigid, then affine)",
+    )
+    kernel: str = setting("learned", choices=KERNEL_NAMES, help="sparse-to-dense kernel")
+    heads: str = setting("both", choices=HEADS, help="the learned kernel's attention streams")
+    weights: str | None = setting(None, help="learned kernel weights (default: the shipped ones)")
+    features: str = setting("mind", choices=FEATURE_NAMES, help="matching features: MIND-SSC or the encoder")
+    encoder_weights: str | None = setting(None, help="learned encoder weights (default: the shipped ones)")
+    max_keypoints: int = setting(2048, help="keypoints detected in the fixed image at most")
+    device: str = setting("auto", choices=DEVICES, help="where to compute (auto: CUDA when available)")
+    seed: int = setting(0, help="seed of the keypoint sampling and the residual's points")
+    control_step_vox: int = 5
+    consistency_threshold_vox: float = 1.5
+    # The residual fitted to the images after the last scale (residual.py); 0 iterations: none. Off by
+    # default for now: it lowers the TRE on most independent cases but not on breathing-like ones, and
+    # costs seconds on the CPU (bench/results/accuracy_dev.md); turn it on with 30 iterations.
+    residual_iterations: int = 0
+    residual_step_vox: int = 3
+    residual_learning_rate: float = 0.1
+    residual_smoothness: float = 1.0
+    residual_points: int = 16384
+    scales: tuple[ScaleSettings, ...] = field(default_factory=lambda: DEFAULT_SCALES)
+
+    def residual_settings(self) -> ResidualSettings:
+        """The residual_* fields as the residual stage's settings."""
+        from .residual import ResidualSettings
+
+        return ResidualSettings(
+            self.residual_iterations,
+            self.residual_step_vox,
+            self.residual_learning_rate,
+            self.residual_smoothness,
+            self.residual_points,
+        )
