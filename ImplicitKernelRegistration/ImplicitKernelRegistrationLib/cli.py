@@ -210,7 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with _ProgressBar("registering", enabled=not args.quiet) as progress:
         report = workspace.register(
             case.fixed, case.moving, _registration_config(args), inputs=inputs,
-            landmarks=(case.landmarks_fixed_lps, case.landmarks_moving_lps),
+            landmarks=(case.landmarks_fixed_lps, case.landmarks_moving_lps), overwrite=True,
             check_memory=not args.force_memory, progress=progress,
         )  # fmt: skip
     _print_summary(report, outdir / "registration")

@@ -7,8 +7,9 @@ Slicer module has before an output folder is chosen):
   replaced only when asked; its clicked pairs are kept in user_pairs_before_overwrite.csv), every output
   written all or nothing (io.outputs);
 - `open` it again; `refine` it in one step (add and remove clicked pairs, rewrite every output, as
-  `ikr refine`), or edit pairs one at a time (`add_pairs`, `remove_pair`, `undo`, as the Slicer module
-  does: each edit saves the pairs); refinement stays exact (registration.refine);
+  `ikr refine`), or edit pairs one at a time in memory (`add_pairs`, `remove_pair`, `undo`, as the
+  Slicer module does), then `save_pairs` (session.json and correspondences.csv); refinement stays exact
+  (registration.refine);
 - the expected-error map, click suggestions, margins and the margin report, exports.
 
 Every write to the folder holds its lock (io.guard.folder_lock). A workspace that edits pairs one at a
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
     from .review.margin import MarginResult
 
 Progress = Callable[[float, str], None]
-ImageInput = "Image | str | os.PathLike"
 PREVIOUS_PAIRS_FILE = "user_pairs_before_overwrite.csv"
 SUGGESTIONS_FILE = "suggestions.csv"
 MARGIN_FOLDER = "margin"
@@ -190,12 +190,12 @@ class Workspace:
 
     def register(
         self,
-        fixed: ImageInput,
-        moving: ImageInput,
+        fixed: Image | str | os.PathLike,
+        moving: Image | str | os.PathLike,
         config: RegistrationConfig | dict | None = None,
         *,
-        fixed_mask: ImageInput | None = None,
-        moving_mask: ImageInput | None = None,
+        fixed_mask: Image | str | os.PathLike | None = None,
+        moving_mask: Image | str | os.PathLike | None = None,
         landmarks: tuple | None = None,
         initial: Alignment | str | os.PathLike | None = None,
         inputs: dict | None = None,
@@ -231,7 +231,7 @@ class Workspace:
                 self._keep_previous_pairs(previous)
         return self.report
 
-    def _input_image(self, image: ImageInput, series_uid: str | None, role: str, inputs: dict) -> Image:
+    def _input_image(self, image: Image | str | os.PathLike, series_uid: str | None, role: str, inputs: dict) -> Image:
         """An input image as given, or read from its path (a DICOM folder: say which series and why)."""
         from .core.geometry import Image
 
@@ -252,7 +252,7 @@ class Workspace:
         return read
 
     @staticmethod
-    def _input_mask(mask: ImageInput | None) -> Image | None:
+    def _input_mask(mask: Image | str | os.PathLike | None) -> Image | None:
         """A mask as given, or read from its path and checked to be a mask."""
         from .core.geometry import Image
 
