@@ -444,17 +444,10 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         self.reset()
 
     def reset(self) -> None:
-        """Forget the in-memory registration, refinement session, expected-error map and margins."""
-        self.fixedImage = None
-        self.movingImage = None
-        self.result = None
-        self.session = None
-        self.savedSession = None  # session.json's content without the version: config, working geometry, inputs
-        self.quality = None  # the quality verdict of the registration (quality.assess)
-        self.expectedError = None  # the session's expected-error map (library Image); None: not computed or stale
-        self.marginResult = None
-        self.marginInterval = None  # the minimal margin's interval over the uncertainty (uncertainty.margin_interval)
-        self.marginErrorMap = None  # the expected-error map the interval was computed from
+        """Forget the registration in memory (its workspace), the expected-error node's map and the margins."""
+        self.workspace = None  # the registration under review (ImplicitKernelRegistrationLib.workspace.Workspace)
+        self.shownErrorMap = None  # the expected-error map last put into its volume node
+        self.marginReview = None  # workspace.MarginReview: margins and the minimal margin's interval
         self.lastMessage = ""
         self._foregroundBefore = {}  # slice composite node ID -> (foreground volume ID, opacity) before the overlay
 
@@ -597,60 +590,66 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------------------ registration
 
     def register(self, parameterNode, progress=None) -> None:
-        """Register moving to fixed, then show the transform, the moved volume and the correspondences.
+        """Register moving to fixed (into the output folder when one is set), then show the transform, the moved
+        volume and the correspondences.
 
-        `progress(fraction, message)` may raise to cancel; it is also called between the steps after the
-        registration (map, output writing), so Cancel is seen there too.
+        `progress(fraction, message)` may raise to cancel; the workspace also calls it between the steps after
+        the registration (map, output writing), so Cancel is seen there too. A registration that was computed
+        but could not be written is still shown (the error says why it was not written).
         """
-        from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
-        from ImplicitKernelRegistrationLib.registration.refine import session_from_result
-        from ImplicitKernelRegistrationLib.review.quality import assess
+        from ImplicitKernelRegistrationLib.workspace import Workspace
 
         p = parameterNode
-        step = progress or (lambda fraction, message: None)
         self.lastMessage = ""
         own = p.outputTransform
         with self.inputVolume(p.fixedVolume, own) as fixedNode, self.inputVolume(p.movingVolume, own) as movingNode:
             fixed, moving = self._volumeImage(fixedNode), self._volumeImage(movingNode)
             fixedMask = self.maskFromSegmentation(p.fixedMask, fixedNode)
             movingMask = self.maskFromSegmentation(p.movingMask, movingNode)
-        config = RegistrationConfig(spacing_mm=float(p.spacingMm), device=p.device)  # shipped weights: resources
+        config = {"spacing_mm": float(p.spacingMm), "device": p.device}  # shipped weights: resources
         note = self.lastMessage  # e.g. that a hardened copy was registered
         self.lastMessage = "nothing was changed"
         initial = self.initialAlignment(p)
-        result = register(fixed, moving, config, fixedMask, movingMask, progress, initial)
+        workspace = Workspace(self.outputFolder(p), command="ImplicitKernelRegistration", say=logging.info)
+        inputs = {"fixed": p.fixedVolume.GetName(), "moving": p.movingVolume.GetName()}
+        try:
+            workspace.register(
+                fixed, moving, config, fixed_mask=fixedMask, moving_mask=movingMask, initial=initial,
+                inputs=inputs, overwrite=True, progress=progress,
+            )  # fmt: skip
+        finally:
+            if workspace.has_registration:
+                self._showRegistration(p, workspace)
+        report = {k: workspace.report.get(k) for k in ("runtime_s", "device", "n_keypoints")}
+        logging.info("registration: %s", report)
+        quality = workspace.quality
+        reasons = f" ({'; '.join(quality['reasons'])})" if quality["reasons"] else ""
+        self.lastMessage = (
+            f"registered in {report['runtime_s']:.0f} s on {report['device']}; quality {quality['verdict']}{reasons}"
+            + (f"; {note}" if note else "")
+        )
+
+    def _showRegistration(self, parameterNode, workspace) -> None:
+        """Hold a new registration: the transform, correspondences, pair lists, scene session, layout and map."""
+        p = parameterNode
         foregroundBefore = self._foregroundBefore  # what the expected-error overlay covers, kept across runs
         self.reset()
         self._foregroundBefore = foregroundBefore
-        self.result, self.fixedImage, self.movingImage = result, fixed, moving
-        self.session = session_from_result(result, fixed)
-        self.savedSession = {
-            "inputs": {"fixed": p.fixedVolume.GetName(), "moving": p.movingVolume.GetName()},
-            "config": result.report["config"],
-            "working_geometry": result.working_geometry.to_dict(),
-            "alignment": result.alignment.to_dict(),  # clicked pairs and a reopened session pass through it
-        }
-        self.quality = assess(fixed, moving, result.field, result.correspondences, result.alignment)
+        self.workspace = workspace
+        self.lastMessage = "the registration is shown; the output folder was not written"
         self.showField(p)
         self.showCorrespondences(p)
         self.ensurePairNodes(p)
         self._syncListsToSession(p)  # points of an earlier registration's pairs are removed
         self.storeSessionInScene(p)
         self.showReviewLayout(p)
-        self.lastMessage = "the registration is shown; no expected-error map, the output folder was not written"
-        step(1.0, "computing the expected-error map")
-        self._afterFieldChange(p, compute=True)  # the expected-error map, written with the outputs below
-        self.lastMessage = "the registration is shown; the output folder was not written"
-        step(1.0, "writing the output folder")
-        self.saveSession(p, full=True)
-        report = {k: result.report.get(k) for k in ("runtime_s", "device", "n_keypoints")}
-        logging.info("registration: %s", report)
-        verdict = self.quality["verdict"]
-        reasons = f" ({'; '.join(self.quality['reasons'])})" if self.quality["reasons"] else ""
-        self.lastMessage = (
-            f"registered in {report['runtime_s']:.0f} s on {report['device']}; quality {verdict}{reasons}"
-            + (f"; {note}" if note else "")
-        )
+        self._afterFieldChange(p, compute=True)  # the map the registration computed, into its node
+
+    @staticmethod
+    def outputFolder(parameterNode) -> pathlib.Path | None:
+        """The chosen output folder (None when none is set)."""
+        folder = parameterNode.outputFolder
+        return pathlib.Path(folder) if folder and str(folder) not in ("", ".") else None
 
     def ensureOutputTransform(self, parameterNode):
         """The module's grid transform node (made on first use)."""
@@ -690,7 +689,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def displaySpacingMm(self, parameterNode) -> float:
         """The grid spacing of the transform Slicer is given: the registration's working spacing."""
-        config = (self.savedSession or {}).get("config", {})
+        config = self.workspace.saved.get("config", {}) if self.workspace is not None else {}
         return float(config.get("spacing_mm", parameterNode.spacingMm))
 
     def showField(self, parameterNode) -> None:
@@ -701,7 +700,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         """
         p = parameterNode
         node = self.ensureOutputTransform(p)
-        field = slicer_bridge.display_field(self.session.field, self.displaySpacingMm(p))
+        field = slicer_bridge.display_field(self.workspace.field, self.displaySpacingMm(p))
         transform = slicer.vtkOrientedGridTransform()
         transform.SetInterpolationModeToLinear()
         transform.SetGridDirectionMatrix(slicer_bridge.grid_direction_matrix(field))
@@ -718,12 +717,8 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def _resampleMoving(self, parameterNode) -> None:
         """Write the moving volume resampled onto the fixed grid into the output volume node (with a display node)."""
-        from ImplicitKernelRegistrationLib.core.fields import warp_image
-
         p = parameterNode
-        warped = warp_image(
-            self.movingImage or self.imageFromVolume(p.movingVolume, p.outputTransform), self.session.field
-        )
+        warped = self.workspace.warped_moving()
         ijkToRas = slicer_bridge.ijk_to_ras_matrix(warped.geometry)
         if p.outputVolume is None:
             p.outputVolume = slicer.util.addVolumeFromArray(
@@ -766,7 +761,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
     def showCorrespondences(self, parameterNode) -> None:
         """The automatic correspondences' fixed points as a locked point list, hidden until asked for."""
         p = parameterNode
-        corr = self.result.correspondences
+        corr = self.workspace.correspondences()
         points = lps_ras(corr.fixed_lps[corr.confidence > 0])
         if p.correspondences is None:
             node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "IKR correspondences")
@@ -810,49 +805,44 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         return points
 
     def hasSession(self, parameterNode) -> bool:
-        """Whether a refinement session is in memory or can be reopened (scene or output folder)."""
-        from ImplicitKernelRegistrationLib.io.outputs import OUTPUT_FILES
+        """Whether a registration is in memory or can be reopened (scene or output folder)."""
+        from ImplicitKernelRegistrationLib.workspace import is_registration_folder
 
         p = parameterNode
-        folder = pathlib.Path(p.outputFolder) if p.outputFolder and str(p.outputFolder) not in ("", ".") else None
-        return (
-            self.session is not None
-            or p.sessionState is not None
-            or (folder is not None and (folder / OUTPUT_FILES["session"]).is_file())
-        )
+        return self.workspace is not None or p.sessionState is not None or is_registration_folder(self.outputFolder(p))
 
     def storeSessionInScene(self, parameterNode) -> None:
         """Keep what reopening the session needs in a text node saved with the scene (parameter `sessionState`)."""
         p = parameterNode
-        saved = {**self.savedSession, "user": self.session.to_dict()}
+        saved, automatic = self.workspace.state()
         if p.sessionState is None:
             p.sessionState = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTextNode", "IKR session")
-        p.sessionState.SetText(slicer_bridge.session_state_json(saved, self.session.automatic))
+        p.sessionState.SetText(slicer_bridge.session_state_json(saved, automatic))
 
     def openSession(self, parameterNode) -> None:
-        """Reopen the refinement session when none is in memory: from the scene, else from the output folder."""
-        if self.session is not None:
+        """Reopen the registration when none is in memory: from the scene, else from the output folder."""
+        if self.workspace is not None:
             return
-        from ImplicitKernelRegistrationLib.core.correspondences import AUTOMATIC
-        from ImplicitKernelRegistrationLib.io.outputs import OUTPUT_FILES, read_correspondences_csv, read_session
-        from ImplicitKernelRegistrationLib.registration.refine import open_session
+        from ImplicitKernelRegistrationLib.workspace import Workspace, is_registration_folder
 
         p = parameterNode
-        if p.sessionState is not None and p.sessionState.GetText():
-            saved, automatic = slicer_bridge.session_state_from_json(p.sessionState.GetText())
-        elif self.hasSession(p):
-            saved = read_session(p.outputFolder)
-            everything = read_correspondences_csv(pathlib.Path(p.outputFolder) / OUTPUT_FILES["correspondences"])
-            automatic = everything.subset(everything.source == AUTOMATIC)
-        else:
+        folder = self.outputFolder(p)
+        fromScene = p.sessionState is not None and p.sessionState.GetText()
+        if not fromScene and not is_registration_folder(folder):
             raise IkrError("register first (or choose the output folder of an earlier registration)")
-        self.fixedImage = self.imageFromVolume(p.fixedVolume, p.outputTransform)
-        self.session = open_session(self.fixedImage, saved, automatic)
-        self.savedSession = {k: v for k, v in saved.items() if k not in ("version", "files", "user")}
+        fixed = self.imageFromVolume(p.fixedVolume, p.outputTransform)
+        moving = self.imageFromVolume(p.movingVolume, p.outputTransform) if p.movingVolume is not None else None
+        if fromScene:
+            saved, automatic = slicer_bridge.session_state_from_json(p.sessionState.GetText())
+            workspace = Workspace.from_state(saved, automatic, fixed, moving, folder)
+        else:
+            workspace = Workspace.open(folder, fixed, moving, command="ImplicitKernelRegistration", say=logging.info)
+        workspace.ensure_session()
+        self.workspace = workspace
 
     def pairFeedback(self) -> list[dict]:
-        """The session's per-pair feedback (empty without a session)."""
-        return self.session.feedback() if self.session is not None else []
+        """Per pair: id, label, residual and warnings (empty without a registration)."""
+        return self.workspace.feedback() if self.workspace is not None else []
 
     @staticmethod
     def _deletePoints(markupsNode, pointIds) -> None:
@@ -872,23 +862,23 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         self.openSession(p)
         self.ensurePairNodes(p)
         links = slicer_bridge.links_from_json(p.pairLinks)
-        pairs = {pair.id: (pair.fixed_lps, pair.moving_lps) for pair in self.session.pairs}
+        pairs = {pair.id: (pair.fixed_lps, pair.moving_lps) for pair in self.workspace.pairs}
         edits = slicer_bridge.reconcile_pairs(
             links, self._listPoints(p.fixedPoints), self._listPoints(p.movingPoints), pairs
         )
         if edits.empty:
             return []
-        outside = ~self.session.target.contains_lps(edits.add_fixed_lps) if len(edits.add_fixed_lps) else []
+        outside = ~self.workspace.fixed.geometry.contains_lps(edits.add_fixed_lps) if len(edits.add_fixed_lps) else []
         if np.any(outside):
             raise IkrError(
                 f"fixed point {edits.add_fixed_lps[outside][0].round(1).tolist()} (LPS mm) lies outside the fixed image"
             )
         for pairId in edits.remove:
-            self.session.remove_correspondence(pairId)
+            self.workspace.remove_pair(pairId)
             links.pop(pairId, None)
         ids = []
         if edits.add_links:
-            ids = self.session.add_correspondences(edits.add_fixed_lps, edits.add_moving_lps)
+            ids = self.workspace.add_pairs(edits.add_fixed_lps, edits.add_moving_lps)
             links.update(zip(ids, edits.add_links, strict=True))
         p.pairLinks = slicer_bridge.links_to_json(links)
         self._editLists(p, edits.delete_fixed, edits.delete_moving)
@@ -898,14 +888,14 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
     def removePair(self, parameterNode, pairId: int) -> None:
         """Delete one pair by id (and its two points) and rebuild the field."""
         self.openSession(parameterNode)
-        self.session.remove_correspondence(pairId)
+        self.workspace.remove_pair(pairId)
         self._syncListsToSession(parameterNode)
         self._afterEdit(parameterNode)
 
     def undo(self, parameterNode) -> None:
         """Undo the last add or delete (the point lists follow)."""
         self.openSession(parameterNode)
-        self.session.undo()
+        self.workspace.undo()
         self._syncListsToSession(parameterNode)
         self._afterEdit(parameterNode)
 
@@ -916,7 +906,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         try:
             self._deletePoints(p.fixedPoints, deleteFixed)
             self._deletePoints(p.movingPoints, deleteMoving)
-            labels = {pair.id: pair.label for pair in self.session.pairs}
+            labels = {pair.id: pair.label for pair in self.workspace.pairs}
             for pairId, (fixedId, movingId) in slicer_bridge.links_from_json(p.pairLinks).items():
                 for node, pointId in ((p.fixedPoints, fixedId), (p.movingPoints, movingId)):
                     index = node.GetNthControlPointIndexByID(pointId)
@@ -929,7 +919,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         """After the session changed by itself (delete, undo, reopen): remove points of gone pairs, add missing ones."""
         p = parameterNode
         self.ensurePairNodes(p)
-        pairs = {pair.id: pair for pair in self.session.pairs}
+        pairs = {pair.id: pair for pair in self.workspace.pairs}
         links, deleteFixed, deleteMoving, missing = slicer_bridge.sync_lists_to_session(
             slicer_bridge.links_from_json(p.pairLinks),
             {pt.point_id for pt in self._listPoints(p.fixedPoints)},
@@ -955,7 +945,8 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def jumpToPair(self, pairId: int) -> None:
         """Centre every slice view on a pair's fixed point."""
-        pair = next((q for q in self.session.pairs if q.id == pairId), None) if self.session is not None else None
+        pairs = self.workspace.pairs if self.workspace is not None else []
+        pair = next((q for q in pairs if q.id == pairId), None)
         if pair is not None:
             self.jumpToPoint(pair.fixed_lps)
 
@@ -967,36 +958,10 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         self.saveSession(p)
         self._afterFieldChange(p, compute=bool(p.showExpectedError))
 
-    def saveSession(self, parameterNode, full: bool = False) -> None:
-        """Write the session (and after a registration every output) into the output folder, if one is set."""
-        from ImplicitKernelRegistrationLib.io.outputs import read_session, write_registration, write_session
-
-        p = parameterNode
-        if not p.outputFolder or str(p.outputFolder) in ("", "."):
-            return
-        outdir = pathlib.Path(p.outputFolder)
-        if full:
-            from ImplicitKernelRegistrationLib.core.fields import warp_image
-
-            session = {**self.savedSession, "user": self.session.to_dict()}
-            warped = warp_image(self.movingImage, self.session.field)
-            write_registration(
-                outdir,
-                self.session.field,
-                warped,
-                self.result.correspondences,
-                {**self.result.report, "quality": self.quality},
-                session,
-                self.expectedError,  # uncertainty.nii.gz, read by `ikr suggest` and `ikr margin --uncertainty`
-            )
-            return
-        from ImplicitKernelRegistrationLib.io.outputs import OUTPUT_FILES
-
-        if not (outdir / OUTPUT_FILES["session"]).is_file():
-            return  # no registration written there (e.g. a folder chosen after Register): the scene keeps the session
-        saved = read_session(outdir)
-        saved["user"] = self.session.to_dict()
-        write_session(outdir, saved, self.session.automatic.concat(self.session.user_correspondences()))
+    def saveSession(self, parameterNode) -> None:
+        """Save the pairs into the output folder when it holds this registration (workspace.save_pairs, locked)."""
+        if self.workspace is not None:
+            self.workspace.save_pairs()
 
     # ------------------------------------------------------------------------------ expected error, suggestions
 
@@ -1007,7 +972,6 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         the registration or the edit itself has succeeded.
         """
         p = parameterNode
-        self.expectedError = None
         if compute:
             try:
                 self.updateExpectedError(p)
@@ -1019,9 +983,9 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
     def updateExpectedError(self, parameterNode) -> Image:
         """The expected registration error (mm, fixed grid) of the current session, also in its volume node.
 
-        The map is uncertainty.expected_error_map(session): one kernel pass over the keys plus a
-        resampling onto the fixed grid (about a tenth of a registration's time; each clicked pair adds a
-        blend over the whole fixed grid). So that clicking pairs stays fast it is computed:
+        The map is the workspace's (review.uncertainty.expected_error_map of the session): one kernel pass
+        over the keys plus a resampling onto the fixed grid (about a tenth of a registration's time; each
+        clicked pair adds a blend over the whole fixed grid). So that clicking pairs stays fast it is computed:
         - after every registration (it is also written to the output folder as uncertainty.nii.gz);
         - after a refinement edit (add, delete, undo) only while *Show expected error* is on;
         - otherwise here, on demand, when something needs it and the map is stale: turning the overlay
@@ -1029,16 +993,13 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         The node "IKR expected error (mm)" (parameter `expectedErrorVolume`) is made once and reused; it is
         not put into the slice views here (see setExpectedErrorVisible).
         """
-        from ImplicitKernelRegistrationLib.review.uncertainty import expected_error_map
-
         p = parameterNode
-        if self.expectedError is None:
-            self.openSession(p)
-            self.expectedError = expected_error_map(self.session)
-            self._writeExpectedErrorNode(p, self.expectedError)
-        elif p.expectedErrorVolume is None:
-            self._writeExpectedErrorNode(p, self.expectedError)
-        return self.expectedError
+        self.openSession(p)
+        error = self.workspace.expected_error()  # computed again only after an edit
+        if error is not self.shownErrorMap or p.expectedErrorVolume is None:
+            self._writeExpectedErrorNode(p, error)
+            self.shownErrorMap = error
+        return error
 
     @staticmethod
     def _writeExpectedErrorNode(parameterNode, image: Image) -> None:
@@ -1077,7 +1038,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
                         composite.SetForegroundOpacity(opacity)
             self._foregroundBefore = {}
             return
-        if self.session is not None or p.expectedErrorVolume is None:
+        if self.workspace is not None or p.expectedErrorVolume is None:
             self.updateExpectedError(p)  # a node saved with the scene is shown as it is until a session is open
         node = p.expectedErrorVolume
         for composite in composites:
@@ -1091,12 +1052,10 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
     def suggestionMask(self, parameterNode) -> Image | None:
         """Where suggestions should lie near (fixed space): the tumour warped through the current field when
         one is chosen, else the ablation zone, else None (anywhere in the body)."""
-        from ImplicitKernelRegistrationLib.core.fields import warp_labels
-
         p = parameterNode
         if p.tumourSegmentation is not None:
             tumour = self.inputMask(p.tumourSegmentation, p.movingVolume, p.outputTransform)  # on the moving CT
-            return warp_labels(tumour, self.session.field)
+            return self.workspace.to_fixed(tumour)
         if p.ablationSegmentation is not None:
             return self.inputMask(p.ablationSegmentation, p.fixedVolume, p.outputTransform)
         return None
@@ -1104,24 +1063,17 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
     def suggestClicks(self, parameterNode, n: int | None = None) -> np.ndarray:
         """Fixed-space points (LPS, (k, 3), k <= n) where one clicked pair would remove the most expected error.
 
-        uncertainty.suggest_clicks on the current map, inside the body of the fixed CT (as `ikr suggest`)
+        Workspace.suggest on the current map, inside the body of the fixed CT (as `ikr suggest`)
         and near suggestionMask(). The points replace those of the "IKR suggested clicks" list (parameter
         `suggestedClicks`), labelled with the expected error there; the slice views jump to the first.
         """
-        from ImplicitKernelRegistrationLib.registration.preprocess import body_mask
-        from ImplicitKernelRegistrationLib.review.uncertainty import suggest_clicks
-
         p = parameterNode
-        error = self.updateExpectedError(p)  # opens the session (and reads the fixed CT) when needed
-        fixed = self.fixedImage
-        body = Image(body_mask(fixed).astype(np.uint8), fixed.geometry)
+        self.updateExpectedError(p)  # opens the session (and reads the fixed CT) when needed; shows the map
         n = int(p.numberOfSuggestions if n is None else n)
-        points = suggest_clicks(error, n, near_mask=self.suggestionMask(p), region=body)
+        suggestions = self.workspace.suggest(n, near_mask=self.suggestionMask(p))
+        points, values = suggestions.points_lps, suggestions.expected_error_mm
         if len(points) == 0:
             raise IkrError("no place was found where a clicked pair would reduce the expected error")
-        index = np.rint(error.geometry.lps_to_index(points)).astype(int)
-        index = np.clip(index, 0, np.asarray(error.geometry.size) - 1)
-        values = error.array[index[:, 2], index[:, 1], index[:, 0]]  # the map at each point (nearest voxel)
         if p.suggestedClicks is None:
             node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", SUGGESTIONS_NAME)
             node.CreateDefaultDisplayNodes()
@@ -1148,19 +1100,18 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         With a registration, also the minimal margin's 5-95 % interval over the expected error (its figures are
         returned with the margin's, as in margin.json of `ikr margin --uncertainty`, and shown in the summary).
         """
-        from ImplicitKernelRegistrationLib.review.margin import compute_margin
+        from ImplicitKernelRegistrationLib.workspace import Workspace
 
         p = parameterNode
         if p.tumourSegmentation is None or p.ablationSegmentation is None:
             raise IkrError("choose the tumour and the ablation-zone segmentations")
-        if self.session is None and self.hasSession(p):
+        if self.workspace is None and self.hasSession(p):
             self.openSession(p)
         tumour = self.inputMask(p.tumourSegmentation, p.movingVolume, p.outputTransform)
         ablation = self.inputMask(p.ablationSegmentation, p.fixedVolume, p.outputTransform)
-        field = self.session.field if self.session is not None else None
-        self.marginResult = compute_margin(tumour, ablation, field)
-        self.marginInterval = self.marginErrorMap = None
-        r = self.marginResult
+        review = (self.workspace or Workspace()).margin(tumour, ablation)  # no registration: as they lie
+        self.marginReview = review
+        r = review.result
         poly = slicer_bridge.margin_polydata_ras(r.surface.points_lps, r.surface.triangles, r.margins_mm)
         if p.marginModel is None:
             p.marginModel = slicer.modules.models.logic().AddModel(poly)
@@ -1182,10 +1133,10 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
             f"minimal margin {figures['min_margin_mm']:.1f} mm, coverage {figures['coverage_percent']:.1f} %, "
             f"tumour outside the zone {figures['outside_volume_ml']:.2f} ml"
         )
-        if field is not None:
-            summary += "\n" + self._computeMarginInterval(p, tumour, ablation)
+        if self.workspace is not None:
+            summary += "\n" + self._marginIntervalLine(review)
         p.marginSummary = summary
-        return {**figures, **(self.marginInterval or {})}
+        return review.figures()
 
     @staticmethod
     def marginColorNode(parameterNode):
@@ -1201,18 +1152,13 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
             p.marginColors = node
         return p.marginColors
 
-    def _computeMarginInterval(self, parameterNode, tumour: Image, ablation: Image) -> str:
-        """The minimal margin's 5-95 % interval over the expected error (uncertainty.margin_interval); its line."""
-        from ImplicitKernelRegistrationLib.review.uncertainty import margin_interval
-
-        try:
-            error = self.updateExpectedError(parameterNode)
-            interval = margin_interval(tumour, ablation, self.session.field, error, point=self.marginResult)
-        except IkrError as err:
-            logging.warning("no margin interval: %s", err)
-            return f"minimal margin 5-95 %: not available ({err.problem})"
-        interval.pop("sampled_min_margins_mm", None)
-        self.marginInterval, self.marginErrorMap = interval, error
+    @staticmethod
+    def _marginIntervalLine(review) -> str:
+        """The summary line of the minimal margin's 5-95 % interval (or why it is not available)."""
+        interval = review.interval
+        if interval is None:
+            logging.warning("no margin interval: %s", review.interval_problem)
+            return f"minimal margin 5-95 %: not available ({review.interval_problem})"
         return (
             f"minimal margin 5-95 %: {interval['min_margin_p5_mm']:.1f} .. {interval['min_margin_p95_mm']:.1f} mm; "
             f"P(<0 mm) {interval['p_min_margin_below_0mm']:.2f}, P(<5 mm) {interval['p_min_margin_below_5mm']:.2f}"
@@ -1220,9 +1166,9 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def jumpToMinimalMargin(self) -> None:
         """Centre every slice view on the point of minimal margin."""
-        if self.marginResult is None:
+        if self.marginReview is None:
             raise IkrError("compute the margins first")
-        self.jumpToPoint(self.marginResult.min_margin_point_lps)
+        self.jumpToPoint(self.marginReview.result.min_margin_point_lps)
 
     def saveMarginReport(self, parameterNode, outdir) -> pathlib.Path:
         """Write report.html, margin.json, margin_points.csv, the surface and the warped tumour (all or nothing).
@@ -1230,40 +1176,21 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         With a margin interval (computed with the margins), margin.json carries its figures and the report
         its row and the expected error's isolines, as `ikr margin --uncertainty` writes them.
         """
-        import json
+        from ImplicitKernelRegistrationLib.workspace import Workspace
 
-        from ImplicitKernelRegistrationLib.io.atomic import atomic_directory, write_text_atomic
-        from ImplicitKernelRegistrationLib.io.images import write_image
-        from ImplicitKernelRegistrationLib.review.margin_report import (
-            OUTPUT_FILES,
-            points_csv,
-            report_html,
-            write_surface_vtp,
-        )
-
-        if self.marginResult is None:
+        if self.marginReview is None:
             raise IkrError("compute the margins first")
         p = parameterNode
-        info = {
-            "inputs": {
-                "tumour": p.tumourSegmentation.GetName(),
-                "ablation": p.ablationSegmentation.GetName(),
-                "transform": "refinement session" if self.session is not None else "identity (none)",
-            }
+        inputs = {
+            "tumour": p.tumourSegmentation.GetName(),
+            "ablation": p.ablationSegmentation.GetName(),
+            "transform": "refinement session" if self.workspace is not None else "identity (none)",
         }
-        if self.marginInterval is not None:
-            info["inputs"]["uncertainty"] = "expected-error map of the refinement session"
+        if self.marginReview.interval is not None:
+            inputs["uncertainty"] = "expected-error map of the refinement session"
         background = self.imageFromVolume(p.fixedVolume, p.outputTransform)
-        page = report_html(self.marginResult, info, background, self.marginErrorMap, self.marginInterval)
-        outdir = pathlib.Path(outdir)
-        with atomic_directory(outdir) as tmp:
-            summary = {**self.marginResult.figures(), **(self.marginInterval or {}), "coordinate_system": "LPS", **info}
-            write_text_atomic(tmp / OUTPUT_FILES["json"], json.dumps(summary, indent=2))
-            write_text_atomic(tmp / OUTPUT_FILES["html"], page)
-            write_text_atomic(tmp / OUTPUT_FILES["points"], points_csv(self.marginResult))
-            write_surface_vtp(self.marginResult, tmp / OUTPUT_FILES["surface"])
-            write_image(self.marginResult.warped_tumour, tmp / OUTPUT_FILES["warped"])
-        return outdir
+        Workspace.write_margin_review(outdir, self.marginReview, inputs, background)
+        return pathlib.Path(outdir)
 
     # ------------------------------------------------------------------------------ export
 
@@ -1272,11 +1199,9 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
 
         slicer_bridge.transform_export_kind says why a NIfTI field is refused (Slicer warns on its intent code).
         """
-        from ImplicitKernelRegistrationLib.io.transforms import write_field, write_transform
-
+        slicer_bridge.transform_export_kind(path)  # refuses NIfTI and unknown suffixes, with advice
         self.openSession(parameterNode)
-        writer = write_transform if slicer_bridge.transform_export_kind(path) == "transform" else write_field
-        return writer(self.session.field, path)
+        return self.workspace.export_transform(path)
 
     def exportWarpedSegmentation(self, parameterNode, segmentationNode, path) -> pathlib.Path:
         """Save a segmentation drawn on the moving volume, warped onto the fixed grid (nearest neighbour).
@@ -1284,36 +1209,34 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         .seg.nrrd is written by Slicer itself (slicer.util.saveNode; no slicerio in Slicer), other label
         formats (.nii.gz, .nrrd) by the library.
         """
-        from ImplicitKernelRegistrationLib.core.fields import warp_image
-        from ImplicitKernelRegistrationLib.io.atomic import atomic_path
-        from ImplicitKernelRegistrationLib.io.segmentations import write_labels
-
         if segmentationNode is None:
             raise IkrError("choose a segmentation to export")
         self.openSession(parameterNode)
         mask = self.inputMask(segmentationNode, parameterNode.movingVolume, parameterNode.outputTransform)
-        warped = warp_image(mask, self.session.field, interpolation="nearest", default_value=0)
-        labels = warped.with_array(warped.array.astype(np.uint8))
         path = pathlib.Path(path)
+        name = segmentationNode.GetName()
         if not path.name.lower().endswith(".seg.nrrd"):
-            return write_labels(labels, {1: segmentationNode.GetName()}, path)
-        labelmap = slicer.util.addVolumeFromArray(
-            labels.array,
-            ijkToRAS=slicer_bridge.ijk_to_ras_matrix(labels.geometry),
-            name=f"{segmentationNode.GetName()} (registered)",
-            nodeClassName="vtkMRMLLabelMapVolumeNode",
-        )
-        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", labelmap.GetName())
-        try:
-            if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation):
-                raise IkrError("Slicer could not make a segmentation of the warped labels", path)
-            with atomic_path(path) as tmp:  # the temporary name keeps the .seg.nrrd suffix Slicer's writer needs
-                if not slicer.util.saveNode(segmentation, str(tmp)):
+            return self.workspace.export_warped_labels(mask, name, path)
+
+        def saveWithSlicer(labels: Image, temporaryPath: pathlib.Path) -> None:
+            """Write the warped labels as a Slicer segmentation (the temporary name keeps the .seg.nrrd suffix)."""
+            labelmap = slicer.util.addVolumeFromArray(
+                labels.array,
+                ijkToRAS=slicer_bridge.ijk_to_ras_matrix(labels.geometry),
+                name=f"{name} (registered)",
+                nodeClassName="vtkMRMLLabelMapVolumeNode",
+            )
+            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", labelmap.GetName())
+            try:
+                if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation):
+                    raise IkrError("Slicer could not make a segmentation of the warped labels", path)
+                if not slicer.util.saveNode(segmentation, str(temporaryPath)):
                     raise IkrError("Slicer could not save the segmentation", path)
-        finally:
-            slicer.mrmlScene.RemoveNode(labelmap)
-            slicer.mrmlScene.RemoveNode(segmentation)
-        return path
+            finally:
+                slicer.mrmlScene.RemoveNode(labelmap)
+                slicer.mrmlScene.RemoveNode(segmentation)
+
+        return self.workspace.export_warped_labels(mask, name, path, writer=saveWithSlicer)
 
 
 class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
@@ -1394,7 +1317,7 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
         self.assertIsNone(p.ablationSegmentation.GetTransformNodeID())
         self.assertFalse(p.correspondences.GetDisplayVisibility())
         fixedLps = case.landmarks_fixed_lps[:1]
-        expected = lps_ras(transform_points(logic.session.field, fixedLps))[0]
+        expected = lps_ras(transform_points(logic.workspace.field, fixedLps))[0]
         got = p.outputTransform.GetTransformFromParent().TransformPoint(*lps_ras(fixedLps)[0])
         self.assertLess(np.linalg.norm(np.asarray(got) - expected), 0.1)
 
@@ -1404,12 +1327,12 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(p.marginModel)
         self.assertEqual(p.marginModel.GetDisplayNode().GetColorNodeID(), p.marginColors.GetID())
         self.assertIsNotNone(slicer.modules.colors.logic().GetColorLegendDisplayNode(p.marginModel))
-        self.assertIsNotNone(logic.marginInterval, p.marginSummary)
+        self.assertIsNotNone(logic.marginReview.interval, p.marginSummary)
         self.assertLessEqual(figures["min_margin_p5_mm"], figures["min_margin_mm"])
         self.assertLessEqual(figures["min_margin_mm"], figures["min_margin_p95_mm"])
 
         self.delayDisplay("The same tumour drawn after registration, in the registered views")
-        drawnAfter = warp_labels(tumour, logic.session.field)
+        drawnAfter = warp_labels(tumour, logic.workspace.field)
         p.tumourSegmentation = self._addSegmentation(drawnAfter, "tumour drawn after", p.fixedVolume)
         after = logic.computeMargins(p)
         self.assertLess(abs(after["min_margin_mm"] - figures["min_margin_mm"]), 3.0)  # one 3 mm voxel
@@ -1417,18 +1340,18 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Registering again (the moving volume is under the module's transform)")
         logic.register(p)
         self.assertEqual(p.movingVolume.GetTransformNodeID(), p.outputTransform.GetID())
-        again = lps_ras(transform_points(logic.session.field, fixedLps))[0]
+        again = lps_ras(transform_points(logic.workspace.field, fixedLps))[0]
         self.assertLess(np.linalg.norm(again - expected), 0.5)
 
         self.delayDisplay("One click per point: a fixed point, then its partner")
         target = case.landmarks_moving_lps[:1] + np.array([[2.0, 0.0, 0.0]])
-        before = sample_field(logic.session.field, fixedLps)[0].copy()
+        before = sample_field(logic.workspace.field, fixedLps)[0].copy()
         p.fixedPoints.AddControlPoint(*lps_ras(fixedLps)[0])
         self.assertEqual(logic.syncPairs(p), [])  # waits for its partner, is not deleted
         self.assertEqual(p.fixedPoints.GetNumberOfControlPoints(), 1)
         p.movingPoints.AddControlPoint(*lps_ras(target)[0])
         self.assertEqual(len(logic.syncPairs(p)), 1)
-        after = sample_field(logic.session.field, fixedLps)[0]
+        after = sample_field(logic.workspace.field, fixedLps)[0]
         self.assertGreater(np.linalg.norm(after - before), 0.5)
         self.assertLess(logic.pairFeedback()[0]["residual_mm"], 0.5)
 
@@ -1437,14 +1360,14 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
         p.fixedPoints.AddControlPoint(*lps_ras(second)[0])
         p.movingPoints.AddControlPoint(*lps_ras(case.landmarks_moving_lps[1:2])[0])
         logic.syncPairs(p)
-        self.assertEqual(len(logic.session.pairs), 2)
+        self.assertEqual(len(logic.workspace.pairs), 2)
         p.fixedPoints.RemoveNthControlPoint(0)
         logic.syncPairs(p)
-        self.assertEqual(len(logic.session.pairs), 1)
-        np.testing.assert_allclose(logic.session.pairs[0].fixed_lps, second[0], atol=1e-3)
+        self.assertEqual(len(logic.workspace.pairs), 1)
+        np.testing.assert_allclose(logic.workspace.pairs[0].fixed_lps, second[0], atol=1e-3)
         self.assertEqual(p.movingPoints.GetNumberOfControlPoints(), 1)  # the deleted point's partner went too
         logic.undo(p)
-        self.assertEqual(len(logic.session.pairs), 2)
+        self.assertEqual(len(logic.workspace.pairs), 2)
         self.assertEqual(p.fixedPoints.GetNumberOfControlPoints(), 2)
 
         self.delayDisplay("Expected error and suggested clicks")
@@ -1461,11 +1384,11 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
         self.assertTrue(np.all(case.fixed.geometry.contains_lps(points)), points)
 
         self.delayDisplay("The session kept with the scene (no output folder)")
-        pairsBefore = [q.to_dict() for q in logic.session.pairs]
+        pairsBefore = [q.to_dict() for q in logic.workspace.pairs]
         logic.reset()
         self.assertTrue(logic.hasSession(p))
         logic.openSession(p)
-        self.assertEqual([q.to_dict() for q in logic.session.pairs], pairsBefore)
+        self.assertEqual([q.to_dict() for q in logic.workspace.pairs], pairsBefore)
         import tempfile
 
         with tempfile.TemporaryDirectory() as folder:
@@ -1509,7 +1432,7 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
         fixedLps = case.landmarks_fixed_lps[:1]
         index = p.movingPoints.AddControlPointWorld(*lps_ras(fixedLps)[0])
         stored = np.asarray(p.movingPoints.GetNthControlPointPosition(index))
-        expected = lps_ras(transform_points(logic.session.field, fixedLps))[0]
+        expected = lps_ras(transform_points(logic.workspace.field, fixedLps))[0]
         self.assertLess(np.linalg.norm(stored - expected), 0.5)
 
         self.delayDisplay("Exports")

@@ -22,10 +22,11 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import ROOT, shared_path
-from ImplicitKernelRegistrationLib.cli import PREVIOUS_PAIRS_FILE, main
+from ImplicitKernelRegistrationLib.cli import main
 from ImplicitKernelRegistrationLib.core.errors import IkrError
 from ImplicitKernelRegistrationLib.core.geometry import Image
 from ImplicitKernelRegistrationLib.io.images import read_image, read_mask, write_image
+from ImplicitKernelRegistrationLib.workspace import PREVIOUS_PAIRS_FILE
 
 SPACING = "5"  # a coarse working grid: one phantom registration takes a few seconds
 

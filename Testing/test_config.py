@@ -6,9 +6,14 @@ import sys
 
 import pytest
 
-from ImplicitKernelRegistrationLib.cli import REGISTRATION_FLAGS, build_parser
+from ImplicitKernelRegistrationLib.cli import build_parser
 from ImplicitKernelRegistrationLib.core.errors import IkrError
-from ImplicitKernelRegistrationLib.registration.config import ALIGN_MODES, RegistrationConfig, ScaleSettings
+from ImplicitKernelRegistrationLib.registration.config import (
+    ALIGN_MODES,
+    REGISTRATION_FLAGS,
+    RegistrationConfig,
+    ScaleSettings,
+)
 from ImplicitKernelRegistrationLib.registration.encoder import EncoderConfig
 from ImplicitKernelRegistrationLib.registration.kernel import KernelConfig
 from ImplicitKernelRegistrationLib.training.config import TrainConfig

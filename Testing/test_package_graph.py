@@ -17,6 +17,7 @@ LAYERS = (
     ("io",),
     ("registration",),
     ("review", "synthetic"),
+    ("workspace",),
     ("training", "slicer_bridge", "requirements"),
     ("cli",),
 )

@@ -217,15 +217,20 @@ def test_expected_error_and_suggestion_widgets_are_bound_and_connected() -> None
 
 
 def test_logic_wires_the_uncertainty_library_and_the_self_test_exercises_it() -> None:
-    """The logic calls the library's map, suggestions and interval; the Slicer self-test calls the logic's steps."""
+    """The logic reaches the map, suggestions and interval through the workspace (which calls the uncertainty
+    library); the Slicer self-test calls the logic's steps."""
     tree = _tree()
     logic = _class(tree, "ImplicitKernelRegistrationLogic")
     methods = {n.name for n in logic.body if isinstance(n, ast.FunctionDef)}
     assert {"updateExpectedError", "setExpectedErrorVisible", "suggestClicks", "jumpToPoint"} <= methods
+    called = {ast.unparse(n.func) for n in ast.walk(logic) if isinstance(n, ast.Call)}
+    assert {"self.workspace.expected_error", "self.workspace.suggest"} <= called
+    assert any(c.endswith(".margin") for c in called)
+    workspace = ast.parse((LIB / "workspace.py").read_text())
     imported = {
         alias.name
-        for n in ast.walk(logic)
-        if isinstance(n, ast.ImportFrom) and n.module == "ImplicitKernelRegistrationLib.review.uncertainty"
+        for n in ast.walk(workspace)
+        if isinstance(n, ast.ImportFrom) and n.module == "review.uncertainty"
         for alias in n.names
     }
     assert imported == {"expected_error_map", "suggest_clicks", "margin_interval"}

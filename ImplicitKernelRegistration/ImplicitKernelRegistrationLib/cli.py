@@ -6,8 +6,6 @@ import argparse
 import json
 import os
 import sys
-import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -19,13 +17,8 @@ from . import __version__
 from .core.errors import IkrError
 
 if TYPE_CHECKING:
-    from .core.correspondences import Correspondences
-    from .core.fields import Field
-    from .core.geometry import Image
-    from .registration.alignment import Alignment
-    from .registration.pipeline import RegistrationConfig
-    from .registration.refine import RefinementSession
-    from .synthetic.synth import SynthCase
+    from .synthetic import SynthCase
+    from .workspace import Workspace
 
 EXIT_BAD_INPUT = 2
 EXIT_QUALITY = 3  # --strict: the quality verdict is doubtful or failed
@@ -90,122 +83,28 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_phantom(args: argparse.Namespace) -> int:
     """Write a procedural CT phantom and its label map."""
-    from .io.atomic import atomic_directory
-    from .io.images import write_image
-    from .io.segmentations import write_labels
-    from .synthetic.phantom import make_phantom
+    from .synthetic import write_phantom
 
-    ct, labels, names = make_phantom(seed=args.seed)
-    out = Path(args.output)
-    with atomic_directory(out) as tmp:
-        write_image(ct, tmp / "phantom_ct.nii.gz")
-        write_labels(labels, names, tmp / "phantom_labels.seg.nrrd")
-    print(f"wrote {out / 'phantom_ct.nii.gz'} and {out / 'phantom_labels.seg.nrrd'}")
+    ct_path, labels_path = write_phantom(Path(args.output), seed=args.seed)
+    print(f"wrote {ct_path} and {labels_path}")
     return 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
     """Deform a CT with a known synthetic field and write the case."""
-    from .io.images import read_image
-    from .io.segmentations import read_labels
-    from .synthetic.synth import check_magnitude, make_case, write_case
+    from .synthetic import case_from_files, write_case
 
-    check_magnitude(args.magnitude)
-    ct = read_image(Path(args.ct))
-    ct.meta["path"] = str(args.ct)
-    labels = read_labels(Path(args.labels), reference=ct)[0] if args.labels else None
-    case = make_case(ct, args.family, args.seed, labels=labels, magnitude_mm=args.magnitude)
+    case = case_from_files(args.ct, args.family, args.seed, labels_path=args.labels, magnitude_mm=args.magnitude)
     write_case(case, Path(args.output))
     print(f"wrote a {args.family} case (seed {args.seed}) to {args.output}")
     return 0
 
 
-def _registration_config(args: argparse.Namespace) -> RegistrationConfig:
-    """The RegistrationConfig named by the command-line flags."""
-    from .registration.pipeline import RegistrationConfig
+def _registration_config(args: argparse.Namespace) -> dict:
+    """The registration settings (RegistrationConfig fields) named by the command-line flags."""
+    from .registration.config import registration_settings
 
-    return RegistrationConfig(
-        spacing_mm=args.spacing,
-        alignment=args.align,
-        kernel=args.kernel,
-        heads=args.heads,
-        weights=args.weights,
-        features=args.features,
-        encoder_weights=args.encoder_weights,
-        max_keypoints=args.max_keypoints,
-        device=args.device,
-        seed=args.seed,
-    )
-
-
-def _run_registration(
-    fixed: Image,
-    moving: Image,
-    outdir: Path,
-    config: RegistrationConfig,
-    inputs: dict,
-    fixed_mask: Image | None = None,
-    moving_mask: Image | None = None,
-    landmarks: tuple | None = None,
-    quiet: bool = False,
-    initial: Alignment | None = None,
-    force_memory: bool = False,
-    replace: bool = False,
-) -> dict:
-    """Register, evaluate and write every output (`replace`: over an earlier result); return the report."""
-    fallback_start = time.time()  # the command's start where /proc cannot tell the process's
-    from .core.fields import warp_image
-    from .io.outputs import check_output_folder, write_registration
-    from .registration.memory import check_memory
-    from .registration.pipeline import register
-    from .review.quality import assess
-    from .review.report import command_figures, field_quality, landmark_errors
-    from .review.uncertainty import expected_error_map
-
-    check_output_folder(outdir)
-    if not force_memory:
-        check_memory(fixed.geometry, config.spacing_mm)
-    with _ProgressBar("registering", enabled=not quiet) as progress:
-        result = register(fixed, moving, config, fixed_mask, moving_mask, progress, initial)
-    report = dict(result.report)
-    report["peak_memory_registration_mb"] = report["peak_memory_mb"]
-    report.update(field_quality(result.field))
-    if landmarks is not None:
-        report.update(landmark_errors(result.field, *landmarks))
-    report["inputs"] = inputs
-    report["quality"] = assess(
-        fixed, moving, result.field, result.correspondences, result.alignment, report.get("n_keypoints_consistent")
-    )
-    start = time.perf_counter()
-    uncertainty = expected_error_map(result)
-    report["uncertainty_s"] = round(time.perf_counter() - start, 3)
-    warped = warp_image(moving, result.field)
-    session = {
-        "inputs": inputs,
-        "input_files": _input_fingerprints(inputs),
-        "config": config.to_dict(),
-        "working_geometry": result.working_geometry.to_dict(),
-        "alignment": result.alignment.to_dict(),
-        "user": {"next_id": 1, "pairs": []},
-    }
-    session["registration_id"] = report["registration_id"] = uuid.uuid4().hex
-
-    def final_figures() -> dict:
-        """The whole command's time and peak memory, once every other output is written."""
-        figures = command_figures(report["device"], fallback_start)
-        report.update(figures)
-        return figures
-
-    corr = result.correspondences
-    write_registration(outdir, result.field, warped, corr, report, session, uncertainty, final_figures, replace=replace)
-    return report
-
-
-def _input_fingerprints(inputs: dict) -> dict:
-    """Path, size and SHA-256 of the fixed and moving inputs, tying the session to them."""
-    from .io.guard import fingerprint
-
-    return {role: fingerprint(inputs[role]) for role in ("fixed", "moving") if Path(inputs[role]).exists()}
+    return registration_settings(args)
 
 
 def _print_summary(report: dict, outdir: Path) -> None:
@@ -237,130 +136,32 @@ def _strict_status(report: dict, strict: bool) -> int:
     return EXIT_QUALITY if strict and verdict != "ok" else 0
 
 
-def _read_landmark_pair(fixed_path: str | None, moving_path: str | None, fixed: Image, moving: Image) -> tuple | None:
-    """Fixed and moving landmark arrays (LPS mm) when both files are given."""
-    if not fixed_path and not moving_path:
-        return None
-    if not (fixed_path and moving_path):
-        raise IkrError("give both --fixed-landmarks and --moving-landmarks, or neither")
-    from .io.points import pair_points, read_points
-
-    f = read_points(Path(fixed_path), fixed.geometry)
-    m = read_points(Path(moving_path), moving.geometry)
-    fixed_lps, moving_lps, _ = pair_points(f, m, by="order")
-    return fixed_lps, moving_lps
-
-
 def cmd_register(args: argparse.Namespace) -> int:
     """Register MOVING to FIXED and write the outputs."""
-    from .io.guard import check_writable, folder_lock
+    from .workspace import Workspace
 
+    if bool(args.fixed_landmarks) != bool(args.moving_landmarks):
+        raise IkrError("give both --fixed-landmarks and --moving-landmarks, or neither")
+    landmarks = (args.fixed_landmarks, args.moving_landmarks) if args.fixed_landmarks else None
     outdir = Path(args.output)
-    check_writable(outdir)
-    with folder_lock(outdir, command="ikr register"):
-        _remove_stale(outdir, "ikr register")
-        previous_pairs = _previous_user_pairs(outdir, args.overwrite)
-        fixed, fixed_series = _read_input_image(args.fixed, args.fixed_series, "fixed")
-        moving, moving_series = _read_input_image(args.moving, args.moving_series, "moving")
-        fixed_mask = _read_mask(args.fixed_mask) if args.fixed_mask else None
-        moving_mask = _read_mask(args.moving_mask) if args.moving_mask else None
-        landmarks = _read_landmark_pair(args.fixed_landmarks, args.moving_landmarks, fixed, moving)
-        inputs = {"fixed": str(Path(args.fixed).resolve()), "moving": str(Path(args.moving).resolve())}
-        inputs.update({k: v for k, v in (("fixed_series", fixed_series), ("moving_series", moving_series)) if v})
-        if landmarks is not None:
-            inputs["fixed_landmarks"] = str(Path(args.fixed_landmarks).resolve())
-            inputs["moving_landmarks"] = str(Path(args.moving_landmarks).resolve())
-        initial = None
-        if args.initial:
-            from .registration.alignment import read_initial_transform
-
-            initial = read_initial_transform(args.initial)
-            inputs["initial"] = str(Path(args.initial).resolve())
-        report = _run_registration(
-            fixed,
-            moving,
-            outdir,
+    workspace = Workspace(outdir, command="ikr register")
+    with _ProgressBar("registering", enabled=not args.quiet) as progress:
+        report = workspace.register(
+            args.fixed,
+            args.moving,
             _registration_config(args),
-            inputs,
-            fixed_mask,
-            moving_mask,
-            landmarks,
-            args.quiet,
-            initial,
-            args.force_memory,
-            replace=previous_pairs is not None,
+            fixed_mask=args.fixed_mask,
+            moving_mask=args.moving_mask,
+            landmarks=landmarks,
+            initial=args.initial,
+            fixed_series=args.fixed_series,
+            moving_series=args.moving_series,
+            overwrite=args.overwrite,
+            check_memory=not args.force_memory,
+            progress=progress,
         )
-        _keep_previous_pairs(outdir, previous_pairs)
     _print_summary(report, outdir)
     return _strict_status(report, args.strict)
-
-
-def _remove_stale(outdir: Path, command: str) -> None:
-    """Remove temporaries that a killed run left in or beside `outdir` (call under the folder lock); say so."""
-    from .io.guard import remove_stale_temporaries
-
-    removed = remove_stale_temporaries(outdir)
-    if removed:
-        print(f"{command}: removed {removed} temporary files left by an interrupted run in {outdir}", file=sys.stderr)
-
-
-def _previous_user_pairs(outdir: Path, overwrite: bool) -> list | None:
-    """Refuse to register over an earlier ikr result unless --overwrite; return its clicked pairs (None: no result)."""
-    from .io.outputs import check_output_folder
-
-    if not check_output_folder(outdir):
-        return None
-    try:
-        saved = json.loads((outdir / "session.json").read_text(encoding="utf-8"))
-        pairs = list(saved.get("user", {}).get("pairs", []))
-    except (OSError, ValueError, AttributeError, TypeError):
-        pairs = []
-    if not overwrite:
-        clicked = f" and {len(pairs)} clicked pairs" if pairs else ""
-        raise IkrError(f"holds an earlier ikr result{clicked}; pass --overwrite to replace it", outdir)
-    return pairs
-
-
-PREVIOUS_PAIRS_FILE = "user_pairs_before_overwrite.csv"
-
-
-def _keep_previous_pairs(outdir: Path, pairs: list | None) -> None:
-    """Write the clicked pairs of the result just replaced as a pair CSV `ikr refine --add` reads; say so."""
-    if not pairs:
-        return
-    from .io.atomic import write_text_atomic
-
-    lines = ["fixed_x,fixed_y,fixed_z,moving_x,moving_y,moving_z,label"]
-    for p in pairs:
-        label = str(p.get("label", "")).replace(",", " ").replace("\n", " ")
-        lines.append(",".join(f"{v:.4f}" for v in (*p["fixed_lps"], *p["moving_lps"])) + f",{label}")
-    path = write_text_atomic(outdir / PREVIOUS_PAIRS_FILE, "\n".join(lines) + "\n")
-    print(
-        f"ikr register: the {len(pairs)} clicked pairs of the replaced result are in {path};"
-        f" apply them with: ikr refine {outdir} --add {path}",
-        file=sys.stderr,
-    )
-
-
-def _read_input_image(path: str, series_uid: str | None, role: str) -> tuple[Image, dict | None]:
-    """Read the fixed or moving image; for a DICOM folder, say which series was chosen and why."""
-    from .io.images import read_image
-    from .registration.preprocess import check_voxel_spacing
-
-    image = read_image(Path(path), series_uid=series_uid, choose_series=True)
-    check_voxel_spacing(image, path)
-    choice = image.meta.get("series_choice")
-    if not choice:
-        return image, None
-    print(f"ikr register: {role} image: {choice['why']}", file=sys.stderr)
-    return image, choice
-
-
-def _read_mask(path: str) -> Image:
-    """Read a fixed or moving mask and check that it is a mask (0/1 or labels), not an image."""
-    from .io.images import read_mask
-
-    return read_mask(Path(path))
 
 
 def _shared_data_root() -> Path:
@@ -377,13 +178,14 @@ def default_demo_ct() -> Path | None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Build a breathing-like case from a real CT (or the phantom), register it, print the figures."""
     from .io.images import read_image
-    from .synthetic.synth import make_case, write_case
+    from .synthetic import make_case, write_case
+    from .workspace import Workspace
 
     ct_path = Path(args.ct) if args.ct else default_demo_ct()
     if ct_path is not None:
         ct, source = read_image(ct_path), ct_path.name
     else:
-        from .synthetic.phantom import make_phantom
+        from .synthetic import make_phantom
 
         ct, source = make_phantom(seed=args.seed)[0], "procedural phantom"
     print(f"demo: a breathing-like deformation (seed {args.seed}) of {source}")
@@ -395,144 +197,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "fixed": str(outdir / "case" / "fixed.nii.gz"),
         "moving": str(outdir / "case" / "moving.nii.gz"),
     }
-    landmarks = (case.landmarks_fixed_lps, case.landmarks_moving_lps)
-    report = _run_registration(
-        case.fixed, case.moving, outdir / "registration", _registration_config(args), inputs,
-        landmarks=landmarks, quiet=args.quiet, force_memory=args.force_memory,
-    )  # fmt: skip
+    workspace = Workspace(outdir / "registration", command="ikr demo")
+    with _ProgressBar("registering", enabled=not args.quiet) as progress:
+        report = workspace.register(
+            case.fixed, case.moving, _registration_config(args), inputs=inputs,
+            landmarks=(case.landmarks_fixed_lps, case.landmarks_moving_lps), overwrite=True,
+            check_memory=not args.force_memory, progress=progress,
+        )  # fmt: skip
     _print_summary(report, outdir / "registration")
-    _demo_margin(case, outdir, outdir / "registration", args.seed)
+    _demo_margin(case, outdir, workspace, args.seed)
     return 0
-
-
-def _read_user_pairs(paths: list[str], match: str) -> tuple:
-    """Clicked pairs from a pair CSV, or from two point files (fixed, moving) matched by order or label."""
-    from .io.points import pair_points, read_point_pairs, read_points
-
-    if len(paths) == 1:
-        fixed, moving = read_point_pairs(Path(paths[0]))
-    elif len(paths) == 2:
-        fixed, moving = read_points(Path(paths[0])), read_points(Path(paths[1]))
-    else:
-        raise IkrError("--add takes a pair CSV, or a fixed and a moving point file")
-    return pair_points(fixed, moving, by=match)
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
     """Add or remove clicked pairs on a registration output folder and update every output."""
-    from .io.guard import check_writable, folder_lock
-    from .io.images import check_readable
+    from .workspace import Workspace
 
     outdir = Path(args.outdir)
-    check_readable(outdir)
-    check_writable(outdir)
-    pairs = _read_user_pairs(args.add, args.match) if args.add else None
-    with folder_lock(outdir, command="ikr refine"):
-        _remove_stale(outdir, "ikr refine")
-        session, report = _refine_under_lock(outdir, args.remove or [], pairs)
+    report = Workspace(outdir, command="ikr refine").refine(args.add, args.remove or [], args.match)
     for item in report["user_pairs"]:
         note = "; ".join(item["warnings"]) or "ok"
         print(f"pair {item['id']} ({item['label']}): residual {item['residual_mm']:.2f} mm, {note}")
-    print(f"field rebuilt in {report['refine_s']:.2f} s ({len(session.pairs)} user pairs); outputs in {outdir}/")
+    n_pairs = len(report["user_pairs"])
+    print(f"field rebuilt in {report['refine_s']:.2f} s ({n_pairs} user pairs); outputs in {outdir}/")
     _warn_quality(report)
     return _strict_status(report, args.strict)
 
 
-def _open_saved_registration(outdir: Path) -> tuple[dict, dict, Image, Image, Correspondences]:
-    """The checked session, report, inputs and automatic correspondences of an output folder."""
-    from .core.correspondences import AUTOMATIC
-    from .io.guard import check_fingerprint
-    from .io.images import read_image
-    from .io.outputs import OUTPUT_FILES, interrupted_generation, read_correspondences_csv, read_report, read_session
-
-    saved = read_session(outdir)
-    report = read_report(outdir)
-    if saved.get("registration_id") and report.get("registration_id") not in (None, saved["registration_id"]):
-        raise IkrError("session.json and report.json come from different registrations: register again", outdir)
-    journal = interrupted_generation(outdir)
-    if journal is not None:
-        print(
-            f"ikr refine: the last write of {outdir} was interrupted; rebuilding every output from session.json"
-            f" (generation {saved.get('generation', '?')})",
-            file=sys.stderr,
-        )
-    for role, recorded in (saved.get("input_files") or {}).items():
-        check_fingerprint(role, recorded)
-    everything = read_correspondences_csv(
-        outdir / OUTPUT_FILES["correspondences"], _expected_correspondences(saved, journal)
-    )
-    fixed = read_image(Path(saved["inputs"]["fixed"]), series_uid=_series_uid(saved, "fixed"))
-    moving = read_image(Path(saved["inputs"]["moving"]), series_uid=_series_uid(saved, "moving"))
-    return saved, report, fixed, moving, everything.subset(everything.source == AUTOMATIC)
-
-
-def _expected_correspondences(saved: dict, journal: dict | None) -> dict | None:
-    """What correspondences.csv must match: session.json's record, or the interrupted write's."""
-    expected = saved.get("correspondences")
-    if not expected or journal is None:
-        return expected
-    return {**expected, "also_sha256": journal.get("correspondences_sha256")}
-
-
-def _series_uid(saved: dict, role: str) -> str | None:
-    """The DICOM series a registration used for one input (None for image files)."""
-    choice = saved["inputs"].get(f"{role}_series")
-    return choice.get("uid") if isinstance(choice, dict) else None
-
-
-def _refine_under_lock(outdir: Path, remove: list[int], pairs: tuple | None) -> tuple[RefinementSession, dict]:
-    """Apply removals and clicked pairs, compute every output in memory, then write them (session last)."""
-    from .core.fields import warp_image
-    from .io.outputs import write_registration
-    from .registration.refine import check_moving_points, open_session
-    from .review.quality import assess
-    from .review.report import field_quality
-    from .review.uncertainty import expected_error_map
-
-    saved, report, fixed, moving, automatic = _open_saved_registration(outdir)
-    if pairs is not None:
-        check_moving_points(pairs[1], moving.geometry)
-    start = time.perf_counter()
-    session = open_session(fixed, saved, automatic, moving)
-    opened_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for pair_id in remove:
-        session.remove_correspondence(pair_id)
-    if pairs is not None:
-        session.add_correspondences(pairs[0], pairs[1], list(pairs[2]))
-    refine_s = time.perf_counter() - start
-    saved["user"] = session.to_dict()
-    report.update(field_quality(session.field))
-    report.update({"refine_s": round(refine_s, 3), "session_open_s": round(opened_s, 3)})
-    report["user_pairs"] = session.feedback()
-    report["quality"] = assess(
-        fixed, moving, session.field, automatic.concat(session.user_correspondences()), session.model.alignment
-    )
-    if "fixed_landmarks" in saved["inputs"]:
-        landmarks = _read_landmark_pair(
-            saved["inputs"]["fixed_landmarks"], saved["inputs"]["moving_landmarks"], fixed, moving
-        )
-        report.update(_landmark_report(session.field, landmarks))
-    warped = warp_image(moving, session.field)
-    uncertainty = expected_error_map(session)
-    corr = automatic.concat(session.user_correspondences())
-    write_registration(outdir, session.field, warped, corr, report, saved, uncertainty)
-    return session, report
-
-
-def _landmark_report(field: Field, landmarks: tuple) -> dict:
-    """TRE before and after for landmark pairs."""
-    from .review.report import landmark_errors
-
-    return landmark_errors(field, *landmarks)
-
-
 def cmd_margin(args: argparse.Namespace) -> int:
     """Minimal ablative margin of a tumour (pre-ablation) against an ablation zone (post-ablation)."""
-    from .review.margin_report import run_margin
+    from .workspace import margin_files
 
     _check_thresholds(args.thresholds)
-    figures = run_margin(
+    figures = margin_files(
         args.tumour,
         args.ablation,
         args.transform,
@@ -564,26 +261,16 @@ def _check_thresholds(thresholds: list[float]) -> None:
 
 def _print_margin(figures: dict) -> None:
     """Print the key margin figures for a person."""
-    from .review.margin import fraction_key
+    from .workspace import margin_lines
 
-    point = ", ".join(f"{v:.1f}" for v in figures["min_margin_point_lps"])
-    print(f"minimal ablative margin {figures['min_margin_mm']:.1f} mm at ({point}) LPS mm")
-    surface = ", ".join(
-        f"margin >= {t:g} mm {100 * figures[fraction_key(t)]:.0f} %"
-        for t in figures.get("thresholds_mm", [])
-        if fraction_key(t) in figures
-    )
-    print(
-        f"coverage {figures['coverage_percent']:.1f} %, tumour volume outside the zone "
-        f"{figures['outside_volume_ml']:.2f} ml; tumour surface with {surface or 'no threshold asked'}"
-    )
+    for line in margin_lines(figures):
+        print(line)
 
 
-def _demo_margin(case: SynthCase, outdir: Path, registration_dir: Path, seed: int) -> None:
+def _demo_margin(case: SynthCase, outdir: Path, workspace: Workspace, seed: int) -> None:
     """Place a tumour and an ablation zone in the demo case and report the margin through our field."""
     from .io.images import write_image
-    from .review.margin_report import run_margin
-    from .synthetic.tumour import demo_tumour_and_zone
+    from .synthetic import demo_tumour_and_zone
 
     liver = None
     names = (case.fixed_labels.meta.get("label_names", {}) if case.fixed_labels is not None else {}) or {}
@@ -593,13 +280,13 @@ def _demo_margin(case: SynthCase, outdir: Path, registration_dir: Path, seed: in
     tumour, zone, true_margin = demo_tumour_and_zone(case.fixed, case.true_field, liver, seed)
     write_image(tumour, outdir / "case" / "tumour_pre.nii.gz")
     write_image(zone, outdir / "case" / "ablation_post.nii.gz")
-    figures = run_margin(
+    figures = workspace.margin_report(
         outdir / "case" / "tumour_pre.nii.gz",
         outdir / "case" / "ablation_post.nii.gz",
-        registration_dir / "displacement.nii.gz",
         outdir / "margin",
-        pre_image_path=outdir / "case" / "moving.nii.gz",
-        post_image_path=outdir / "case" / "fixed.nii.gz",
+        pre_image=outdir / "case" / "moving.nii.gz",
+        post_image=outdir / "case" / "fixed.nii.gz",
+        with_interval=False,
     )
     _print_margin(figures)
     error = figures["min_margin_mm"] - true_margin
@@ -611,7 +298,7 @@ def _demo_margin(case: SynthCase, outdir: Path, registration_dir: Path, seed: in
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the learned kernel on synthetic deformations of real CTs (and phantoms)."""
-    from .training.train import train_main
+    from .training import train_main
 
     data = Path(args.data) if args.data else _shared_data_root()
     with _ProgressBar("training", enabled=not args.quiet) as progress:
@@ -632,7 +319,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_train_encoder(args: argparse.Namespace) -> int:
     """Train the learned feature encoder on synthetic deformations of the shared CTs."""
-    from .training.train_encoder import default_encoder_config, train_encoder_main
+    from .training import default_encoder_config, train_encoder_main
 
     data = Path(args.data) if args.data else _shared_data_root()
     config = replace(default_encoder_config(data, args.seed), threads=args.threads)
@@ -647,66 +334,22 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
 
 def cmd_suggest(args: argparse.Namespace) -> int:
     """Where one clicked pair would reduce the expected error most (optionally near a tumour)."""
-    from scipy import ndimage
+    from .workspace import Workspace
 
-    from .core.geometry import Image
-    from .io.atomic import write_text_atomic
-    from .io.images import read_image
-    from .io.outputs import OUTPUT_FILES, read_session
-    from .registration.preprocess import body_mask
-    from .review.uncertainty import suggest_clicks
-
-    outdir = Path(args.outdir)
-    saved = read_session(outdir)
-    _refuse_interrupted(outdir)
-    path = outdir / OUTPUT_FILES["uncertainty"]
-    if not path.is_file():
-        raise IkrError("this output folder has no expected-error map (made by an older version: register again)", path)
-    error = read_image(path)
-    fixed = read_image(Path(saved["inputs"]["fixed"]))
-    body = Image(body_mask(fixed).astype(np.uint8), fixed.geometry)
-    near = read_image(Path(args.near_mask)) if args.near_mask else None
-    points = suggest_clicks(error, args.n, near_mask=near, region=body)
-    index = error.geometry.lps_to_index(points.reshape(-1, 3))
-    values = ndimage.map_coordinates(error.array.astype(np.float64), index[:, ::-1].T, order=1)
-    lines = ["x,y,z,expected_error_mm"]
-    for p, v in zip(points.reshape(-1, 3), values, strict=True):
-        lines.append(f"{p[0]:.2f},{p[1]:.2f},{p[2]:.2f},{v:.2f}")
+    workspace = Workspace.open(Path(args.outdir), command="ikr suggest")
+    suggestions = workspace.suggest(args.n, near_mask=args.near_mask)
+    for p, v in zip(suggestions.points_lps, suggestions.expected_error_mm, strict=True):
         print(f"click near ({p[0]:.1f}, {p[1]:.1f}, {p[2]:.1f}) LPS mm: expected error {v:.1f} mm")
-    write_text_atomic(outdir / "suggestions.csv", "\n".join(lines) + "\n")
-    print(f"{len(values)} suggestions in {outdir / 'suggestions.csv'}")
+    path = workspace.write_suggestions(suggestions)
+    print(f"{len(suggestions.points_lps)} suggestions in {path}")
     return 0
-
-
-def _refuse_interrupted(outdir: Path) -> None:
-    """Refuse to read a folder whose last write was interrupted (its files may mix two generations)."""
-    from .io.outputs import interrupted_generation
-
-    if interrupted_generation(outdir) is not None:
-        raise IkrError(f"its last write was interrupted; run `ikr refine {outdir}` to rebuild its outputs", outdir)
-
-
-# RegistrationConfig field -> its `register`/`demo` option (type, default, choices and help come from the field)
-REGISTRATION_FLAGS = {
-    "spacing_mm": "--spacing",
-    "alignment": "--align",
-    "kernel": "--kernel",
-    "heads": "--heads",
-    "weights": "--weights",
-    "features": "--features",
-    "encoder_weights": "--encoder-weights",
-    "max_keypoints": "--max-keypoints",
-    "device": "--device",
-    "seed": "--seed",
-}
 
 
 def _add_registration_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by `register` and `demo`: the RegistrationConfig fields of REGISTRATION_FLAGS, then the rest."""
-    from .core.config import add_flags
-    from .registration.config import RegistrationConfig
+    from .registration.config import add_registration_flags
 
-    add_flags(p, RegistrationConfig, REGISTRATION_FLAGS)
+    add_registration_flags(p)
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--strict", action="store_true", help="exit with status 3 when the quality verdict is not ok")
     p.add_argument(

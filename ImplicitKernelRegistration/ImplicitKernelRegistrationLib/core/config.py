@@ -122,7 +122,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[Config], flags: dict[st
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
         help_text = f.metadata.get("help", "")
-        if default is not None and not isinstance(default, bool):
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text or None)
+            continue
+        if default is not None:
             help_text = f"{help_text} (default {default})".strip()
         parser.add_argument(
             flag,
@@ -131,3 +134,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[Config], flags: dict[st
             choices=f.metadata.get("choices"),
             help=help_text or None,
         )
+
+
+def flag_values(args: argparse.Namespace, flags: dict[str, str]) -> dict:
+    """The values parsed for the options of `add_flags`: {field name: value}."""
+    return {name: getattr(args, flag.lstrip("-").replace("-", "_")) for name, flag in flags.items()}

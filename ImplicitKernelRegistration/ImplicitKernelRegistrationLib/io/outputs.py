@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,10 @@ from .guard import end_journal, read_journal, start_journal
 from .images import check_nifti_payload, first_line, native_output, write_image
 from .transforms import write_field, write_transform
 
-SESSION_VERSION = 1
+# The folder's format (session.json, correspondences.csv, report.json: WorkspaceFiles). Format 1 named its
+# number "version" in session.json; format 2 names it "format_version" and is otherwise the same, so both read.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 CORRESPONDENCE_HEADER = [
     "fixed_x",
     "fixed_y",
@@ -99,20 +103,68 @@ def check_correspondences_text(text: str, expected: dict, path: Path) -> None:
     )
 
 
-def read_session(outdir: str | os.PathLike) -> dict:
-    """The session.json of an `ikr register` output folder, checked for a version this program reads."""
-    path = Path(outdir) / OUTPUT_FILES["session"]
+@dataclass
+class WorkspaceFiles:
+    """What a registration folder records besides its images: session.json, correspondences.csv, report.json.
+
+    `session` holds inputs, input_files (fingerprints), config, working_geometry, alignment, user (the
+    clicked pairs and next id), registration_id, generation and, once written, files and the
+    correspondences' record (row count, SHA-256); `correspondences` every automatic and user match (None
+    when not read); `report` the figures of report.json ({} when not read).
+    """
+
+    session: dict
+    correspondences: Correspondences | None = None
+    report: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def session_json(self) -> dict:
+        """session.json's content as written: the format version first, then the session's fields."""
+        body = {k: v for k, v in self.session.items() if k not in ("version", "format_version")}
+        return {"format_version": self.format_version, **body}
+
+
+def _format_of(session: object) -> object:
+    """The format number a session.json states (format 1 under "version")."""
+    if not isinstance(session, dict):
+        return None
+    return session.get("format_version", session.get("version"))
+
+
+def read_workspace_files(
+    outdir: str | os.PathLike, report: bool = False, correspondences: bool = False, also_sha256: str | None = None
+) -> WorkspaceFiles:
+    """Read a registration folder's session.json (always), report.json and correspondences.csv (when asked).
+
+    An unknown format is a one-line error naming session.json; correspondences.csv must be the one
+    session.json recorded (or, `also_sha256`, the one an interrupted write was putting in place).
+    """
+    outdir = Path(outdir)
+    path = outdir / OUTPUT_FILES["session"]
     if not path.is_file():
-        raise IkrError("not an ikr output folder (no session.json)", Path(outdir))
+        raise IkrError("not an ikr output folder (no session.json)", outdir)
     try:
         session = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise IkrError(f"the session file is unreadable ({err})", path) from err
-    if not isinstance(session, dict) or session.get("version") != SESSION_VERSION:
-        found = session.get("version") if isinstance(session, dict) else None
-        raise IkrError(f"session version {found!r} is not supported (this program reads {SESSION_VERSION})", path)
+    found = _format_of(session)
+    if found not in READABLE_FORMATS:
+        raise IkrError(f"session version {found!r} is not supported (this program reads {FORMAT_VERSION})", path)
     _check_session_fields(session, path)
-    return session
+    files = WorkspaceFiles({k: v for k, v in session.items() if k not in ("version", "format_version")})
+    if report:
+        files.report = read_report(outdir)
+    if correspondences:
+        expected = files.session.get("correspondences")
+        if expected and also_sha256:
+            expected = {**expected, "also_sha256": also_sha256}
+        files.correspondences = read_correspondences_csv(outdir / OUTPUT_FILES["correspondences"], expected)
+    return files
+
+
+def read_session(outdir: str | os.PathLike) -> dict:
+    """The session.json of an `ikr register` output folder, checked for a format this program reads."""
+    return read_workspace_files(outdir).session
 
 
 def _check_session_fields(session: dict, path: Path) -> None:
@@ -152,13 +204,9 @@ def write_session(outdir: str | os.PathLike, session: dict, correspondences: Cor
     outdir = Path(outdir)
     text = correspondences_csv(correspondences)
     write_text_atomic(outdir / OUTPUT_FILES["correspondences"], text)
-    session = {
-        "version": SESSION_VERSION,
-        **session,
-        "files": OUTPUT_FILES,
-        "correspondences": correspondences_record(text),
-    }
-    write_text_atomic(outdir / OUTPUT_FILES["session"], json.dumps(session, indent=2, default=str))
+    session = {**session, "files": OUTPUT_FILES, "correspondences": correspondences_record(text)}
+    content = WorkspaceFiles(session).session_json()
+    write_text_atomic(outdir / OUTPUT_FILES["session"], json.dumps(content, indent=2, default=str))
 
 
 def _write_all(

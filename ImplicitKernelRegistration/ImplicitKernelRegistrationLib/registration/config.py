@@ -6,10 +6,11 @@ command line's `register` and `demo` options are generated from its fields (cli.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..core.config import Config, setting
+from ..core.config import Config, add_flags, flag_values, setting
 
 if TYPE_CHECKING:
     from .residual import ResidualSettings
@@ -92,3 +93,28 @@ class RegistrationConfig(Config):
             self.residual_smoothness,
             self.residual_points,
         )
+
+
+# RegistrationConfig field -> its `register`/`demo` option (type, default, choices and help come from the field)
+REGISTRATION_FLAGS = {
+    "spacing_mm": "--spacing",
+    "alignment": "--align",
+    "kernel": "--kernel",
+    "heads": "--heads",
+    "weights": "--weights",
+    "features": "--features",
+    "encoder_weights": "--encoder-weights",
+    "max_keypoints": "--max-keypoints",
+    "device": "--device",
+    "seed": "--seed",
+}
+
+
+def add_registration_flags(parser: argparse.ArgumentParser) -> None:
+    """The command-line options of the RegistrationConfig fields in REGISTRATION_FLAGS."""
+    add_flags(parser, RegistrationConfig, REGISTRATION_FLAGS)
+
+
+def registration_settings(args: argparse.Namespace) -> dict:
+    """The RegistrationConfig fields named by parsed REGISTRATION_FLAGS options."""
+    return flag_values(args, REGISTRATION_FLAGS)

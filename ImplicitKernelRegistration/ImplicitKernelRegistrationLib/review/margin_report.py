@@ -387,6 +387,24 @@ def run_margin(
         inputs["uncertainty"] = Path(uncertainty_path).name
     if include_phi:
         info["patient"] = _patient(pre, post)
+    return write_margin_report(outdir, result, info, post, uncertainty, interval)
+
+
+def write_margin_report(
+    outdir: str | os.PathLike,
+    result: MarginResult,
+    info: dict,
+    background: Image | None = None,
+    uncertainty: Image | None = None,
+    interval: dict | None = None,
+) -> dict:
+    """Write report.html, margin.json, margin_points.csv, the surface and the warped tumour (all or nothing).
+
+    `info` holds the inputs' names (and the patient, when asked); `interval` the minimal margin's interval
+    over the expected error `uncertainty` (uncertainty.margin_interval). Returns margin.json's content.
+    """
+    outdir = Path(outdir)
+    _check_outdir(outdir)
     summary = {
         **result.figures(),
         **(interval or {}),
@@ -396,7 +414,7 @@ def run_margin(
         **info,
         "files": OUTPUT_FILES,
     }
-    page = report_html(result, info, post, uncertainty, interval)
+    page = report_html(result, info, background, uncertainty, interval)
     with atomic_directory(outdir) as tmp:
         write_text_atomic(tmp / OUTPUT_FILES["json"], json.dumps(summary, indent=2))
         write_text_atomic(tmp / OUTPUT_FILES["html"], page)
@@ -406,4 +424,12 @@ def run_margin(
     return summary
 
 
-__all__ = ["run_margin", "read_mask", "report_html", "points_csv", "write_surface_vtp", "fraction_key"]
+__all__ = [
+    "run_margin",
+    "write_margin_report",
+    "read_mask",
+    "report_html",
+    "points_csv",
+    "write_surface_vtp",
+    "fraction_key",
+]

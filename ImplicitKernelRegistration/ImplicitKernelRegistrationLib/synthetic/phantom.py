@@ -26,7 +26,9 @@ correlated Gaussian noise of 15 HU standard deviation (white noise smoothed by 0
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -309,3 +311,17 @@ def _point_tester(mask: np.ndarray, geometry: Geometry) -> Callable[[np.ndarray]
         return bool(mask[idx[2], idx[1], idx[0]])
 
     return contains
+
+
+def write_phantom(outdir: str | os.PathLike, seed: int = 0) -> tuple[Path, Path]:
+    """Write the phantom CT (phantom_ct.nii.gz) and its labels (phantom_labels.seg.nrrd) into a new folder."""
+    from ..io.atomic import atomic_directory
+    from ..io.images import write_image
+    from ..io.segmentations import write_labels
+
+    ct, labels, names = make_phantom(seed=seed)
+    outdir = Path(outdir)
+    with atomic_directory(outdir) as tmp:
+        write_image(ct, tmp / "phantom_ct.nii.gz")
+        write_labels(labels, names, tmp / "phantom_labels.seg.nrrd")
+    return outdir / "phantom_ct.nii.gz", outdir / "phantom_labels.seg.nrrd"

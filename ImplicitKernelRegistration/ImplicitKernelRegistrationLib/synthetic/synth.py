@@ -348,3 +348,21 @@ def read_case(outdir: str | os.PathLike) -> SynthCase:
         seed=seed,
         params=params,
     )
+
+
+def case_from_files(
+    ct_path: str | os.PathLike,
+    family: str,
+    seed: int,
+    labels_path: str | os.PathLike | None = None,
+    magnitude_mm: float | None = None,
+) -> SynthCase:
+    """`ikr synth`: a case made from a CT file (and a label map carried along, on the CT's grid or resampled)."""
+    from ..io.images import read_image
+    from ..io.segmentations import read_labels
+
+    check_magnitude(magnitude_mm)
+    ct = read_image(Path(ct_path))
+    ct.meta["path"] = str(ct_path)
+    labels = read_labels(Path(labels_path), reference=ct)[0] if labels_path else None
+    return make_case(ct, family, seed, labels=labels, magnitude_mm=magnitude_mm)
