@@ -389,9 +389,10 @@ def test_corrupt_foreign_and_mismatched_weights_are_refused(tmp_path: object) ->
 
 
 def test_region_aware_neighbourhoods_keep_each_region_to_its_own_keys() -> None:
-    """Two regions whose keys move differently: every voxel of a region gets its region's motion exactly,
-    up to the boundary (the weights sum to one), where one region for all would blend the two."""
-    from ImplicitKernelRegistrationLib.registration.dense import split_by_region
+    """Two regions whose keys move differently: every voxel of a region gets its region's motion exactly (the
+    weights sum to one) but for a narrow blend across the boundary, where one region for all would blend the two
+    over the kernel's whole reach."""
+    from ImplicitKernelRegistrationLib.registration.dense import REGION_BLEND_RADIUS_VOX, split_by_region
     from ImplicitKernelRegistrationLib.registration.kernel import GaussianKernel
     from ImplicitKernelRegistrationLib.registration.pipeline import kernel_at_points
 
@@ -407,15 +408,18 @@ def test_region_aware_neighbourhoods_keep_each_region_to_its_own_keys() -> None:
     model = DenseModel(kernel, None, geometry, control_step_vox=4, regions=regions)
     model.set_keys(keys, disp, torch.ones(len(keys)))
     assert model.points.shape[0] > math.prod(model.control_shape)  # ghosts on both sides of the boundary
-    field = model.field_on(geometry).displacement_mm  # mm = 2 * voxels along z
-    np.testing.assert_allclose(field[:, :, 11:, 2], 4.0, atol=1e-4)
-    np.testing.assert_allclose(field[:, :, :11, 2], -2.0, atol=1e-4)
-    # a finer, shifted target takes each voxel's region from its nearest working voxel
-    target = Geometry((40, 30, 20), (1.1, 1.3, 1.2), (0.7, 0.4, 0.2))
+    field = model.field_on(geometry).displacement_mm[..., 2]  # mm = 2 * voxels along z
+    r = REGION_BLEND_RADIUS_VOX
+    np.testing.assert_allclose(field[:, :, 11 + r :], 4.0, atol=1e-4)
+    np.testing.assert_allclose(field[:, :, : 11 - r], -2.0, atol=1e-4)
+    across = field[0, 0, 11 - r : 11 + r]
+    assert np.all(np.diff(across) > 0) and -2.0 < across.min() and across.max() < 4.0  # a monotone blend
+    # a finer, shifted target reaching past the working grid: each voxel its regions' blend, the edge beyond it
+    target = Geometry((40, 30, 20), (1.3, 1.3, 1.2), (0.7, 0.4, 0.2))
     fine = model.field_on(target).displacement_mm[..., 2]
-    labels = model.target_regions(target)
-    np.testing.assert_allclose(fine[labels == 1], 4.0, atol=1e-4)
-    np.testing.assert_allclose(fine[labels == 0], -2.0, atol=1e-4)
+    weights = model.target_weights(target)
+    np.testing.assert_allclose(weights.sum(axis=0), 1.0, atol=1e-5)
+    np.testing.assert_allclose(fine, 4.0 * weights[1] - 2.0 * weights[0], atol=1e-4)
     # without regions the two motions blend near the boundary
     plain = DenseModel(kernel, None, geometry, control_step_vox=4)
     plain.set_keys(keys, disp, torch.ones(len(keys)))

@@ -135,6 +135,7 @@ def _registration_config(args: argparse.Namespace) -> RegistrationConfig:
         max_keypoints=args.max_keypoints,
         device=args.device,
         seed=args.seed,
+        lung_regions=args.lung_regions,
     )
 
 
@@ -703,6 +704,13 @@ def _add_registration_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--encoder-weights", default=None, help="learned encoder weights (default: the shipped ones)")
     p.add_argument("--max-keypoints", type=int, default=2048)
+    p.add_argument(
+        "--lung-regions",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="region-aware neighbourhoods in an automatic lung mask, so the lungs may slide along the chest wall "
+        "(default off; no effect without lungs in view)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress display")

@@ -10,8 +10,10 @@ belongs to the region at its position and a point attends only to the keys of it
 region without keys uses every key), so the field may slide at a region's boundary. Each region has
 its own control values wherever its voxels can reach them through trilinear interpolation: the first
 rows of the control points are the control grid, each point in its own region; rows after them
-evaluate grid points again for a neighbouring region ("ghosts"). A target voxel takes the field of
-its region (the label at its nearest working voxel).
+evaluate grid points again for a neighbouring region ("ghosts"). The field is the regions' fields
+weighted by each region's indicator smoothed by REGION_BLEND_VOX (a Gaussian cut at two sigmas): a
+tangential jump spread over a few millimetres, as in a CT, where a hard switch between two
+independently estimated fields folds the grid wherever their normal components disagree.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from ..core.fields import Field
 from ..core.geometry import Geometry
@@ -29,6 +32,9 @@ from .alignment import Alignment
 from .features import sample_features
 from .kernel import TPSKernel, control_axes, knn
 from .residual import ResidualSettings, fit_residual, grid_points, residual_shape, sample_grid, sample_points
+
+REGION_BLEND_VOX = 1.0  # sigma (working voxels) of the regions' blend across their boundary; cut at 2 sigma
+REGION_BLEND_RADIUS_VOX = 2  # ... so a region's weight is zero beyond this many voxels from it
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # ((z0, z1), (y0, y1), (x0, x1)), end excluded
 EMPTY_BOX: Box = ((0, 0), (0, 0), (0, 0))
@@ -64,10 +70,12 @@ class DenseModel:
         # regions: (D, H, W) integer labels on the working grid, or None (one region, every key)
         self.regions = None if regions is None else regions.to(self.device).long()
         self.n_regions = 1 if self.regions is None else int(self.regions.max()) + 1
+        self.region_weights = None if self.regions is None else blend_weights(self.regions, self.n_regions)
         grid_index = torch.arange(grid.shape[0], device=self.device)
         self.point_grid, self.point_region = grid_index, self.region_at(grid)
         if self.regions is not None:
-            reach = max(1, int(control_step_vox)) + 1  # a region's voxels interpolate from corners this close
+            # a voxel with some weight of a region interpolates from control points this close to that region
+            reach = max(1, int(control_step_vox)) + REGION_BLEND_RADIUS_VOX + 2
             ghosts = [
                 grid_index[(self.point_region != r) & _near_region(self.regions == r, grid, reach)]
                 for r in range(self.n_regions)
@@ -85,7 +93,7 @@ class DenseModel:
         self.conf = torch.zeros(0, device=self.device)
         self.key_features: torch.Tensor | None = None
         self.key_region = torch.zeros(0, dtype=torch.long, device=self.device)
-        self._target_regions: dict[tuple, np.ndarray] = {}
+        self._target_weights: dict[tuple, np.ndarray] = {}
         # A smooth residual (1, 3, z, y, x) in working voxels on a grid spanning the working grid, added to
         # the kernel field everywhere (residual.py); the keys never change it, so refinement leaves it in place.
         self.residual: torch.Tensor | None = None
@@ -205,33 +213,37 @@ class DenseModel:
         return grid.t().reshape(1, 3, *self.control_shape)
 
     def kernel_at(self, points_xyz: torch.Tensor) -> torch.Tensor:
-        """The kernel field alone (N, 3), working voxels, at working-grid points (trilinear from the control grid
-        of each point's region)."""
+        """The kernel field alone (N, 3), working voxels, at working-grid points (trilinear from the control grid;
+        with regions, the regions' fields blended by their weights there)."""
         points_xyz = points_xyz.to(self.device)
         if self.regions is None:
             return sample_grid(self.control_volume(), points_xyz, self.working.shape_zyx)
         out = torch.zeros(points_xyz.shape[0], 3, device=self.device)
-        point_region = self.region_at(points_xyz)
+        weights = sample_grid(self.region_weights, points_xyz, self.working.shape_zyx)  # (N, R)
         for r in range(self.n_regions):
-            sel = point_region == r
+            sel = weights[:, r] > 0
             if bool(sel.any()):
-                out[sel] = sample_grid(self.control_volume(r), points_xyz[sel], self.working.shape_zyx)
+                field = sample_grid(self.control_volume(r), points_xyz[sel], self.working.shape_zyx)
+                out[sel] += weights[sel, r : r + 1] * field
         return out
 
-    def target_regions(self, target: Geometry) -> np.ndarray | None:
-        """The region label (z, y, x) of every voxel of `target` (its nearest working voxel), or None without
-        regions; kept per target grid."""
+    def target_weights(self, target: Geometry) -> np.ndarray | None:
+        """Each region's blend weight (R, z, y, x) float32 on `target` (trilinear from the working grid, its edge
+        beyond it, as the field), or None without regions; kept per target grid."""
         if self.regions is None:
             return None
         key = (target.size, target.spacing_mm, target.origin_lps, tuple(np.ravel(target.direction)))
-        if key not in self._target_regions:
-            labels = sitk.GetImageFromArray(self.regions.to(torch.uint8).cpu().numpy())
-            self.working.apply_to_sitk(labels)
-            out = sitk.Resample(  # beyond the working grid: its edge's labels, as the field is clamped there
-                labels, target.reference_image(), sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8, True
-            )
-            self._target_regions[key] = sitk.GetArrayFromImage(out)
-        return self._target_regions[key]
+        if key not in self._target_weights:
+            out = []
+            for weight in self.region_weights[0].cpu().numpy():
+                image = sitk.GetImageFromArray(weight)
+                self.working.apply_to_sitk(image)
+                resampled = sitk.Resample(
+                    image, target.reference_image(), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, True
+                )
+                out.append(sitk.GetArrayFromImage(resampled))
+            self._target_weights[key] = np.stack(out)
+        return self._target_weights[key]
 
     def residual_at(self, points_xyz: torch.Tensor) -> torch.Tensor:
         """The residual alone (N, 3), working voxels, at working-grid points (zero when there is none)."""
@@ -318,8 +330,7 @@ class DenseModel:
     def _separable_regions_into(self, out: Field, box: Box, to_working: np.ndarray, m: torch.Tensor) -> None:
         """The separable interpolation with regions: each region's control values, each voxel its region's."""
         (z0, z1), (y0, y1), (x0, x1) = box
-        labels = torch.from_numpy(self.target_regions(out.geometry)[z0:z1, y0:y1, x0:x1].astype(np.int64))
-        labels = labels.to(self.device)
+        weights = torch.from_numpy(self.target_weights(out.geometry)[:, z0:z1, y0:y1, x0:x1]).to(self.device)
         region_parts = []
         for r in range(self.n_regions):
             grid = torch.einsum("kc,czyx->kzyx", m, self.control_volume(r)[0])
@@ -330,12 +341,14 @@ class DenseModel:
         slab = max(1, 4_000_000 // max(1, (y1 - y0) * (x1 - x0)))
         for start in range(z0, z1, slab):
             stop = min(z1, start + slab)
-            here = labels[start - z0 : stop - z0]
             values = torch.zeros(stop - start, y1 - y0, x1 - x0, 3, device=self.device)
             for r, parts in enumerate(region_parts):
+                here = weights[r, start - z0 : stop - z0]
+                if not bool((here > 0).any()):
+                    continue
                 wz, plane = parts[0]
                 region_values = torch.einsum("zc,kcyx->zyxk", wz[start - z0 : stop - z0], plane)
-                values += region_values * (here == r).unsqueeze(-1)
+                values += region_values * here.unsqueeze(-1)
             if residual is not None:
                 wz, plane = residual[0]
                 values += torch.einsum("zc,kcyx->zyxk", wz[start - z0 : stop - z0], plane)
@@ -406,6 +419,20 @@ def split_by_region(
             keys = torch.arange(key_region.shape[0], device=key_region.device)
         out.append((queries, keys))
     return out
+
+
+def blend_weights(regions: torch.Tensor, n_regions: int) -> torch.Tensor:
+    """Each region's indicator smoothed by REGION_BLEND_VOX (Gaussian cut at REGION_BLEND_RADIUS_VOX), (1, R, D, H, W);
+    they sum to one everywhere."""
+    labels = regions.cpu().numpy()
+    truncate = REGION_BLEND_RADIUS_VOX / REGION_BLEND_VOX
+    smoothed = [
+        ndimage.gaussian_filter((labels == r).astype(np.float32), REGION_BLEND_VOX, mode="nearest", truncate=truncate)
+        for r in range(n_regions)
+    ]
+    weights = np.stack(smoothed)
+    weights /= weights.sum(axis=0, keepdims=True)
+    return torch.from_numpy(weights)[None].to(regions.device)
 
 
 def _near_region(mask: torch.Tensor, points_xyz: torch.Tensor, reach: int) -> torch.Tensor:

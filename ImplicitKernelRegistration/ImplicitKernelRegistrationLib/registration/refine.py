@@ -270,11 +270,11 @@ class RefinementSession:
         fixed = np.array([p.fixed_lps for p in self.pairs])
         wanted = np.array([p.moving_lps - p.fixed_lps for p in self.pairs])
         residual = wanted - sample_field(self.base, fixed)
-        regions = self.model.target_regions(self.target)
-        if regions is None:
+        weights = self.model.target_weights(self.target)
+        if weights is None:
             gram = wendland(np.linalg.norm(fixed[:, None] - fixed[None], axis=-1), CORRECTION_RADIUS_MM)
         else:
-            gram = self._region_gram(fixed, regions)
+            gram = self._region_gram(fixed, weights)
         coef = np.linalg.solve(gram + 1e-9 * np.eye(len(fixed)), residual)
         for pair, c in zip(self.pairs, coef, strict=True):
             (z0, z1), (y0, y1), (x0, x1) = _intersect(self._pair_box([pair]), box)
@@ -283,21 +283,20 @@ class RefinementSession:
             zz, yy, xx = np.meshgrid(np.arange(z0, z1), np.arange(y0, y1), np.arange(x0, x1), indexing="ij")
             pts = self.target.index_to_lps(np.stack([xx.ravel(), yy.ravel(), zz.ravel()], axis=1))
             weight = wendland(np.linalg.norm(pts - pair.fixed_lps, axis=1), CORRECTION_RADIUS_MM)
-            if regions is not None:
-                weight *= regions[z0:z1, y0:y1, x0:x1].ravel() == self._region_of(pair.fixed_lps[None], regions)[0]
+            if weights is not None:
+                weight *= weights[self._region_of(pair.fixed_lps[None])[0], z0:z1, y0:y1, x0:x1].ravel()
             bump = (weight[:, None] * c[None]).reshape(z1 - z0, y1 - y0, x1 - x0, 3)
             self.field.displacement_mm[z0:z1, y0:y1, x0:x1] += bump.astype(np.float32)
 
-    def _region_of(self, points_lps: np.ndarray, regions: np.ndarray) -> np.ndarray:
-        """The region (N,) of fixed points: the label of their nearest target voxel."""
-        idx = np.round(self.target.lps_to_index(points_lps)).astype(int)
-        idx = np.clip(idx, 0, np.asarray(self.target.size) - 1)
-        return regions[idx[:, 2], idx[:, 1], idx[:, 0]]
+    def _region_of(self, points_lps: np.ndarray) -> np.ndarray:
+        """The region (N,) of fixed points, as their keys have it (dense.DenseModel.region_at)."""
+        working = torch.tensor(self.model.working.lps_to_index(points_lps), dtype=torch.float32)
+        return self.model.region_at(working).cpu().numpy()
 
-    def _region_gram(self, fixed: np.ndarray, regions: np.ndarray) -> np.ndarray:
-        """gram[i, j]: pair j's correction (a Wendland bump kept to its region), sampled at pair i's fixed point
-        as sample_field samples the field (trilinear between voxels), so that solving with it is exact."""
-        own = self._region_of(fixed, regions)
+    def _region_gram(self, fixed: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """gram[i, j]: pair j's correction (a Wendland bump times its region's weight), sampled at pair i's fixed
+        point as sample_field samples the field (trilinear between voxels), so that solving with it is exact."""
+        own = self._region_of(fixed)
         idx = self.target.lps_to_index(fixed)
         lo = np.floor(idx)
         frac = idx - lo
@@ -307,10 +306,10 @@ class RefinementSession:
             offset = np.asarray(corner)
             c = np.clip(lo + offset, 0, size - 1).astype(int)
             w = np.prod(np.where(offset == 1, frac, 1.0 - frac), axis=1)
-            label = regions[c[:, 2], c[:, 1], c[:, 0]]
+            region_weight = weights[own[None, :], c[:, 2, None], c[:, 1, None], c[:, 0, None]]  # (corner i, pair j)
             pts = self.target.index_to_lps(c.astype(np.float64))
             basis = wendland(np.linalg.norm(pts[:, None] - fixed[None], axis=-1), CORRECTION_RADIUS_MM)
-            gram += w[:, None] * basis * (label[:, None] == own[None])
+            gram += w[:, None] * basis * region_weight
         return gram
 
     def _min_jacobian_near(self, point_lps: np.ndarray) -> float:
