@@ -78,3 +78,20 @@ def test_tables_show_ratios_to_the_default() -> None:
     greedy_line = next(line for line in ratios.splitlines() if "| greedy |" in line)
     assert "| ikr-learned | 2.00 |" in greedy_line and "| 4.00 |" in greedy_line
     assert "failed: boom" in values_table(rows)
+
+
+def test_tables_show_ikr_verdict_and_pleura_tre() -> None:
+    """ikr's own quality verdict appears in its row, '—' in a peer's; the TRE near the pleura where a case has it."""
+    tre = {"mean": 1.0, "sd": 0.5, "p50": 1.0, "p90": 2.0}
+    base = {"case": "ev-thorax-sliding-s0", "unseen": "generator", "status": "ok", "tre": tre, "time_s": 1.0,
+            "jacobian": {"sdlogj": 0.1, "folding_percent": 0.0}, "memory_mb": 100.0, "device": "cpu"}  # fmt: skip
+    rows = [
+        {**base, "method": "ikr-learned", "quality": {"verdict": "doubtful"}, "tre_pleura": {**tre, "mean": 1.23}},
+        {**base, "method": "greedy", "tre_pleura": {**tre, "mean": 2.34}},
+    ]
+    table = values_table(rows)
+    assert "TRE pleura" in table.splitlines()[0] and "verdict" in table.splitlines()[0]
+    ikr_line = next(line for line in table.splitlines() if "| ikr-learned |" in line)
+    greedy_line = next(line for line in table.splitlines() if "| greedy |" in line)
+    assert "| 1.23 |" in ikr_line and "| doubtful |" in ikr_line
+    assert "| 2.34 |" in greedy_line and "| — |" in greedy_line

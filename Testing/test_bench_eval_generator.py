@@ -171,3 +171,38 @@ def test_clinical_moving_image_shows_the_anatomy_where_the_true_field_says(clini
     matched = np.median(np.abs(fixed_hu - moving_hu))
     shuffled = np.median(np.abs(fixed_hu - np.roll(moving_hu, len(moving_hu) // 2)))
     assert matched < 0.3 * shuffled
+
+
+def test_sliding_moves_the_lungs_along_a_still_chest_wall(smooth_phantom) -> None:
+    """Inside the lungs near their side walls the motion is large and craniocaudal; just outside it is small
+    (a tangential jump at the pleura); landmarks lie near the pleura on both sides and are listed."""
+    from eval_generator import anatomy, generator_lungs, signed_distance_mm
+
+    case = make_eval_case(smooth_phantom, "sliding", seed=0, intensity=False)
+    deformation = draw_deformation(smooth_phantom, "sliding", 0)
+    a = anatomy(smooth_phantom)
+    signed = signed_distance_mm(generator_lungs(a), a.geometry.spacing_mm[0])
+    gradient = np.stack(np.gradient(ndimage.gaussian_filter(signed, 1.0)), axis=-1)  # z, y, x
+    side_wall = np.abs(gradient[..., 0]) < 0.3 * np.linalg.norm(gradient, axis=-1)  # boundary normal not along z
+    dz = np.abs(deformation.forward.displacement_mm[..., 2])
+    inside = side_wall & (signed > 2.0) & (signed < 9.0)
+    outside = side_wall & (signed < -2.0) & (signed > -9.0) & a.body
+    assert dz[inside].mean() > 3.0 * dz[outside].mean()
+    assert deformation.params["min_jacobian_working"] > 0.0
+    near = case.params["pleura_landmarks"]
+    sides = case.params["pleura_side"]
+    assert len(near) == len(sides) and {"lung", "wall"} <= set(sides)
+    assert max(near) < len(case.landmarks_fixed_lps)
+    np.testing.assert_allclose(
+        transform_points(case.true_field, case.landmarks_fixed_lps), case.landmarks_moving_lps, atol=1e-6
+    )
+
+
+def test_sliding_needs_lungs(smooth_phantom) -> None:
+    """Without lungs in view the sliding kind refuses with a clear error."""
+    from ImplicitKernelRegistrationLib.core.errors import IkrError
+
+    body = body_mask(smooth_phantom)
+    solid = smooth_phantom.with_array(np.where(body & (smooth_phantom.array < -300), 40.0, smooth_phantom.array))
+    with pytest.raises(IkrError, match="needs lungs"):
+        draw_velocity(solid, "sliding", np.random.default_rng(0))

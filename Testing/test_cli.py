@@ -199,3 +199,15 @@ def test_demo_runs_on_the_phantom(capsys, tmp_path, monkeypatch):
 
 def test_shared_data_location_is_the_one_the_tests_use():
     assert Path(SHARED_DATA).name == "data"
+
+
+def test_lung_regions_flag_reaches_the_registration_config():
+    from ImplicitKernelRegistrationLib.cli import _registration_config, build_parser
+    from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig
+
+    parser = build_parser()
+    plain = parser.parse_args(["register", "f.nii.gz", "m.nii.gz", "-o", "out"])
+    assert _registration_config(plain)["lung_regions"] == RegistrationConfig().lung_regions
+    on = parser.parse_args(["register", "f.nii.gz", "m.nii.gz", "-o", "out", "--lung-regions"])
+    off = parser.parse_args(["register", "f.nii.gz", "m.nii.gz", "-o", "out", "--no-lung-regions"])
+    assert _registration_config(on)["lung_regions"] and not _registration_config(off)["lung_regions"]

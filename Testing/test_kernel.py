@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -384,3 +386,48 @@ def test_corrupt_foreign_and_mismatched_weights_are_refused(tmp_path: object) ->
         load_weights(wider)
     with pytest.raises(IkrError, match="not found"):
         load_weights(tmp_path / "absent.pt")
+
+
+def test_region_aware_neighbourhoods_keep_each_region_to_its_own_keys() -> None:
+    """Two regions whose keys move differently: every voxel of a region gets its region's motion exactly (the
+    weights sum to one) but for a narrow blend across the boundary, where one region for all would blend the two
+    over the kernel's whole reach."""
+    from ImplicitKernelRegistrationLib.registration.dense import REGION_BLEND_RADIUS_VOX, split_by_region
+    from ImplicitKernelRegistrationLib.registration.kernel import GaussianKernel
+    from ImplicitKernelRegistrationLib.registration.pipeline import kernel_at_points
+
+    shape = (12, 20, 24)  # z, y, x
+    geometry = Geometry((shape[2], shape[1], shape[0]), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    regions = torch.zeros(shape, dtype=torch.long)
+    regions[:, :, 11:] = 1  # a plane boundary between x = 10 and x = 11
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.rand(300, 3, generator=gen) * torch.tensor([23.0, 19.0, 11.0])
+    inside = torch.round(keys[:, 0]) >= 11
+    disp = torch.where(inside[:, None], torch.tensor([0.0, 0.0, 2.0]), torch.tensor([0.0, 0.0, -1.0]))
+    kernel = GaussianKernel(sigma=4.0)
+    model = DenseModel(kernel, None, geometry, control_step_vox=4, regions=regions)
+    model.set_keys(keys, disp, torch.ones(len(keys)))
+    assert model.points.shape[0] > math.prod(model.control_shape)  # ghosts on both sides of the boundary
+    field = model.field_on(geometry).displacement_mm[..., 2]  # mm = 2 * voxels along z
+    r = REGION_BLEND_RADIUS_VOX
+    np.testing.assert_allclose(field[:, :, 11 + r :], 4.0, atol=1e-4)
+    np.testing.assert_allclose(field[:, :, : 11 - r], -2.0, atol=1e-4)
+    across = field[0, 0, 11 - r : 11 + r]
+    assert np.all(np.diff(across) > 0) and -2.0 < across.min() and across.max() < 4.0  # a monotone blend
+    # a finer, shifted target reaching past the working grid: each voxel its regions' blend, the edge beyond it
+    target = Geometry((40, 30, 20), (1.3, 1.3, 1.2), (0.7, 0.4, 0.2))
+    fine = model.field_on(target).displacement_mm[..., 2]
+    weights = model.target_weights(target)
+    np.testing.assert_allclose(weights.sum(axis=0), 1.0, atol=1e-5)
+    np.testing.assert_allclose(fine, 4.0 * weights[1] - 2.0 * weights[0], atol=1e-4)
+    # without regions the two motions blend near the boundary
+    plain = DenseModel(kernel, None, geometry, control_step_vox=4)
+    plain.set_keys(keys, disp, torch.ones(len(keys)))
+    assert np.abs(plain.field_on(geometry).displacement_mm[:, :, 11, 2] - 4.0).max() > 1.0
+    # the pipeline's prior at the keys follows the same rule
+    region = model.region_at(keys)
+    prior = kernel_at_points(kernel, keys, keys, disp, torch.ones(len(keys)), None, region, region, 2)
+    torch.testing.assert_close(prior, disp)
+    # a region without keys takes every key
+    groups = split_by_region(torch.tensor([0, 1, 1]), torch.tensor([1, 1]), 2)
+    assert [(q.tolist(), k.tolist()) for q, k in groups] == [([0], [0, 1]), ([1, 2], [0, 1])]

@@ -14,6 +14,7 @@ from ImplicitKernelRegistrationLib.core.geometry import Geometry, Image
 from ImplicitKernelRegistrationLib.registration.preprocess import (
     WorkingPair,
     body_mask,
+    lung_mask,
     make_working_pair,
     normalise_ct,
     resample_to,
@@ -82,6 +83,31 @@ def test_body_mask_holds_the_body_and_lung_bases_but_not_outside_air() -> None:
     inside_dark = np.sum(mask & (image.array < -500))
     assert inside_dark > 1000
     assert np.mean(image.array[mask] > -500) > 0.9
+
+
+def test_lung_mask_finds_the_phantom_lungs() -> None:
+    from ImplicitKernelRegistrationLib.synthetic.phantom import make_phantom
+
+    ct, labels, _ = make_phantom(seed=0)
+    hu = resample_to(ct, working_geometry(ct.geometry, 3.0))
+    truth = resample_to(labels, hu.geometry, 0.0, "nearest").array
+    truth = (truth == 2) | (truth == 3) | ((truth == 8) & ndimage.binary_fill_holes((truth == 2) | (truth == 3)))
+    mask = lung_mask(hu)
+    dice = 2.0 * np.sum(mask & truth) / (mask.sum() + truth.sum())
+    assert dice > 0.9
+
+
+def test_lung_mask_of_a_thorax_and_none_in_an_abdomen() -> None:
+    thorax = Image.from_sitk(sitk.ReadImage(str(shared_path("ct", "thorax_popi_T00_1p5mm.nii.gz"))))
+    hu = resample_to(thorax, working_geometry(thorax.geometry, 3.0))
+    lungs = lung_mask(hu)
+    volume_ml = lungs.sum() * 27.0 / 1000.0
+    assert 3000.0 < volume_ml < 7000.0  # both lungs at inspiration, airways included
+    assert np.mean(hu.array[lungs] > -200.0) < 0.05  # hardly any soft tissue: no mediastinum
+    # the abdomen (bowel gas, lung bases of about 120 ml) and the liver slab get no lung mask
+    for name in ("abdomen_ts_example_ct_3mm.nii.gz", LIVER[1]):
+        image = Image.from_sitk(sitk.ReadImage(str(shared_path("ct", name))))
+        assert not lung_mask(resample_to(image, working_geometry(image.geometry, 3.0))).any()
 
 
 def test_make_working_pair_shapes_ranges_and_masks() -> None:

@@ -93,3 +93,89 @@ def test_bad_clicks_are_refused_and_the_session_is_unchanged(session, phantom_ca
         session.undo()
     assert np.array_equal(session.field.displacement_mm, before)
     assert session.pairs == []
+
+
+# ----------------------------------------------------------------------- region-aware (lungs)
+
+
+@pytest.fixture(scope="module")
+def lung_registration(phantom_case):
+    """The phantom case registered at 3 mm with region-aware neighbourhoods (its automatic lung mask)."""
+    from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
+
+    config = RegistrationConfig(kernel="gaussian", spacing_mm=3.0, max_keypoints=1024, lung_regions=True)
+    return register(phantom_case.fixed, phantom_case.moving, config)
+
+
+def _near_pleura(session, inside: bool, distance_mm: float = 4.0) -> np.ndarray:
+    """A fixed point (1, 3) LPS about `distance_mm` from the lung boundary, inside or outside the lungs."""
+    from scipy import ndimage
+
+    lungs = session.model.target_weights(session.target)[1] > 0.5
+    side = lungs if inside else ~lungs
+    depth = ndimage.distance_transform_edt(side, sampling=session.target.spacing_mm[::-1])
+    centre = np.asarray(session.target.size[::-1]) / 2.0
+    candidates = np.argwhere(side & (np.abs(depth - distance_mm) < 1.0))
+    zyx = candidates[np.argmin(np.linalg.norm(candidates - centre, axis=1))]  # central, away from the volume's edge
+    return session.target.index_to_lps(zyx[::-1][None].astype(np.float64))
+
+
+def test_the_report_lists_the_lung_mask_with_its_volume(lung_registration):
+    line = lung_registration.report["masks"]["lungs"]
+    assert "automatic lung mask" in line and " ml" in line
+    assert lung_registration.model.n_regions == 2
+
+
+def test_a_click_near_the_pleura_is_exact_and_stays_on_its_side(lung_registration, phantom_case):
+    session = session_from_result(lung_registration, phantom_case.fixed)
+    lung_weight = session.model.target_weights(session.target)[1]  # 1 in the lungs, 0 beyond a few mm outside
+    before = session.field.displacement_mm.copy()
+    p = _near_pleura(session, inside=True)
+    q = transform_points(session.field, p) + np.array([[2.5, -1.5, 3.0]])  # the lung slides here
+    session.add_correspondences(p, q)
+    assert np.linalg.norm(transform_points(session.field, p) - q) < 0.5
+    assert session.feedback()[0]["residual_mm"] < 0.5
+    moved = np.linalg.norm(session.field.displacement_mm - before, axis=-1) > 1e-6
+    near = np.linalg.norm(session.target.grid_points_lps() - p[0], axis=-1) < 20.0
+    assert moved[near & (lung_weight == 1)].any()
+    assert not moved[near & (lung_weight == 0)].any()  # the chest wall a few mm away did not follow
+    # and from the other side: a click in the chest wall leaves the lung as it was
+    session.undo()
+    assert np.array_equal(session.field.displacement_mm, before)
+    p_out = _near_pleura(session, inside=False)
+    session.add_correspondences(p_out, transform_points(session.field, p_out) + 2.0)
+    assert session.feedback()[0]["residual_mm"] < 0.5
+    moved = np.linalg.norm(session.field.displacement_mm - before, axis=-1) > 1e-6
+    near = np.linalg.norm(session.target.grid_points_lps() - p_out[0], axis=-1) < 20.0
+    assert moved[near & (lung_weight == 0)].any()
+    assert not moved[near & (lung_weight == 1)].any()
+
+
+def test_region_aware_local_update_equals_full_rebuild(lung_registration, phantom_case):
+    from ImplicitKernelRegistrationLib.registration.refine import RefinementSession
+
+    session = session_from_result(lung_registration, phantom_case.fixed)
+    fixed = np.concatenate([_near_pleura(session, True), _near_pleura(session, False, 6.0)])
+    session.add_correspondences(fixed, transform_points(session.field, fixed) + 2.0)
+    full = RefinementSession(
+        lung_registration.model, phantom_case.fixed.geometry, lung_registration.correspondences, session.pairs
+    )
+    assert np.allclose(full.field.displacement_mm, session.field.displacement_mm, atol=1e-4)
+    assert all(item["residual_mm"] < 0.5 for item in full.feedback())
+
+
+def test_a_region_aware_session_reopens_with_its_regions(lung_registration, phantom_case):
+    from ImplicitKernelRegistrationLib.registration.refine import open_session
+
+    session = session_from_result(lung_registration, phantom_case.fixed)
+    p = _near_pleura(session, inside=True)
+    session.add_correspondences(p, transform_points(session.field, p) + 2.0)
+    saved = {
+        "config": lung_registration.report["config"],
+        "working_geometry": lung_registration.working_geometry.to_dict(),
+        "alignment": lung_registration.alignment.to_dict(),
+        "user": session.to_dict(),
+    }
+    reopened = open_session(phantom_case.fixed, saved, lung_registration.correspondences)
+    assert reopened.model.n_regions == 2
+    np.testing.assert_allclose(reopened.field.displacement_mm, session.field.displacement_mm, atol=1e-3)

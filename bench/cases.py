@@ -1,9 +1,10 @@
 """The benchmark's cases: seeded deformations of the real CTs by two generators, and the translation check case.
 
-Three sets: `synth` (the project's own generator, `synth.make_case`), `independent` (bench's
+Four sets: `synth` (the project's own generator, `synth.make_case`), `independent` (bench's
 evaluation generator, `eval_generator.make_eval_case`: stationary velocity fields, never used in
 training) and `clinical` (`clinical_cases.make_clinical_case`: the independent generator's
-deformation plus repositioning, own moving grid, field-of-view cut, contrast change, ablation).
+deformation plus repositioning, own moving grid, field-of-view cut, contrast change, ablation) and
+`sliding` (the evaluation generator's kind "sliding" on the thorax: lungs sliding along the chest wall).
 Cases are written once under bench/work/cases/<name>/ (synth.write_case layout) and read back.
 """
 
@@ -86,8 +87,10 @@ class EvalSpec:
 
     @property
     def set(self) -> str:
-        """The case set: 'independent' or 'clinical'."""
-        return "independent" if self.clinical is None else "clinical"
+        """The case set: 'independent', 'sliding' (the independent generator's sliding kind) or 'clinical'."""
+        if self.clinical is not None:
+            return "clinical"
+        return "sliding" if self.kind == "sliding" else "independent"
 
     def build(self, data_dir: Path, work_dir: Path) -> Path:
         """The case's folder under work_dir/cases, generated (and written atomically) if absent."""
@@ -136,8 +139,22 @@ CLINICAL_CASES = (
 )
 QUICK_CLINICAL_CASES = CLINICAL_CASES[3:5]
 
-CASE_SETS = {"synth": FULL_CASES, "independent": INDEPENDENT_CASES, "clinical": CLINICAL_CASES}
-QUICK_SETS = {"synth": QUICK_CASES, "independent": QUICK_INDEPENDENT_CASES, "clinical": QUICK_CLINICAL_CASES}
+# Lungs sliding along the chest wall (eval_generator kind "sliding"; needs lungs in view: the thorax).
+SLIDING_CASES = (EvalSpec(THORAX, "sliding", 0), EvalSpec(THORAX, "sliding", 1))
+QUICK_SLIDING_CASES = SLIDING_CASES[:1]
+
+CASE_SETS = {
+    "synth": FULL_CASES,
+    "independent": INDEPENDENT_CASES,
+    "clinical": CLINICAL_CASES,
+    "sliding": SLIDING_CASES,
+}
+QUICK_SETS = {
+    "synth": QUICK_CASES,
+    "independent": QUICK_INDEPENDENT_CASES,
+    "clinical": QUICK_CLINICAL_CASES,
+    "sliding": QUICK_SLIDING_CASES,
+}
 
 
 def _labels_for(spec: CaseSpec, data_dir: Path) -> Image | None:

@@ -19,6 +19,16 @@ Kinds (LPS: +z superior, -y anterior; mean |v| inside the body is drawn, then v 
   the body: v(x) = s (x - c) exp(-|x - c|^2 / 2 r^2), r 12-25 mm, volume change at the centre
   exp(3 s) in 0.55-0.85 (shrinkage) or 1.2-1.5 (expansion); plus a random SVF of mean 0.5-1 mm.
 - mixed: breathing (scaled by 0.6) + random (0.5) + local.
+- sliding: breathing-like motion of the lungs and their contents that slides along the chest wall
+  and the mediastinum. Lungs: this generator's own mask (< -550 HU in the body, components of 100 ml
+  or more, closed by 6 mm, holes filled slice by slice; not the engine's lung mask). Inside them
+  inferior motion growing from the apex (0) to the base (1) as ((z_apex - z) / (z_apex - z_base))^1.5,
+  with an anterior share of 10-25 %. Outside only the normal component of that motion continues
+  (the lung pushes the diaphragm and the liver below it, and lifts the anterior chest wall), fading
+  with the distance to the lungs (e-folding 15-25 mm), so the field is continuous across the
+  boundary in the normal direction and discontinuous in the tangential one: the lung slides along
+  the ribs and the mediastinum while these stay nearly still. Plus a weak random SVF everywhere
+  (mean 0.2-0.4 mm). Mean |v| inside the lungs 4-8 mm. Needs lungs in view (300 ml or more).
 
 The true field d = exp(v) - id (fixed grid, LPS mm, fixed -> moving: anatomy at p lies at p + d(p)
 in the moving image, ITK DisplacementFieldTransform) is linear interpolation of the working-grid
@@ -33,7 +43,10 @@ field (multiplicative on HU + 1024, within +-3 %); both images get fresh heteros
 Landmarks (up to 100): extrema of a difference of Gaussians (2 mm minus 4 mm, HU clipped to
 [-1000, 400]) on a 2 mm grid, inside the body at least 8 mm from its surface, in the top 15 % of
 the response; those whose moving point lies inside the moving data (an extra `valid` test, e.g. a
-cut field of view) are spread by farthest-point sampling, seeded by the strongest.
+cut field of view) are spread by farthest-point sampling, seeded by the strongest. For `sliding`:
+up to 30 of them 2-12 mm inside the lungs' boundary, 30 2-12 mm outside it (near the pleura, both
+sides) and the rest elsewhere; case.json lists which are near the pleura (`pleura_landmarks`, with
+their side) so that the bench reports their TRE apart.
 """
 
 from __future__ import annotations
@@ -60,7 +73,7 @@ from ImplicitKernelRegistrationLib.core.geometry import Geometry, Image
 from ImplicitKernelRegistrationLib.registration.preprocess import body_mask
 from ImplicitKernelRegistrationLib.synthetic.synth import SynthCase, write_case
 
-KINDS = ("breathing", "random", "local", "mixed")
+KINDS = ("breathing", "random", "local", "mixed", "sliding")
 WORKING_SPACING_MM = 3.0
 SQUARING_STEPS = 8
 LANDMARK_GRID_MM = 2.0
@@ -68,6 +81,11 @@ LANDMARK_DEPTH_MM = 8.0
 MAX_LANDMARKS = 100
 AIR_HU = -1024.0
 GAMMA_SPAN_HU = 3000.0
+LUNG_HU = -550.0
+LUNG_MIN_ML = 100.0
+LUNGS_NEEDED_ML = 300.0
+PLEURA_BAND_MM = (2.0, 12.0)  # landmarks this far from the lungs' boundary count as near the pleura
+PLEURA_LANDMARKS_PER_SIDE = 30
 
 
 # ----------------------------------------------------------------------------- grids and fields
@@ -214,11 +232,71 @@ def _mixed(a: Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     return v.astype(np.float32), {"breathing": p_breathing, "random": p_random, "local": p_local}
 
 
+def generator_lungs(a: Anatomy) -> np.ndarray:
+    """This generator's lung mask on its working grid: < -550 HU in the body, components of 100 ml or more,
+    closed by 6 mm, holes filled slice by slice (scipy; independent of the engine's lung mask)."""
+    dark = (a.hu < LUNG_HU) & a.body
+    labels, n = ndimage.label(dark)
+    if n == 0:
+        return np.zeros_like(dark)
+    voxel_ml = float(np.prod(a.geometry.spacing_mm)) / 1000.0
+    sizes = np.bincount(labels.ravel(), minlength=n + 1) * voxel_ml
+    lungs = np.isin(labels, [i for i in range(1, n + 1) if sizes[i] >= LUNG_MIN_ML])
+    radius = max(1, round(6.0 / a.geometry.spacing_mm[0]))
+    lungs = ndimage.binary_closing(lungs, ndimage.generate_binary_structure(3, 1), iterations=radius)
+    lungs = np.stack([ndimage.binary_fill_holes(plane) for plane in lungs]) & a.body
+    return lungs
+
+
+def signed_distance_mm(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Distance (mm) to the mask's boundary: positive inside, negative outside."""
+    inside = ndimage.distance_transform_edt(mask, sampling=spacing_mm)
+    outside = ndimage.distance_transform_edt(~mask, sampling=spacing_mm)
+    return np.where(mask, inside, -outside).astype(np.float32)
+
+
+def _sliding(a: Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """Lungs move inferiorly (and anteriorly), sliding along the chest wall; outside only the normal part continues."""
+    lungs = generator_lungs(a)
+    volume_ml = float(lungs.sum()) * float(np.prod(a.geometry.spacing_mm)) / 1000.0
+    if volume_ml < LUNGS_NEEDED_ML:
+        raise IkrError(f"the sliding kind needs lungs in view ({volume_ml:.0f} ml found, {LUNGS_NEEDED_ML:g} needed)")
+    z = a.points[..., 2]
+    z_apex, z_base = float(z[lungs].max()), float(np.percentile(z[lungs], 2.0))
+    profile = np.clip((z_apex - z) / max(z_apex - z_base, 1e-6), 0.0, 1.0) ** 1.5
+    ap = rng.uniform(0.1, 0.25)
+    inner = np.zeros_like(a.points, dtype=np.float32)
+    inner[..., 2] = -profile
+    inner[..., 1] = -ap * profile
+    spacing = a.geometry.spacing_mm[0]
+    signed = signed_distance_mm(lungs, spacing)
+    gradient = np.stack(np.gradient(ndimage.gaussian_filter(signed, 1.0), spacing)[::-1], axis=-1)  # x, y, z
+    normal = gradient / np.maximum(np.linalg.norm(gradient, axis=-1, keepdims=True), 1e-6)
+    decay = rng.uniform(15.0, 25.0)
+    normal_part = (normal * inner).sum(axis=-1, keepdims=True) * normal
+    outer = normal_part * np.exp(np.minimum(signed, 0.0) / decay)[..., None]
+    v = np.where(lungs[..., None], inner, outer) * a.weight[..., None]
+    mean = rng.uniform(4.0, 8.0)
+    scale = mean / max(float(np.linalg.norm(v, axis=-1)[lungs].mean()), 1e-9)
+    background, background_params = _random(a, rng, mean=rng.uniform(0.2, 0.4))
+    params = {
+        "lung_volume_ml": volume_ml,
+        "apex_z_mm": z_apex,
+        "base_z_mm": z_base,
+        "ap_fraction": ap,
+        "normal_decay_mm": decay,
+        "mean_velocity_in_lungs_mm": mean,
+        "background": background_params,
+    }
+    return (v * scale + background).astype(np.float32), params
+
+
 _BUILDERS: dict[str, Callable[[Anatomy, np.random.Generator], tuple[np.ndarray, dict]]] = {
     "breathing": _breathing,
     "random": _random,
     "local": _local,
     "mixed": _mixed,
+    "sliding": _sliding,
 }
 
 
@@ -324,6 +402,33 @@ def pick_landmarks(
     return fixed, transform_points(true_field, fixed)
 
 
+def pick_pleura_landmarks(
+    ct: Image, true_field: Field, valid: Callable[[np.ndarray], np.ndarray], count: int = MAX_LANDMARKS
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Landmarks near the pleura on both sides (PLEURA_BAND_MM from the generator's lung boundary, up to
+    PLEURA_LANDMARKS_PER_SIDE each), the rest elsewhere; and which are near it (indices, side)."""
+    a = anatomy(ct)
+    signed = signed_distance_mm(generator_lungs(a), a.geometry.spacing_mm[0])
+    candidates = landmark_candidates(ct)
+    candidates = candidates[valid(transform_points(true_field, candidates))]
+    index = np.rint(a.geometry.lps_to_index(candidates)).astype(int)
+    index = np.clip(index, 0, np.asarray(a.geometry.size) - 1)
+    depth = signed[index[:, 2], index[:, 1], index[:, 0]]
+    lo, hi = PLEURA_BAND_MM
+    inside = (depth >= lo) & (depth <= hi)
+    outside = (depth <= -lo) & (depth >= -hi)
+    chosen_in = farthest_points(candidates[inside], PLEURA_LANDMARKS_PER_SIDE)
+    chosen_out = farthest_points(candidates[outside], PLEURA_LANDMARKS_PER_SIDE)
+    rest = farthest_points(candidates[~inside & ~outside], max(0, count - len(chosen_in) - len(chosen_out)))
+    fixed = np.concatenate([chosen_in, chosen_out, rest]).reshape(-1, 3)
+    near = {
+        "pleura_landmarks": list(range(len(chosen_in) + len(chosen_out))),
+        "pleura_side": ["lung"] * len(chosen_in) + ["wall"] * len(chosen_out),
+        "pleura_band_mm": list(PLEURA_BAND_MM),
+    }
+    return fixed, transform_points(true_field, fixed), near
+
+
 def inside_grid(geometry: Geometry, margin_mm: float) -> Callable[[np.ndarray], np.ndarray]:
     """A test: which LPS points lie inside `geometry`, at least `margin_mm` from its outer voxel centres."""
     margin = margin_mm / min(geometry.spacing_mm)
@@ -404,13 +509,18 @@ def make_eval_case(ct: Image, kind: str, seed: int, intensity: bool = True) -> S
         sigma_fixed, sigma_moving = rng.uniform(6.0, 14.0, 2)
         fixed, moving_hu = fixed_image(ct, sigma_fixed, rng), noisy(moving_hu, sigma_moving, rng)
         intensity_params.update(noise_sigma_fixed_hu=sigma_fixed, noise_sigma_moving_hu=sigma_moving)
-    lm_fixed, lm_moving = pick_landmarks(ct, true_field, inside_grid(ct.geometry, 6.0))
+    pleura: dict = {}
+    if kind == "sliding":
+        lm_fixed, lm_moving, pleura = pick_pleura_landmarks(ct, true_field, inside_grid(ct.geometry, 6.0))
+    else:
+        lm_fixed, lm_moving = pick_landmarks(ct, true_field, inside_grid(ct.geometry, 6.0))
     params = {
         "source": "bench eval_generator (evaluation only)",
         **deformation.params,
         "intensity_params": intensity_params,
         "max_displacement_mm": float(np.linalg.norm(true_field.displacement_mm, axis=-1).max()),
         "landmarks_found": int(len(lm_fixed)),
+        **pleura,
         "ct_size": [int(v) for v in ct.geometry.size],
         "ct_spacing_mm": [float(v) for v in ct.geometry.spacing_mm],
     }

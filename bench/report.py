@@ -11,6 +11,7 @@ VALUE_COLUMNS = (
     ("TRE sd", lambda r: r["tre"]["sd"], "{:.2f}"),
     ("TRE p50", lambda r: r["tre"]["p50"], "{:.2f}"),
     ("TRE p90", lambda r: r["tre"]["p90"], "{:.2f}"),
+    ("TRE pleura", lambda r: r.get("tre_pleura", {}).get("mean"), "{:.2f}"),
     ("SDlogJ", lambda r: r["jacobian"]["sdlogj"], "{:.3f}"),
     ("fold %", lambda r: r["jacobian"]["folding_percent"], "{:.3f}"),
     ("time s", lambda r: r["time_s"], "{:.1f}"),
@@ -59,15 +60,20 @@ def _table(header: list[str], lines: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def verdict_cell(row: dict) -> str:
+    """This project's own quality verdict of a run (review/quality.py), '—' for the peers and 'none'."""
+    quality = row.get("quality") or {}
+    return quality.get("verdict", "—") if row["status"] == "ok" else "-"
+
+
 def values_table(rows: list[dict]) -> str:
-    """Every (case, method) row with its figures, device and status."""
-    header = ["case", "unseen", "method", *(c[0] for c in VALUE_COLUMNS), "device", "status"]
+    """Every (case, method) row with its figures, quality verdict, device and status."""
+    header = ["case", "unseen", "method", *(c[0] for c in VALUE_COLUMNS), "verdict", "device", "status"]
     lines = []
     for row in rows:
         status = "ok" if row["status"] == "ok" else f"{row['status']}: {row.get('reason', '')}"
-        lines.append(
-            [row["case"], row["unseen"] or "-", row["method"], *_row_cells(row), row.get("device", "-"), status]
-        )
+        cells = [row["case"], row["unseen"] or "-", row["method"], *_row_cells(row), verdict_cell(row)]
+        lines.append([*cells, row.get("device", "-"), status])
     return _table(header, lines)
 
 

@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["synth"],
         choices=tuple(CASE_SETS),
         dest="sets",
-        help="case sets: synth (the project's generator), independent (bench's SVF generator), clinical",
+        help="case sets: synth (the project's generator), independent (bench's SVF generator), clinical, sliding",
     )
     parser.add_argument(
         "--device", default="cpu", choices=("cpu", "cuda", "auto"), help="for this project and ConvexAdam"
@@ -232,7 +232,11 @@ def markdown(results: dict) -> str:
         " (`bench/eval_generator.py`: stationary velocity fields by scaling and squaring, gamma/bias/"
         "heteroscedastic noise, DoG landmarks; never used in training). 'clinical': the independent"
         " generator plus repositioning, the moving scan's own grid, a field-of-view cut, a contrast"
-        " change and an ablation-like region (`bench/clinical_cases.py`). TRE at the case's landmarks (mm);"
+        " change and an ablation-like region (`bench/clinical_cases.py`). 'sliding': the evaluation generator's"
+        " kind 'sliding' (lungs move inferiorly and slide along the chest wall and mediastinum, which stay"
+        " nearly still; 'TRE pleura': the landmarks 2-12 mm from the lungs' boundary, both sides)."
+        " 'verdict': ikr's own quality verdict of its run (review/quality.py, as `ikr register` reports"
+        " it; '—' for the peers). TRE at the case's landmarks (mm);"
         " SDlogJ (std of log J over J > 0) and folding (% of J <= 0) inside the fixed image's body"
         " mask; time is the registration itself (each method in a process of its own, after reading"
         " the images); 'whole command' is `ikr register FIXED MOVING -o OUT` from start to every output"

@@ -68,7 +68,23 @@ def score(field_path: Path, case: SynthCase) -> dict:
         "tre": tre(case.landmarks_fixed_lps, case.landmarks_moving_lps, field),
         "jacobian": sdlogj(field, body),
         "endpoint_error": endpoint_error(field, case.true_field, body & seen_by_moving(case)),
+        **pleura_tre(case, field),
     }
+
+
+def pleura_tre(case: SynthCase, field) -> dict:
+    """TRE at the landmarks near the pleura (a sliding case lists them in case.json), both sides and each side;
+    empty for other cases."""
+    near = np.asarray(case.params.get("pleura_landmarks", []), dtype=int)
+    if near.size == 0:
+        return {}
+    side = np.asarray(case.params["pleura_side"])
+    fixed, moving = case.landmarks_fixed_lps[near], case.landmarks_moving_lps[near]
+    out = {"tre_pleura": tre(fixed, moving, field)}
+    for name in ("lung", "wall"):
+        if np.any(side == name):
+            out[f"tre_pleura_{name}"] = tre(fixed[side == name], moving[side == name], field)
+    return out
 
 
 def score_tre(field_path: Path, case: SynthCase) -> dict:

@@ -1,6 +1,8 @@
 """This project (ImplicitKernelRegistration), in a process of its own so that peak memory is per run.
 
 Runs in the project's venv. `register` returns a Field on the fixed grid, fixed -> moving, LPS mm.
+After the timed registration the record gets the quality verdict (review/quality.py `assess`, as
+`ikr register` reports it), so that the benchmark shows whether ikr knew when it did well.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from _common import Stopwatch, field_image, finish, options, parse_args, read_fl
 
 from ImplicitKernelRegistrationLib.core.geometry import Image
 from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
+from ImplicitKernelRegistrationLib.review.quality import assess
 
 DEFAULTS = {
     "kernel": "learned",
@@ -20,6 +23,7 @@ DEFAULTS = {
     "spacing_mm": 2.0,
     "max_keypoints": 2048,
     "seed": 0,
+    "lung_regions": RegistrationConfig().lung_regions,
 }
 
 
@@ -35,6 +39,9 @@ def main() -> None:
         result = register(fixed, moving, config)
         field = field_image(result.field.displacement_mm, fixed_sitk)
     report = result.report
+    quality = assess(
+        fixed, moving, result.field, result.correspondences, result.alignment, report.get("n_keypoints_consistent")
+    )
     record = {
         "method": f"ikr-{settings['kernel']}" + ("-encoder" if settings["features"] == "learned" else ""),
         "package": "ImplicitKernelRegistration",
@@ -43,6 +50,7 @@ def main() -> None:
         "device": report["device"],
         "registration_s": clock.seconds,
         "pipeline_report": {k: v for k, v in report.items() if k != "config"},
+        "quality": quality,
     }
     if report["device"].startswith("cuda"):
         record["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

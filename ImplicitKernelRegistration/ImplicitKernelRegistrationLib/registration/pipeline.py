@@ -25,7 +25,7 @@ from ..core.geometry import Geometry, Image, voxels_to_mm
 from ..io.resources import ENCODER_WEIGHTS, KERNEL_WEIGHTS, weights_file
 from .alignment import Alignment, align
 from .config import DEFAULT_SCALES, FEATURE_NAMES, RegistrationConfig, ScaleSettings  # noqa: F401 (re-exported)
-from .dense import DenseModel
+from .dense import DenseModel, split_by_region
 from .features import FeatureExtractor, mind_ssc, sample_features
 from .kernel import KernelConfig, make_kernel
 from .keypoints import forstner_keypoints
@@ -108,14 +108,32 @@ def kernel_at_points(
     key_disp: torch.Tensor,
     key_conf: torch.Tensor,
     feature_volume: torch.Tensor | None,
+    query_region: torch.Tensor | None = None,
+    key_region: torch.Tensor | None = None,
+    n_regions: int = 1,
 ) -> torch.Tensor:
-    """The kernel's displacement (Q, 3) at query points from keys, features sampled from the volume."""
+    """The kernel's displacement (Q, 3) at query points from keys, features sampled from the volume; with
+    regions, each query from the keys of its own region (dense.split_by_region)."""
     q_feat = k_feat = None
     if feature_volume is not None:
-        q_feat = sample_features(feature_volume, query_xyz)[None]
-        k_feat = sample_features(feature_volume, key_xyz)[None]
-    out = kernel(query_xyz[None].float(), q_feat, key_xyz[None].float(), key_disp[None].float(), k_feat, key_conf[None])
-    return out[0]
+        q_feat = sample_features(feature_volume, query_xyz)
+        k_feat = sample_features(feature_volume, key_xyz)
+    if query_region is None or key_region is None:
+        groups = [(torch.arange(query_xyz.shape[0]), torch.arange(key_xyz.shape[0]))]
+    else:
+        groups = split_by_region(query_region, key_region, n_regions)
+    out = torch.zeros(query_xyz.shape[0], 3, device=query_xyz.device)
+    for queries, keys in groups:
+        queries, keys = queries.to(query_xyz.device), keys.to(query_xyz.device)
+        out[queries] = kernel(
+            query_xyz[queries][None].float(),
+            None if q_feat is None else q_feat[queries][None],
+            key_xyz[keys][None].float(),
+            key_disp[keys][None].float(),
+            None if k_feat is None else k_feat[keys][None],
+            key_conf[keys][None],
+        )[0]
+    return out
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -136,6 +154,20 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         rss_mb += torch.cuda.max_memory_allocated(device) / 2**20
     return float(rss_mb)
+
+
+def lungs_report(lungs: np.ndarray | None, geometry: Geometry, key_region: torch.Tensor) -> str:
+    """The report's line on the lung mask: off, none found, or its volume and the keys inside it."""
+    if lungs is None:
+        return "not used (region-aware neighbourhoods off)"
+    if not lungs.any():
+        return "none found in the fixed image (no lungs in view): one region, every key"
+    volume_ml = float(lungs.sum()) * float(np.prod(geometry.spacing_mm)) / 1000.0
+    inside = int(key_region.sum())
+    return (
+        f"automatic lung mask of the fixed image, {volume_ml:.0f} ml: region-aware neighbourhoods "
+        f"({inside} keys inside the lungs, {int(key_region.numel()) - inside} outside)"
+    )
 
 
 def register(
@@ -199,12 +231,18 @@ def _register_on(
 
     report_progress(0.0, "resampling onto the working grid")
     start_transform = None if alignment.is_identity else alignment.to_sitk()
-    pair = make_working_pair(fixed, moving, config.spacing_mm, device, fixed_mask, moving_mask, start_transform)
+    pair = make_working_pair(
+        fixed, moving, config.spacing_mm, device, fixed_mask, moving_mask, start_transform, config.lung_regions
+    )
+    regions = None if pair.lungs is None or not pair.lungs.any() else torch.from_numpy(pair.lungs).to(device)
     report_progress(0.05, "detecting keypoints")
     keypoints = forstner_keypoints(pair.fixed, pair.fixed_mask, config.max_keypoints, config.seed)
     if keypoints.shape[0] < 8:
         raise IkrError(f"only {keypoints.shape[0]} keypoints found in the fixed image's mask; too few to register")
     kernel_features = mind_ssc(pair.fixed)
+    model = DenseModel(kernel, kernel_features, pair.geometry, config.control_step_vox, alignment=alignment,
+                       regions=regions)  # fmt: skip
+    key_region = model.region_at(keypoints)
     pyramid: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     total = torch.zeros_like(keypoints)
@@ -222,8 +260,9 @@ def _register_on(
             prior = total
             if s > 0:
                 prior = kernel_at_points(
-                    kernel, keypoints, keypoints[keep], total[keep], confidence[keep], kernel_features
-                )
+                    kernel, keypoints, keypoints[keep], total[keep], confidence[keep], kernel_features,
+                    key_region, key_region[keep], model.n_regions,
+                )  # fmt: skip
             if scale.check:
                 forward, check = match_consistent(
                     *pyramid[f],
@@ -243,7 +282,6 @@ def _register_on(
             if int(keep.sum()) < 8:
                 keep = torch.ones_like(keep)
         report_progress(0.9, "reconstructing the dense field")
-        model = DenseModel(kernel, kernel_features, pair.geometry, config.control_step_vox, alignment=alignment)
         model.set_keys(keypoints[keep], total[keep], confidence[keep])
         residual_report = None
         if config.residual_iterations > 0:
@@ -270,6 +308,7 @@ def _register_on(
             "moving": "the given moving mask" if moving_mask is not None else "none",
             "moving_field_of_view": f"keys kept {MOVING_VIEW_MARGIN_MM:g} mm inside the moving image (after alignment)",
             "alignment_metric": "automatic body mask of the fixed image",
+            "lungs": lungs_report(pair.lungs, pair.geometry, key_region),
         },
         "working_size": list(pair.geometry.size),
         "residual": residual_report,

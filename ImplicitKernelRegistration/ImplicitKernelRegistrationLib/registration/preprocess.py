@@ -23,6 +23,12 @@ MIN_SPACING_MM = 0.1
 MAX_SPACING_MM = 20.0
 BODY_THRESHOLD_HU = -500.0
 CT_WINDOW_HU = (-1000.0, 1000.0)  # air and lung to bone; see normalise_ct
+LUNG_THRESHOLD_HU = -400.0  # lung parenchyma (about -850) and airways lie below; vessels and walls above
+LUNG_AIR_HU = -950.0  # below this is air itself: gas pockets are mostly air, lungs mostly not
+LUNG_MAX_AIR_FRACTION = 0.3  # a candidate with more of its voxels below LUNG_AIR_HU is gas (bowel, stomach)
+LUNG_MIN_COMPONENT_ML = 30.0  # smaller air-like pieces are ignored
+LUNG_MIN_TOTAL_ML = 300.0  # lungs "present": a thorax holds litres; an abdomen's lung bases (~120 ml) do not count
+LUNG_CLOSING_MM = 4.0
 MOVING_VIEW_MARGIN_MM = 6.0  # keypoints keep this far inside the moving image's (aligned) field of view
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
 
@@ -134,6 +140,41 @@ def body_mask(image: Image) -> np.ndarray:
     return sitk.GetArrayFromImage(filled_img).astype(bool)
 
 
+def lung_mask(image: Image, body: np.ndarray | None = None) -> np.ndarray:
+    """Lung mask (z, y, x) bool of a CT in HU, empty when no lungs are in view.
+
+    Air-like voxels (< -400 HU) inside the body mask, connected components of at least 30 ml that are
+    not mostly air itself (gas in bowel and stomach is; parenchyma is not), closed by 4 mm and filled
+    slice by slice (vessels, nodules); kept only when they add up to 300 ml or more.
+    """
+    body = body_mask(image) if body is None else body
+    air = (np.asarray(image.array) < LUNG_THRESHOLD_HU) & body
+    if not air.any():
+        return np.zeros(air.shape, dtype=bool)
+    voxel_ml = float(np.prod(image.geometry.spacing_mm)) / 1000.0
+    labels_img = sitk.RelabelComponent(
+        sitk.ConnectedComponent(sitk.GetImageFromArray(air.astype(np.uint8))),
+        minimumObjectSize=max(1, int(LUNG_MIN_COMPONENT_ML / voxel_ml)),
+    )
+    labels = sitk.GetArrayFromImage(labels_img)
+    n = int(labels.max())
+    if n == 0:
+        return np.zeros(air.shape, dtype=bool)
+    flat = labels.ravel()
+    size = np.bincount(flat, minlength=n + 1)
+    pure = np.bincount(flat, weights=(np.asarray(image.array) < LUNG_AIR_HU).ravel(), minlength=n + 1)
+    lung_like = [i for i in range(1, n + 1) if pure[i] <= LUNG_MAX_AIR_FRACTION * size[i]]
+    if sum(size[i] for i in lung_like) * voxel_ml < LUNG_MIN_TOTAL_ML:
+        return np.zeros(air.shape, dtype=bool)
+    lungs = sitk.GetImageFromArray(np.isin(labels, lung_like).astype(np.uint8))
+    radius = [max(1, round(LUNG_CLOSING_MM / s)) for s in image.geometry.spacing_mm]
+    closed = sitk.BinaryMorphologicalClosing(lungs, radius)
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    filled = ndimage.binary_fill_holes(sitk.GetArrayFromImage(closed).astype(bool), structure=in_plane)
+    return filled & body
+
+
 def to_tensor(array: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """A (z, y, x) array as a float32 tensor of shape (1, 1, D, H, W) on `device`."""
     arr = np.ascontiguousarray(np.asarray(array, dtype=np.float32))
@@ -218,6 +259,7 @@ class WorkingPair:
     moving: torch.Tensor
     fixed_mask: torch.Tensor
     moving_mask: torch.Tensor | None
+    lungs: np.ndarray | None = None  # the fixed image's automatic lung mask (z, y, x), when asked for
 
 
 def _working_mask(
@@ -277,8 +319,11 @@ def make_working_pair(
     fixed_mask: Image | None = None,
     moving_mask: Image | None = None,
     alignment: sitk.Transform | None = None,
+    lungs: bool = False,
 ) -> WorkingPair:
     """Check the pair, resample both onto the working grid, normalise HU, build masks (body mask by default).
+
+    `lungs`: also build the fixed image's automatic lung mask (empty when no lungs are in view).
 
     `alignment` (fixed -> moving, e.g. the automatic rigid/affine start) is applied to the moving
     image (and its mask) as it is resampled; without it the two must overlap physically.
@@ -306,4 +351,5 @@ def make_working_pair(
         moving_mask=None
         if moving_mask is None
         else _working_mask(moving_hu, moving_mask, geometry, device, _name(moving, "moving image"), alignment),
+        lungs=lung_mask(fixed_hu) if lungs else None,
     )

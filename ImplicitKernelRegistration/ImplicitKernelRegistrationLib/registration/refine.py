@@ -4,8 +4,10 @@ A user pair (fixed point p, moving point q, LPS mm) enters the kernel's key set 
 than automatic matches; automatic matches near it that contradict it are down-weighted. Because the
 kernel is a weighted average, the reconstructed field passes near but not exactly through a pair, so
 a small, compactly supported correction (Wendland C2 bumps, one per pair, solved jointly) makes the
-field reproduce every pair exactly at its fixed point. Only the control points whose K nearest keys
-change, and the part of the grid those touch, are recomputed; undo restores the previous field exactly.
+field reproduce every pair exactly at its fixed point. With regions (the lungs, dense.py) a pair is a
+key of the region of its fixed point and its correction stays inside that region. Only the control
+points whose K nearest keys change, and the part of the grid those touch, are recomputed; undo
+restores the previous field exactly.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .alignment import Alignment
 from .dense import EMPTY_BOX, Box, DenseModel, box_slices, full_box, index_box, union_box
 from .features import mind_ssc
 from .pipeline import RegistrationConfig, RegistrationResult, load_kernel, resolve_device
-from .preprocess import make_working_pair, normalise_ct, resample_to, to_tensor
+from .preprocess import lung_mask, make_working_pair, normalise_ct, resample_to, to_tensor
 
 # A clicked pair gets the highest confidence an automatic match can have (1, the top of the range
 # the kernel was trained on); its extra trust comes from down-weighting contradicting matches and
@@ -265,7 +267,11 @@ class RefinementSession:
         fixed = np.array([p.fixed_lps for p in self.pairs])
         wanted = np.array([p.moving_lps - p.fixed_lps for p in self.pairs])
         residual = wanted - sample_field(self.base, fixed)
-        gram = wendland(np.linalg.norm(fixed[:, None] - fixed[None], axis=-1), CORRECTION_RADIUS_MM)
+        weights = self.model.target_weights(self.target)
+        if weights is None:
+            gram = wendland(np.linalg.norm(fixed[:, None] - fixed[None], axis=-1), CORRECTION_RADIUS_MM)
+        else:
+            gram = self._region_gram(fixed, weights)
         coef = np.linalg.solve(gram + 1e-9 * np.eye(len(fixed)), residual)
         for pair, c in zip(self.pairs, coef, strict=True):
             (z0, z1), (y0, y1), (x0, x1) = _intersect(self._pair_box([pair]), box)
@@ -274,8 +280,34 @@ class RefinementSession:
             zz, yy, xx = np.meshgrid(np.arange(z0, z1), np.arange(y0, y1), np.arange(x0, x1), indexing="ij")
             pts = self.target.index_to_lps(np.stack([xx.ravel(), yy.ravel(), zz.ravel()], axis=1))
             weight = wendland(np.linalg.norm(pts - pair.fixed_lps, axis=1), CORRECTION_RADIUS_MM)
+            if weights is not None:
+                weight *= weights[self._region_of(pair.fixed_lps[None])[0], z0:z1, y0:y1, x0:x1].ravel()
             bump = (weight[:, None] * c[None]).reshape(z1 - z0, y1 - y0, x1 - x0, 3)
             self.field.displacement_mm[z0:z1, y0:y1, x0:x1] += bump.astype(np.float32)
+
+    def _region_of(self, points_lps: np.ndarray) -> np.ndarray:
+        """The region (N,) of fixed points, as their keys have it (dense.DenseModel.region_at)."""
+        working = torch.tensor(self.model.working.lps_to_index(points_lps), dtype=torch.float32)
+        return self.model.region_at(working).cpu().numpy()
+
+    def _region_gram(self, fixed: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """gram[i, j]: pair j's correction (a Wendland bump times its region's weight), sampled at pair i's fixed
+        point as sample_field samples the field (trilinear between voxels), so that solving with it is exact."""
+        own = self._region_of(fixed)
+        idx = self.target.lps_to_index(fixed)
+        lo = np.floor(idx)
+        frac = idx - lo
+        size = np.asarray(self.target.size)
+        gram = np.zeros((len(fixed), len(fixed)))
+        for corner in np.ndindex(2, 2, 2):
+            offset = np.asarray(corner)
+            c = np.clip(lo + offset, 0, size - 1).astype(int)
+            w = np.prod(np.where(offset == 1, frac, 1.0 - frac), axis=1)
+            region_weight = weights[own[None, :], c[:, 2, None], c[:, 1, None], c[:, 0, None]]  # (corner i, pair j)
+            pts = self.target.index_to_lps(c.astype(np.float64))
+            basis = wendland(np.linalg.norm(pts[:, None] - fixed[None], axis=-1), CORRECTION_RADIUS_MM)
+            gram += w[:, None] * basis * region_weight
+        return gram
 
     def _min_jacobian_near(self, point_lps: np.ndarray) -> float:
         """The smallest Jacobian determinant of the field within the correction radius of a point."""
@@ -339,7 +371,7 @@ def open_session(
     """
     try:
         # A session saved before the residual stage existed had none.
-        config = RegistrationConfig.from_dict({"residual_iterations": 0, **saved["config"]})
+        config = RegistrationConfig.from_dict({"residual_iterations": 0, "lung_regions": False, **saved["config"]})
         working = Geometry.from_dict(saved["working_geometry"])
         pairs = [UserPair.from_dict(p) for p in saved.get("user", {}).get("pairs", [])]
         next_id = int(saved.get("user", {}).get("next_id", 1))
@@ -351,8 +383,13 @@ def open_session(
         raise IkrError(f"the saved session's alignment is unreadable ({err})") from err
     device = resolve_device(config.device)
     kernel = load_kernel(config, device)
-    features = mind_ssc(to_tensor(normalise_ct(resample_to(fixed, working).array), device))
-    model = DenseModel(kernel, features, working, config.control_step_vox, alignment=alignment)
+    fixed_hu = resample_to(fixed, working)
+    features = mind_ssc(to_tensor(normalise_ct(fixed_hu.array), device))
+    regions = None
+    if config.lung_regions:  # the registration's lung mask, built again the same way (make_working_pair)
+        lungs = lung_mask(fixed_hu)
+        regions = torch.from_numpy(lungs).to(device) if lungs.any() else None
+    model = DenseModel(kernel, features, working, config.control_step_vox, alignment=alignment, regions=regions)
     if config.residual_iterations > 0:
         if moving is None:
             raise IkrError("the saved registration fitted a residual to the images: reopening needs the moving image")

@@ -18,6 +18,7 @@ blended with Wendland's function over the correction radius.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -175,7 +176,8 @@ def key_loo_residuals(model: DenseModel, n_folds: int = N_FOLDS, seed: int = 0) 
 
 def _control_gradient(model: DenseModel) -> np.ndarray:
     """Frobenius norm of the displacement's Jacobian on the control grid (dimensionless), (P,)."""
-    values = voxels_to_mm(model.values.cpu().numpy(), model.working).reshape(*model.control_shape, 3)
+    grid = math.prod(model.control_shape)  # the control grid's rows (region ghosts follow them; dense.py)
+    values = voxels_to_mm(model.values[:grid].cpu().numpy(), model.working).reshape(*model.control_shape, 3)
     steps = _control_spacing_mm(model)[::-1]  # z, y, x
     norm2 = np.zeros(model.control_shape)
     for c in range(3):
@@ -200,11 +202,12 @@ def control_features(model: DenseModel, n_user: int = 0, seed: int = 0) -> np.nd
         loo[-n_user:] = 0.0
         conf[-n_user:] = 1.0
     vox_mm = float(np.mean(model.working.spacing_mm))
-    nb = model.neighbours.cpu().numpy()
-    r = np.linalg.norm(model.keys.cpu().numpy()[nb] - model.points.cpu().numpy()[:, None], axis=-1)
+    grid = math.prod(model.control_shape)  # the control grid's rows (region ghosts follow them; dense.py)
+    nb = model.neighbours[:grid].cpu().numpy()
+    r = np.linalg.norm(model.keys.cpu().numpy()[nb] - model.points[:grid].cpu().numpy()[:, None], axis=-1)
     w = 1.0 / (SHEPARD_VOX**2 + r**2)
     w /= w.sum(axis=1, keepdims=True)
-    kth = model.kth_distance.cpu().numpy() * vox_mm
+    kth = model.kth_distance[:grid].cpu().numpy() * vox_mm
     return np.stack(
         [
             np.ones(len(nb)),
