@@ -27,7 +27,7 @@ from .alignment import Alignment, align
 from .dense import DenseModel
 from .features import mind_ssc, sample_features
 from .kernel import KernelConfig, make_kernel
-from .keypoints import forstner_keypoints
+from .keypoints import forstner_keypoints, lattice_keypoints
 from .matching import match_consistent, match_keypoints
 from .preprocess import MOVING_VIEW_MARGIN_MM, make_working_pair
 from .residual import ResidualSettings
@@ -82,6 +82,10 @@ class RegistrationConfig:
     features: str = "mind"
     encoder_weights: str | None = None
     max_keypoints: int = 2048
+    # Non-maximum suppression radius of the keypoint detector (working voxels): smaller gives denser keys.
+    keypoint_nms_vox: int = 3
+    # Extra keys on a regular lattice inside the fixed mask (keypoints.lattice_keypoints), about this many; 0: none.
+    lattice_keys: int = 0
     device: str = "auto"
     seed: int = 0
     control_step_vox: int = 5
@@ -292,7 +296,11 @@ def _register_on(
     start_transform = None if alignment.is_identity else alignment.to_sitk()
     pair = make_working_pair(fixed, moving, config.spacing_mm, device, fixed_mask, moving_mask, start_transform)
     report_progress(0.05, "detecting keypoints")
-    keypoints = forstner_keypoints(pair.fixed, pair.fixed_mask, config.max_keypoints, config.seed)
+    keypoints = forstner_keypoints(
+        pair.fixed, pair.fixed_mask, config.max_keypoints, config.seed, nms_radius_vox=config.keypoint_nms_vox
+    )
+    if config.lattice_keys > 0:
+        keypoints = torch.cat([keypoints, lattice_keypoints(pair.fixed_mask, config.lattice_keys)])
     if keypoints.shape[0] < 8:
         raise IkrError(f"only {keypoints.shape[0]} keypoints found in the fixed image's mask; too few to register")
     kernel_features = mind_ssc(pair.fixed)
