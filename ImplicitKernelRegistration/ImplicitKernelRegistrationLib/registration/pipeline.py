@@ -82,10 +82,12 @@ class RegistrationConfig:
     features: str = "mind"
     encoder_weights: str | None = None
     max_keypoints: int = 2048
-    # Non-maximum suppression radius of the keypoint detector (working voxels): smaller gives denser keys.
-    keypoint_nms_vox: int = 3
-    # Extra keys on a regular lattice inside the fixed mask (keypoints.lattice_keypoints), about this many; 0: none.
-    lattice_keys: int = 0
+    # Denser keys (bench/results/accuracy_dev.md, session 4): on the independent cases the error of the
+    # field given TRUE displacements at the keys was most of the final error where the motion varies on a
+    # 10-20 mm scale; a non-maximum suppression radius of 2 working voxels (was 3) and about 1000 keys on a
+    # regular lattice inside the fixed mask (keypoints.lattice_keypoints; 0: none) lowered the TRE there.
+    keypoint_nms_vox: int = 2
+    lattice_keys: int = 1000
     device: str = "auto"
     seed: int = 0
     control_step_vox: int = 5
