@@ -12,6 +12,7 @@ from ImplicitKernelRegistrationLib.registration.keypoints import (
     farthest_point_sampling,
     forstner_distinctiveness,
     forstner_keypoints,
+    lattice_keypoints,
 )
 from ImplicitKernelRegistrationLib.registration.preprocess import body_mask, normalise_ct, to_tensor
 
@@ -46,6 +47,20 @@ def test_keypoints_inside_mask_bounded_and_deterministic() -> None:
     assert len(torch.unique(points, dim=0)) == 60
     everything = forstner_keypoints(image, mask, max_points=100_000)
     assert 60 < everything.shape[0] < 100_000
+
+
+def test_lattice_keypoints_fill_the_mask_evenly_near_the_requested_count() -> None:
+    mask = torch.zeros(1, 1, 40, 50, 60, dtype=torch.bool)
+    mask[0, 0, 5:35, 5:45, 5:55] = True  # 30 x 40 x 50 voxels; eroded by 2: 26 x 36 x 46
+    points = lattice_keypoints(mask, 500)
+    assert 250 <= points.shape[0] <= 500  # step ceil((26 * 36 * 46 / 500) ** (1 / 3)) = 5 voxels
+    idx = points.long()
+    assert bool(mask[0, 0, idx[:, 2], idx[:, 1], idx[:, 0]].all())
+    assert bool((points >= 7).all())  # inside the mask eroded by 2 voxels
+    steps = torch.unique(points[:, 0]).diff()
+    assert bool((steps == steps[0]).all())  # a regular lattice
+    assert lattice_keypoints(mask, 0).shape == (0, 3)
+    assert lattice_keypoints(torch.zeros_like(mask), 100).shape == (0, 3)
 
 
 def test_farthest_point_sampling_spreads_points() -> None:

@@ -68,6 +68,13 @@ class RegistrationConfig(Config):
     features: str = setting("mind", choices=FEATURE_NAMES, help="matching features: MIND-SSC or the encoder")
     encoder_weights: str | None = setting(None, help="learned encoder weights (default: the shipped ones)")
     max_keypoints: int = setting(2048, help="keypoints detected in the fixed image at most")
+    # Denser keys (bench/results/accuracy_dev.md, session 4): a non-maximum suppression radius of 2 working
+    # voxels (3: the detector's default) and about 1000 keys on a regular lattice inside the fixed mask
+    # (keypoints.lattice_keypoints; 0: none) lowered the TRE on every independent case of bench/ (mean 0.77 ->
+    # 0.65 mm) but folded the field on the two contrast-and-ablation liver cases (0.3-0.4 % of the body):
+    # off by default until the lattice keys' matches are made safer there.
+    keypoint_nms_vox: int = 3
+    lattice_keys: int = 0
     device: str = setting("auto", choices=DEVICES, help="where to compute (auto: CUDA when available)")
     seed: int = setting(0, help="seed of the keypoint sampling and the residual's points")
     control_step_vox: int = 5

@@ -75,3 +75,20 @@ def forstner_keypoints(
     if points.shape[0] > max_points:
         points = points[farthest_point_sampling(points, max_points, seed)]
     return points
+
+
+def lattice_keypoints(mask: torch.Tensor, max_points: int, erode_vox: int = 2) -> torch.Tensor:
+    """Up to about `max_points` points (N, 3) xyz of a regular lattice inside the eroded (1,1,D,H,W) mask.
+
+    Keys where the detector finds none (flat soft tissue): the lattice's step is the smallest whole
+    number of voxels that keeps the count near `max_points`; the lattice is centred in its cells.
+    """
+    inside = binary_erode(mask.bool(), erode_vox)[0, 0]
+    count = int(inside.sum())
+    if count == 0 or max_points <= 0:
+        return torch.zeros(0, 3, device=mask.device)
+    step = max(2, int(np.ceil((count / max_points) ** (1.0 / 3.0))))
+    lattice = torch.zeros_like(inside)
+    half = step // 2
+    lattice[half::step, half::step, half::step] = True
+    return torch.nonzero(inside & lattice).flip(-1).to(torch.float32)

@@ -28,7 +28,7 @@ from .config import DEFAULT_SCALES, FEATURE_NAMES, RegistrationConfig, ScaleSett
 from .dense import DenseModel, split_by_region
 from .features import FeatureExtractor, mind_ssc, sample_features
 from .kernel import KernelConfig, make_kernel
-from .keypoints import forstner_keypoints
+from .keypoints import forstner_keypoints, lattice_keypoints
 from .matching import match_consistent, match_keypoints
 from .preprocess import MOVING_VIEW_MARGIN_MM, make_working_pair
 
@@ -236,7 +236,11 @@ def _register_on(
     )
     regions = None if pair.lungs is None or not pair.lungs.any() else torch.from_numpy(pair.lungs).to(device)
     report_progress(0.05, "detecting keypoints")
-    keypoints = forstner_keypoints(pair.fixed, pair.fixed_mask, config.max_keypoints, config.seed)
+    keypoints = forstner_keypoints(
+        pair.fixed, pair.fixed_mask, config.max_keypoints, config.seed, nms_radius_vox=config.keypoint_nms_vox
+    )
+    if config.lattice_keys > 0:
+        keypoints = torch.cat([keypoints, lattice_keypoints(pair.fixed_mask, config.lattice_keys)])
     if keypoints.shape[0] < 8:
         raise IkrError(f"only {keypoints.shape[0]} keypoints found in the fixed image's mask; too few to register")
     kernel_features = mind_ssc(pair.fixed)
