@@ -13,11 +13,16 @@ from ImplicitKernelRegistrationLib.core.geometry import Image
 from ImplicitKernelRegistrationLib.registration.refine import RefinementSession, session_from_result
 from ImplicitKernelRegistrationLib.review.margin import ball_occupancy, demo_tumour_and_zone
 from ImplicitKernelRegistrationLib.review.uncertainty import (
+    IMAGE_FEATURES,
+    KEY_FEATURES,
     UncertaintyModel,
     expected_error_at,
     expected_error_map,
+    fit_uncertainty,
+    image_signals,
     load_uncertainty_model,
     margin_interval,
+    save_uncertainty_model,
     suggest_clicks,
 )
 
@@ -164,3 +169,74 @@ def test_margin_report_carries_the_interval_and_draws_the_uncertainty(
     with pytest.raises(IkrError, match="transform"):
         run_margin(paths["tumour"], paths["zone"], None, tmp_path / "m2", uncertainty_path=paths["error"])
     assert not (tmp_path / "m2").exists()
+
+
+# ------------------------------------------------------- the image features (with the moving image)
+
+
+def test_the_shipped_model_compares_the_images_and_keeps_a_key_model(params):
+    assert params.needs_moving and any(n in IMAGE_FEATURES for n in params.features)
+    fallback = params.for_inputs(None)
+    assert fallback is params.without_image and not fallback.needs_moving
+    assert set(fallback.features) <= set(KEY_FEATURES)
+    assert params.for_inputs(object()) is params  # any moving image: the image model
+
+
+def test_parameters_round_trip_and_refuse_what_they_cannot_compute(params, tmp_path):
+    path = save_uncertainty_model(params, tmp_path / "u.json")
+    again = load_uncertainty_model(path)
+    assert again.features == params.features and np.array_equal(again.coef, params.coef)
+    assert again.without_image.features == params.without_image.features
+    data = params.to_dict()
+    data.pop("without_image")
+    alone = UncertaintyModel.from_dict(data)
+    with pytest.raises(IkrError, match="moving image"):
+        alone.for_inputs(None)
+    with pytest.raises(IkrError, match="unknown features"):
+        UncertaintyModel.from_dict({**data, "features": ["bias", "made_up"]})
+    with pytest.raises(IkrError, match="coefficients"):
+        UncertaintyModel.from_dict({**data, "coef": [0.0]})
+
+
+def test_the_image_offset_grows_where_the_moving_image_is_off(phantom_case, phantom_registration):
+    """Lucas-Kanade on MIND: shifting the moving image by 3 mm raises the remaining offset it finds."""
+    model = phantom_registration.model
+    body = model.points.numpy()
+    on = image_signals(model, phantom_case.moving)
+    moved = phantom_case.moving.to_sitk()
+    moved.SetOrigin(tuple(np.asarray(moved.GetOrigin()) + np.array([3.0, 0.0, 0.0])))
+    off = image_signals(model, Image.from_sitk(moved))
+    textured = on["log_structure"] > np.percentile(on["log_structure"], 50)
+    assert len(body) == len(on["log_flow"])
+    before, after = np.exp(on["log_flow"][textured]), np.exp(off["log_flow"][textured])
+    assert np.median(after) > np.median(before) + 1.0  # mm
+    assert np.median(np.exp(off["log_flow_coarse"])) > np.median(np.exp(on["log_flow_coarse"]))
+
+
+def test_with_the_moving_image_the_map_ranks_the_true_error(phantom_case, phantom_registration, params):
+    lm = phantom_case.landmarks_fixed_lps
+    true = np.linalg.norm(
+        sample_field(phantom_registration.field, lm) - sample_field(phantom_case.true_field, lm), axis=1
+    )
+    at = expected_error_at(phantom_registration, lm, params, moving=phantom_case.moving)
+    assert np.all(at["lo"] <= at["expected"]) and np.all(at["expected"] <= at["hi"])
+    assert stats.spearmanr(at["expected"], true).statistic > 0.2
+    emap = expected_error_map(phantom_registration, params=params, moving=phantom_case.moving)
+    assert emap.geometry == phantom_case.fixed.geometry and emap.array.dtype == np.float32
+    assert np.all(np.isfinite(emap.array)) and emap.array.min() >= 0.0
+
+
+def test_a_corrupted_region_stands_out_in_the_image_map(corrupted, params, phantom_case, phantom_registration):
+    session, centre = corrupted
+    clean = expected_error_at(phantom_registration, centre[None], params, moving=phantom_case.moving)["expected"][0]
+    bad = expected_error_at(session, centre[None], params, moving=phantom_case.moving)["expected"][0]
+    assert bad > 1.5 * clean
+
+
+def test_fit_recovers_a_log_linear_law():
+    rng = np.random.default_rng(0)
+    x = np.c_[np.ones(500), rng.normal(size=(500, 2))]
+    y = np.exp(0.5 + x[:, 1] - 0.5 * x[:, 2] + rng.normal(scale=0.1, size=500)) - 0.1
+    model = fit_uncertainty(x, y, names=("bias", "log_flow", "log_flow_coarse"), ridge=0.0)
+    np.testing.assert_allclose(model.coef, [0.5, 1.0, -0.5], atol=0.05)
+    assert model.residual_q05 < 0.0 < model.residual_q95

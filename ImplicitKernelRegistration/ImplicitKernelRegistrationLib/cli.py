@@ -177,7 +177,7 @@ def _run_registration(
         fixed, moving, result.field, result.correspondences, result.alignment, report.get("n_keypoints_consistent")
     )
     start = time.perf_counter()
-    uncertainty = expected_error_map(result)
+    uncertainty = expected_error_map(result, moving=moving)
     report["uncertainty_s"] = round(time.perf_counter() - start, 3)
     warped = warp_image(moving, result.field)
     session = {
@@ -514,7 +514,7 @@ def _refine_under_lock(outdir: Path, remove: list[int], pairs: tuple | None) -> 
         )
         report.update(_landmark_report(session.field, landmarks))
     warped = warp_image(moving, session.field)
-    uncertainty = expected_error_map(session)
+    uncertainty = expected_error_map(session, moving=moving)
     corr = automatic.concat(session.user_correspondences())
     write_registration(outdir, session.field, warped, corr, report, saved, uncertainty)
     return session, report
