@@ -148,6 +148,7 @@ def uncensored_map(session: RefinementSession, params) -> np.ndarray:
     """The session's expected-error map before the click blend, computed on the whole grid at once."""
     from ImplicitKernelRegistrationLib.review.uncertainty import _control_geometry, control_features
 
+    params = params.for_inputs(None)  # no moving image: the key-feature model, as expected_error_map(session)
     mu = params.log_error(control_features(session.model, len(session.pairs)))
     control = Image(mu.reshape(session.model.control_shape).astype(np.float32), _control_geometry(session.model))
     resampled = sitk.Resample(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import ndimage, stats
 
 from ImplicitKernelRegistrationLib.core.correspondences import Correspondences
 from ImplicitKernelRegistrationLib.core.errors import IkrError
@@ -12,11 +12,16 @@ from ImplicitKernelRegistrationLib.core.fields import sample_field
 from ImplicitKernelRegistrationLib.core.geometry import Image
 from ImplicitKernelRegistrationLib.registration.refine import RefinementSession, session_from_result
 from ImplicitKernelRegistrationLib.review.uncertainty import (
+    IMAGE_FEATURES,
+    KEY_FEATURES,
     UncertaintyModel,
     expected_error_at,
     expected_error_map,
+    fit_uncertainty,
+    image_signals,
     load_uncertainty_model,
     margin_interval,
+    save_uncertainty_model,
     suggest_clicks,
 )
 from ImplicitKernelRegistrationLib.synthetic.tumour import ball_occupancy, demo_tumour_and_zone
@@ -164,3 +169,81 @@ def test_margin_report_carries_the_interval_and_draws_the_uncertainty(
     with pytest.raises(IkrError, match="transform"):
         run_margin(paths["tumour"], paths["zone"], None, tmp_path / "m2", uncertainty_path=paths["error"])
     assert not (tmp_path / "m2").exists()
+
+
+# ------------------------------------------------------- the image features (with the moving image)
+
+
+def test_the_shipped_model_compares_the_images_and_keeps_a_key_model(params):
+    assert params.needs_moving and any(n in IMAGE_FEATURES for n in params.features)
+    fallback = params.for_inputs(None)
+    assert fallback is params.without_image and not fallback.needs_moving
+    assert set(fallback.features) <= set(KEY_FEATURES)
+    assert params.for_inputs(object()) is params  # any moving image: the image model
+
+
+def test_parameters_round_trip_and_refuse_what_they_cannot_compute(params, tmp_path):
+    path = save_uncertainty_model(params, tmp_path / "u.json")
+    again = load_uncertainty_model(path)
+    assert again.features == params.features and np.array_equal(again.coef, params.coef)
+    assert again.without_image.features == params.without_image.features
+    data = params.to_dict()
+    data.pop("without_image")
+    alone = UncertaintyModel.from_dict(data)
+    with pytest.raises(IkrError, match="moving image"):
+        alone.for_inputs(None)
+    with pytest.raises(IkrError, match="unknown features"):
+        UncertaintyModel.from_dict({**data, "features": ["bias", "made_up"]})
+    with pytest.raises(IkrError, match="coefficients"):
+        UncertaintyModel.from_dict({**data, "coef": [0.0]})
+
+
+def test_the_image_offset_grows_where_the_moving_image_is_off(phantom_case, phantom_registration):
+    """Lucas-Kanade on MIND: shifting the moving image by 3 mm raises the remaining offset it finds in the body."""
+    model = phantom_registration.model
+    lps = model.working.index_to_lps(model.points.numpy().astype(np.float64))
+    index = phantom_case.fixed.geometry.lps_to_index(lps)[:, ::-1].T
+    body = ndimage.map_coordinates(phantom_case.fixed_labels.array, index, order=0) > 0
+    on = image_signals(model, phantom_case.moving)
+    moved = phantom_case.moving.to_sitk()
+    moved.SetOrigin(tuple(np.asarray(moved.GetOrigin()) + np.array([3.0, 0.0, 0.0])))
+    off = image_signals(model, Image.from_sitk(moved))
+    assert body.sum() > 100 and len(on["log_flow"]) == len(body)
+    median = {k: [float(np.median(np.exp(s[k][body]))) for s in (on, off)] for k in ("log_flow", "log_flow_coarse")}
+    assert median["log_flow"][1] > median["log_flow"][0] + 1.0, median  # mm
+    assert median["log_flow_coarse"][1] > median["log_flow_coarse"][0] + 1.5, median
+    assert median["log_flow_coarse"][0] < 1.5, median  # registered: little left to find
+
+
+def test_with_the_moving_image_the_map_ranks_the_true_error(phantom_case, phantom_registration, params):
+    lm = phantom_case.landmarks_fixed_lps
+    true = np.linalg.norm(
+        sample_field(phantom_registration.field, lm) - sample_field(phantom_case.true_field, lm), axis=1
+    )
+    at = expected_error_at(phantom_registration, lm, params, moving=phantom_case.moving)
+    assert np.all(at["lo"] <= at["expected"]) and np.all(at["expected"] <= at["hi"])
+    assert stats.spearmanr(at["expected"], true).statistic > 0.2
+    emap = expected_error_map(phantom_registration, params=params, moving=phantom_case.moving)
+    assert emap.geometry == phantom_case.fixed.geometry and emap.array.dtype == np.float32
+    assert np.all(np.isfinite(emap.array)) and emap.array.min() >= 0.0
+
+
+def test_a_corrupted_region_stands_out_in_the_image_map(corrupted, params, phantom_case):
+    """Keys wrong by ~8 mm around a point: the images disagree there, and the image model says so."""
+    session, centre = corrupted
+    # the model is shared with the other sessions of this module: set the corrupted keys again
+    session = RefinementSession(session.model, session.target, session.automatic)
+    lm = phantom_case.landmarks_fixed_lps
+    far = lm[np.linalg.norm(lm - centre, axis=1) > 2 * RADIUS_MM]
+    at = expected_error_at(session, np.vstack([centre, far]), params, moving=phantom_case.moving)["expected"]
+    assert len(far) >= 5
+    assert at[0] > 1.5 * np.median(at[1:])
+
+
+def test_fit_recovers_a_log_linear_law():
+    rng = np.random.default_rng(0)
+    x = np.c_[np.ones(500), rng.normal(size=(500, 2))]
+    y = np.exp(0.5 + x[:, 1] - 0.5 * x[:, 2] + rng.normal(scale=0.1, size=500)) - 0.1
+    model = fit_uncertainty(x, y, names=("bias", "log_flow", "log_flow_coarse"), ridge=0.0)
+    np.testing.assert_allclose(model.coef, [0.5, 1.0, -0.5], atol=0.05)
+    assert model.residual_q05 < 0.0 < model.residual_q95

@@ -328,7 +328,7 @@ class Workspace:
         if progress is not None:
             progress(1.0, "computing the expected-error map")
         start = time.perf_counter()
-        error_map = expected_error_map(result)
+        error_map = expected_error_map(result, moving=moving)
         report["uncertainty_s"] = round(time.perf_counter() - start, 3)
         files = {r: fingerprint(inputs[r]) for r in ("fixed", "moving") if r in inputs and Path(inputs[r]).exists()}
         self.saved = {
@@ -643,7 +643,8 @@ class Workspace:
             return self._error_map
         from .review.uncertainty import expected_error_map
 
-        self._error_map = expected_error_map(self.ensure_session())
+        session = self.ensure_session()
+        self._error_map = expected_error_map(session, moving=self.moving)
         return self._error_map
 
     def _fixed_image(self) -> Image:

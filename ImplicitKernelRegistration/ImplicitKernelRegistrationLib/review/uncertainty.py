@@ -26,16 +26,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from ..core.errors import IkrError
 from ..core.fields import Field
+from ..core.filters import gaussian_smooth
 from ..core.geometry import Geometry, Image, voxels_to_mm
 from ..io.atomic import write_text_atomic
 from ..io.resources import UNCERTAINTY_PARAMS, weights_file
 from ..registration.dense import DenseModel
+from ..registration.features import mind_ssc, sample_features
 from ..registration.pipeline import RegistrationResult
-from ..registration.preprocess import resample_to
+from ..registration.preprocess import BODY_THRESHOLD_HU, CT_WINDOW_HU, normalise_ct, resample_to
 from ..registration.refine import CORRECTION_RADIUS_MM, RefinementSession, wendland
 
 if TYPE_CHECKING:
@@ -43,7 +46,28 @@ if TYPE_CHECKING:
 
 PARAMS_FORMAT = "ikr-uncertainty-v1"
 DEFAULT_PARAMS = weights_file(UNCERTAINTY_PARAMS)
-FEATURE_NAMES = ("bias", "log_loo", "log_nearest", "log_kth", "unconfidence", "log_gradient")
+KEY_FEATURES = (
+    "bias",
+    "log_loo",
+    "log_nearest",
+    "log_kth",
+    "unconfidence",
+    "log_gradient",
+    "log_spread",
+    "log_disp",
+    "log_border",
+)
+IMAGE_FEATURES = (  # need the moving image
+    "log_mismatch",
+    "log_texture",
+    "log_depth",
+    "log_flow",
+    "log_structure",
+    "log_flow_coarse",
+)
+FEATURE_NAMES = KEY_FEATURES + IMAGE_FEATURES
+BLOCK_MM = 3.0  # the image features' grid: the working grid's voxels averaged over blocks of about this size
+WINDOW_MM = 6.0  # the image features' Gaussian window (sigma); twice both for the coarse flow
 N_FOLDS = 10
 SHEPARD_VOX = 2.0
 EPS_MM = 0.1
@@ -53,20 +77,28 @@ NEAR_MASK_MM = 30.0  # suggestions near a tumour mask lie within this distance o
 CORRELATION_MM = 20.0  # smoothness of the sampled field perturbations
 MEAN_NORM_PER_SIGMA = float(np.sqrt(8.0 / np.pi))  # E|e| of a 3D isotropic Gaussian per unit sigma
 SLAB = 16  # z slices per step of the expected-error map
+_BODY_LEVEL = (BODY_THRESHOLD_HU - CT_WINDOW_HU[0]) / (CT_WINDOW_HU[1] - CT_WINDOW_HU[0])  # on normalise_ct's scale
 
 
 @dataclass
 class UncertaintyModel:
-    """log(error + EPS_MM) = features @ coef + residual; residual quantiles give the interval and mean."""
+    """log(error + EPS_MM) = features @ coef + residual; residual quantiles give the interval and mean.
+
+    `features` names the model's inputs (a subset of FEATURE_NAMES, "bias" first). A model that uses
+    image features carries `without_image`, a model of the key features alone fitted on the same
+    points, for callers that cannot give the moving image.
+    """
 
     coef: np.ndarray
     residual_q05: float
     residual_q95: float
     mean_factor: float
     metadata: dict = field(default_factory=dict)
+    features: tuple[str, ...] = KEY_FEATURES
+    without_image: UncertaintyModel | None = None
 
     def log_error(self, features: np.ndarray) -> np.ndarray:
-        """The predicted median of log(error + EPS_MM) for (N, F) features."""
+        """The predicted median of log(error + EPS_MM) for (N, F) features (F = len(self.features))."""
         return np.asarray(features, dtype=np.float64) @ self.coef
 
     def expected_from_log(self, mu: np.ndarray) -> np.ndarray:
@@ -78,11 +110,24 @@ class UncertaintyModel:
         lo = np.maximum(np.exp(mu + self.residual_q05) - EPS_MM, 0.0)
         return lo, np.maximum(np.exp(mu + self.residual_q95) - EPS_MM, 0.0)
 
+    @property
+    def needs_moving(self) -> bool:
+        """Whether the model uses an image feature (computed from the moving image)."""
+        return any(name in IMAGE_FEATURES for name in self.features)
+
+    def for_inputs(self, moving: Image | None) -> UncertaintyModel:
+        """The model to use: this one, or without the moving image its key-feature model."""
+        if moving is not None or not self.needs_moving:
+            return self
+        if self.without_image is None:
+            raise IkrError("this uncertainty model needs the moving image (its features compare the two images)")
+        return self.without_image
+
     def to_dict(self) -> dict:
         """JSON-serialisable parameters."""
-        return {
+        out = {
             "format": PARAMS_FORMAT,
-            "features": list(FEATURE_NAMES),
+            "features": list(self.features),
             "coef": [float(v) for v in self.coef],
             "residual_q05": float(self.residual_q05),
             "residual_q95": float(self.residual_q95),
@@ -90,24 +135,36 @@ class UncertaintyModel:
             "eps_mm": EPS_MM,
             "metadata": self.metadata,
         }
+        if self.without_image is not None:
+            out["without_image"] = self.without_image.to_dict()
+        return out
 
     @staticmethod
     def from_dict(data: dict, path: Path | None = None) -> UncertaintyModel:
-        """Inverse of to_dict; refuses other formats and feature sets."""
+        """Inverse of to_dict; refuses other formats and unknown features."""
         if not isinstance(data, dict) or data.get("format") != PARAMS_FORMAT:
             raise IkrError(f"not an {PARAMS_FORMAT} parameters file", path)
-        if tuple(data.get("features", ())) != FEATURE_NAMES:
-            raise IkrError(f"the uncertainty parameters use other features: {data.get('features')}", path)
+        names = tuple(data.get("features", ()))
+        if not names or names[0] != "bias" or any(n not in FEATURE_NAMES for n in names):
+            raise IkrError(f"the uncertainty parameters use unknown features: {data.get('features')}", path)
         try:
-            return UncertaintyModel(
+            inner = data.get("without_image")
+            model = UncertaintyModel(
                 np.asarray(data["coef"], dtype=np.float64),
                 float(data["residual_q05"]),
                 float(data["residual_q95"]),
                 float(data["mean_factor"]),
                 dict(data.get("metadata") or {}),
+                names,
+                None if inner is None else UncertaintyModel.from_dict(inner, path),
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise IkrError(f"incomplete uncertainty parameters ({err})", path) from err
+        if model.coef.shape != (len(names),):
+            raise IkrError(f"{len(model.coef)} coefficients for {len(names)} features", path)
+        if model.without_image is not None and model.without_image.needs_moving:
+            raise IkrError("the model without the moving image uses image features", path)
+        return model
 
 
 def load_uncertainty_model(path: Path | None = None) -> UncertaintyModel:
@@ -194,8 +251,8 @@ def _control_spacing_mm(model: DenseModel) -> np.ndarray:
     return np.asarray(model.working.spacing_mm) * (n - 1) / np.maximum(m - 1, 1)
 
 
-def control_features(model: DenseModel, n_user: int = 0, seed: int = 0) -> np.ndarray:
-    """The model's features (P, len(FEATURE_NAMES)) at every control point; the last n_user keys are clicks."""
+def _key_signals(model: DenseModel, n_user: int, seed: int) -> dict[str, np.ndarray]:
+    """The features drawn from the keys and the field, at every control point: name -> (P,)."""
     loo = key_loo_residuals(model, seed=seed)
     conf = np.clip(model.conf.cpu().numpy(), 0.0, 1.0)
     if n_user:
@@ -204,21 +261,147 @@ def control_features(model: DenseModel, n_user: int = 0, seed: int = 0) -> np.nd
     vox_mm = float(np.mean(model.working.spacing_mm))
     grid = math.prod(model.control_shape)  # the control grid's rows (region ghosts follow them; dense.py)
     nb = model.neighbours[:grid].cpu().numpy()
-    r = np.linalg.norm(model.keys.cpu().numpy()[nb] - model.points[:grid].cpu().numpy()[:, None], axis=-1)
+    points = model.points[:grid].cpu().numpy()
+    r = np.linalg.norm(model.keys.cpu().numpy()[nb] - points[:, None], axis=-1)
     w = 1.0 / (SHEPARD_VOX**2 + r**2)
     w /= w.sum(axis=1, keepdims=True)
     kth = model.kth_distance[:grid].cpu().numpy() * vox_mm
-    return np.stack(
-        [
-            np.ones(len(nb)),
-            np.log(np.sum(w * loo[nb], axis=1) + EPS_MM),
-            np.log(r[:, 0] * vox_mm + 1.0),
-            np.log(kth + 1.0),
-            np.sum(w * (1.0 - conf[nb]), axis=1),
-            np.log(_control_gradient(model) + 0.01),
-        ],
-        axis=1,
-    )
+    disp = voxels_to_mm(model.disp.cpu().numpy(), model.working)[nb]  # (P, K, 3) mm
+    mean = np.sum(w[..., None] * disp, axis=1)
+    spread = np.sqrt(np.sum(w * np.sum((disp - mean[:, None]) ** 2, axis=-1), axis=1))
+    values = np.linalg.norm(voxels_to_mm(model.values[:grid].cpu().numpy(), model.working), axis=1)
+    size = np.asarray(model.working.size, dtype=np.float64)
+    border = np.min(np.minimum(points, size - 1 - points) * np.asarray(model.working.spacing_mm), axis=1)
+    return {
+        "bias": np.ones(len(nb)),
+        "log_loo": np.log(np.sum(w * loo[nb], axis=1) + EPS_MM),
+        "log_nearest": np.log(r[:, 0] * vox_mm + 1.0),
+        "log_kth": np.log(kth + 1.0),
+        "unconfidence": np.sum(w * (1.0 - conf[nb]), axis=1),
+        "log_gradient": np.log(_control_gradient(model) + 0.01),
+        "log_spread": np.log(spread + EPS_MM),
+        "log_disp": np.log(values + 1.0),
+        "log_border": np.log(np.maximum(border, 0.0) + 1.0),
+    }
+
+
+def _gradient(volume: torch.Tensor, dim: int) -> torch.Tensor:
+    """Central differences (one-sided at the ends) of a tensor along `dim`, in voxels."""
+    n = volume.shape[dim]
+    if n < 2:
+        return torch.zeros_like(volume)
+    out = torch.empty_like(volume)
+    out.narrow(dim, 1, n - 2).copy_((volume.narrow(dim, 2, n - 2) - volume.narrow(dim, 0, n - 2)) / 2.0)
+    out.narrow(dim, 0, 1).copy_(volume.narrow(dim, 1, 1) - volume.narrow(dim, 0, 1))
+    out.narrow(dim, n - 1, 1).copy_(volume.narrow(dim, n - 1, 1) - volume.narrow(dim, n - 2, 1))
+    return out
+
+
+def _windowed(volume: torch.Tensor, sigma: tuple[float, ...]) -> torch.Tensor:
+    """A Gaussian window of (1, C, D, H, W) computed on blocks of 2 voxels: block means, then a Gaussian of
+    `sigma` (in blocks); the result lies on the block grid (half the size)."""
+    return gaussian_smooth(F.avg_pool3d(volume, 2, ceil_mode=True), sigma)
+
+
+def _local_flow(fixed_mind: torch.Tensor, warped_mind: torch.Tensor, sigma: tuple[float, ...]) -> torch.Tensor:
+    """Lucas-Kanade on MIND: the structure tensor T (6 entries) and its right-hand side b (3), windowed.
+
+    Returns (1, 9, D/2, H/2, W/2) on blocks of 2 voxels (`_windowed`): Txx, Tyy, Tzz, Txy, Txz, Tyz, bx, by, bz
+    (gradients in voxels of the input grid), so that the local offset d (input voxels, x y z) that would
+    bring the warped moving image onto the fixed one solves T d = -b.
+    """
+    moving = warped_mind[0].float()  # (C, D, H, W)
+    g = (_gradient(moving, 3), _gradient(moving, 2), _gradient(moving, 1))  # x, y, z
+    diff = moving - fixed_mind[0].float()
+    entries = [(g[i] * g[j]).sum(dim=0) for i, j in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))]
+    entries += [(g[i] * diff).sum(dim=0) for i in range(3)]
+    return _windowed(torch.stack(entries)[None], sigma)
+
+
+def _flow_signals(tensor: np.ndarray, spacing_xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The Lucas-Kanade offset's length (mm) and the structure tensor's smallest eigenvalue, from (P, 9) samples."""
+    t = np.empty((len(tensor), 3, 3))
+    for k, (i, j) in enumerate(((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))):
+        t[:, i, j] = t[:, j, i] = tensor[:, k]
+    lam = 0.01 * float(np.mean(np.trace(t, axis1=1, axis2=2))) + 1e-12
+    d = -np.linalg.solve(t + lam * np.eye(3), tensor[:, 6:9, None])[..., 0]
+    return np.linalg.norm(d * spacing_xyz, axis=1), np.maximum(np.linalg.eigvalsh(t)[:, 0], 0.0) / lam
+
+
+def image_signals(model: DenseModel, moving: Image, names: tuple[str, ...] = IMAGE_FEATURES) -> dict[str, np.ndarray]:
+    """The image features `names` at every control point, from the moving image warped by the model's field.
+
+    The MIND-SSC descriptors of the fixed image (the model's own) and of the warped moving image are
+    averaged over blocks of about BLOCK_MM and compared there, in a Gaussian window (WINDOW_MM, computed
+    on blocks twice as large): log_flow: the length (mm) of the local offset that Lucas-Kanade on the
+    two finds (what is left to register there); log_flow_coarse: the same on blocks and in a window
+    twice as large; log_structure: the window's smallest structure-tensor eigenvalue (relative to the
+    mean trace: can the images tell the offset at all?); log_mismatch: their mean squared difference
+    in the window; log_texture: the warped image's gradient magnitude (normalised CT per mm) in the
+    window; log_depth: distance (mm) inside the body (> BODY_THRESHOLD_HU) of the warped image.
+    """
+    work = model.working
+    warped = resample_to(moving, work, transform=model.field_on(work).to_sitk_transform())
+    image = torch.from_numpy(normalise_ct(warped.array))[None, None].to(model.device)
+    factor = tuple(max(1, int(round(BLOCK_MM / s))) for s in work.spacing_mm[::-1])  # z, y, x
+    block_mm = np.asarray(work.spacing_mm)[::-1] * np.asarray(factor)
+    sigma = tuple(float(v) for v in WINDOW_MM / (2.0 * block_mm))  # in blocks of two
+    # control points (working voxels, x y z) -> block coordinates: centre of block i is (i + 0.5) f - 0.5
+    f_xyz = torch.tensor(factor[::-1], dtype=torch.float32, device=model.points.device)
+    control = model.points[: math.prod(model.control_shape)]  # the control grid (region ghosts follow it)
+    on_block = (control + 0.5) / f_xyz - 0.5
+    on_half = (on_block + 0.5) / 2.0 - 0.5
+    out: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        fixed = F.avg_pool3d(model.features.float(), factor, ceil_mode=True)
+        warped_mind = F.avg_pool3d(mind_ssc(image), factor, ceil_mode=True)
+        tensor = sample_features(_local_flow(fixed, warped_mind, sigma), on_half).cpu().numpy()
+        offset_mm, structure = _flow_signals(tensor, block_mm[::-1])
+        out["log_flow"], out["log_structure"] = np.log(offset_mm + EPS_MM), np.log(structure + 1e-3)
+        if "log_flow_coarse" in names:
+            half = (F.avg_pool3d(fixed, 2, ceil_mode=True), F.avg_pool3d(warped_mind, 2, ceil_mode=True))
+            coarse = sample_features(_local_flow(*half, sigma), (on_half + 0.5) / 2.0 - 0.5).cpu().numpy()
+            out["log_flow_coarse"] = np.log(_flow_signals(coarse, 2.0 * block_mm[::-1])[0] + EPS_MM)
+        if "log_mismatch" in names:
+            mismatch = (warped_mind - fixed).square().mean(dim=1, keepdim=True)
+            out["log_mismatch"] = np.log(
+                sample_features(_windowed(mismatch, sigma), on_half).cpu().numpy()[:, 0] + 1e-3
+            )
+        if "log_texture" in names:
+            pooled = F.avg_pool3d(image, factor, ceil_mode=True)[0, 0]
+            grads = [_gradient(pooled, d) / float(block_mm[d]) for d in range(3)]
+            texture = _windowed(torch.sqrt(sum(g.square() for g in grads))[None, None], sigma)
+            out["log_texture"] = np.log(sample_features(texture, on_half).cpu().numpy()[:, 0] + 1e-3)
+        if "log_depth" in names:
+            body = F.avg_pool3d((image > _BODY_LEVEL).float(), factor, ceil_mode=True)[0, 0].cpu().numpy() > 0.5
+            depth = ndimage.distance_transform_edt(body, sampling=block_mm)
+            at = ndimage.map_coordinates(depth, on_block.cpu().numpy()[:, ::-1].T, order=1, mode="nearest")
+            out["log_depth"] = np.log(at + 1.0)
+    return out
+
+
+def control_features(
+    model: DenseModel,
+    n_user: int = 0,
+    seed: int = 0,
+    moving: Image | None = None,
+    names: tuple[str, ...] | None = None,
+) -> np.ndarray:
+    """The features `names` (P, F) at every control point; the last n_user keys are clicks.
+
+    By default the features of the shipped model for these inputs (UncertaintyModel.for_inputs). The
+    image features need `moving` (and the model's fixed features, MIND-SSC of the fixed image).
+    """
+    if names is None:
+        names = load_uncertainty_model().for_inputs(moving).features
+    wanted = [n for n in names if n in IMAGE_FEATURES]
+    if wanted and (moving is None or model.features is None):
+        raise IkrError(f"the image features {wanted} need the moving image and the fixed image's features")
+    signals = _key_signals(model, n_user, seed) if any(n in KEY_FEATURES[1:] for n in names) else {}
+    signals["bias"] = np.ones(math.prod(model.control_shape))
+    if wanted:
+        signals.update(image_signals(model, moving, tuple(wanted)))
+    return np.stack([signals[n] for n in names], axis=1)
 
 
 def _control_geometry(model: DenseModel) -> Geometry:
@@ -241,10 +424,20 @@ def _control_at_points(model: DenseModel, values: np.ndarray, points_lps: np.nda
     )
 
 
-def point_features(source: RegistrationResult | RefinementSession, points_lps: np.ndarray) -> np.ndarray:
-    """The features (N, F) at fixed-space points (for fitting and per-point intervals)."""
+def point_features(
+    source: RegistrationResult | RefinementSession,
+    points_lps: np.ndarray,
+    moving: Image | None = None,
+    names: tuple[str, ...] = FEATURE_NAMES,
+) -> np.ndarray:
+    """The features `names` (N, F) at fixed-space points (for fitting; image features need `moving`)."""
     model, pairs, _ = _source_parts(source)
-    return _control_at_points(model, control_features(model, len(pairs)), points_lps)
+    return _control_at_points(model, control_features(model, len(pairs), moving=moving, names=names), points_lps)
+
+
+def _model_features(params: UncertaintyModel, model: DenseModel, n_user: int, moving: Image | None) -> np.ndarray:
+    """The features of `params` (already chosen for the inputs) at every control point."""
+    return control_features(model, n_user, moving=moving, names=params.features)
 
 
 def _click_factor(pairs: np.ndarray, points_lps: np.ndarray) -> np.ndarray:
@@ -258,13 +451,20 @@ def _click_factor(pairs: np.ndarray, points_lps: np.ndarray) -> np.ndarray:
 
 
 def expected_error_at(
-    source: RegistrationResult | RefinementSession, points_lps: np.ndarray, params: UncertaintyModel | None = None
+    source: RegistrationResult | RefinementSession,
+    points_lps: np.ndarray,
+    params: UncertaintyModel | None = None,
+    moving: Image | None = None,
 ) -> dict[str, np.ndarray]:
-    """Expected error and its 90 % interval (mm) at fixed-space points: keys expected, lo, hi."""
-    params = params or load_uncertainty_model()
+    """Expected error and its 90 % interval (mm) at fixed-space points: keys expected, lo, hi.
+
+    `moving` (the moving image as registered) gives the image features; without it the model of the
+    key features alone is used, which ranks the error less well (model card).
+    """
+    params = (params or load_uncertainty_model()).for_inputs(moving)
     model, pairs, _ = _source_parts(source)
     points_lps = np.atleast_2d(np.asarray(points_lps, dtype=np.float64))
-    mu = params.log_error(_control_at_points(model, control_features(model, len(pairs)), points_lps))
+    mu = params.log_error(_control_at_points(model, _model_features(params, model, len(pairs), moving), points_lps))
     w = _click_factor(pairs, points_lps)
     lo, hi = params.interval_from_log(mu)
     blend = lambda v: v * (1.0 - w) + CLICK_ERROR_MM * w  # noqa: E731
@@ -275,12 +475,16 @@ def expected_error_map(
     source: RegistrationResult | RefinementSession,
     target_geometry: Geometry | None = None,
     params: UncertaintyModel | None = None,
+    moving: Image | None = None,
 ) -> Image:
-    """The expected registration error (float32 mm) on `target_geometry` (default: the fixed grid)."""
-    params = params or load_uncertainty_model()
+    """The expected registration error (float32 mm) on `target_geometry` (default: the fixed grid).
+
+    `moving` (the moving image as registered) gives the image features (see expected_error_at).
+    """
+    params = (params or load_uncertainty_model()).for_inputs(moving)
     model, pairs, fixed = _source_parts(source)
     target = target_geometry or fixed
-    mu = params.log_error(control_features(model, len(pairs)))
+    mu = params.log_error(_model_features(params, model, len(pairs), moving))
     control = Image(mu.reshape(model.control_shape).astype(np.float32), _control_geometry(model))
     resampled = sitk.Resample(
         control.to_sitk(),
@@ -329,13 +533,21 @@ def _click_factor_on_grid(pairs: np.ndarray, geometry: Geometry) -> np.ndarray:
 # ------------------------------------------------------------------------------------ fitting
 
 
-def fit_uncertainty(features: np.ndarray, errors_mm: np.ndarray, metadata: dict | None = None) -> UncertaintyModel:
-    """Least-squares fit (light ridge) of log(error + EPS_MM) on the features; residual quantiles kept."""
+def fit_uncertainty(
+    features: np.ndarray,
+    errors_mm: np.ndarray,
+    metadata: dict | None = None,
+    names: tuple[str, ...] = KEY_FEATURES,
+    ridge: float = 1e-3,
+) -> UncertaintyModel:
+    """Least-squares fit (light ridge on the features' variance) of log(error + EPS_MM) on the features `names`.
+
+    The residuals' 5th and 95th percentiles and mean factor are kept for the interval and the mean.
+    """
     x = np.asarray(features, dtype=np.float64)
     y = np.log(np.asarray(errors_mm, dtype=np.float64) + EPS_MM)
-    ridge = 1e-3 * len(y) * np.eye(x.shape[1])
-    ridge[0, 0] = 0.0
-    coef = np.linalg.solve(x.T @ x + ridge, x.T @ y)
+    scale = np.where(np.arange(x.shape[1]) == 0, 0.0, x.var(axis=0))
+    coef = np.linalg.solve(x.T @ x + ridge * len(y) * np.diag(scale), x.T @ y)
     res = y - x @ coef
     return UncertaintyModel(
         coef,
@@ -343,6 +555,7 @@ def fit_uncertainty(features: np.ndarray, errors_mm: np.ndarray, metadata: dict 
         float(np.quantile(res, 0.95)),
         float(np.mean(np.exp(res))),
         dict(metadata or {}),
+        tuple(names),
     )
 
 
