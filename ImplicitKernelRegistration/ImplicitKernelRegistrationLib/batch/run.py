@@ -11,6 +11,7 @@ crash skips what was finished (same inputs, same options, outputs intact) unless
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import platform
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -89,11 +90,12 @@ def run_batch(
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "estimated_peak_mb": peaks,
         }
+        t0 = time.perf_counter()
         with _cluster(settings, len(cases), peaks, record) as client:
             threads = _threads_per_worker(client)
             record["torch_threads"] = threads
             results = _run_all(client, cases, out, options, previous, settings, threads, record)
-        record["wall_s"] = round(time.time() - record.pop("_t0"), 3)
+        record["wall_s"] = round(time.perf_counter() - t0, 3)
         _write_record(out, record, results, previous, cases)
         write_summary(cases, results, out)
     return [results[c.name] for c in cases]
@@ -149,54 +151,50 @@ def _executing(client, names: dict[str, str]) -> list[str]:
     return sorted(names[k] for k in keys if k in names)
 
 
-class _cluster:
-    """The dask Client of this batch: a LocalCluster of workers processes, or the given scheduler's."""
+@contextlib.contextmanager
+def _cluster(settings: BatchSettings, n_cases: int, peaks: dict, record: dict) -> Iterator:
+    """The dask Client of this batch: a LocalCluster of worker processes, or the given scheduler's.
 
-    def __init__(self, settings: BatchSettings, n_cases: int, peaks: dict, record: dict) -> None:
-        self.settings, self.n_cases, self.peaks, self.record = settings, n_cases, peaks, record
-        self.cluster = self.client = None
+    The memory check comes first: before any local worker starts, or as soon as the scheduler tells
+    its workers' memory limits.
+    """
+    import logging
 
-    def __enter__(self):
-        import logging
+    from distributed import Client, LocalCluster
 
-        from distributed import Client, LocalCluster
-
-        record, peak = self.record, max((p for p in self.peaks.values() if p), default=None)
-        if self.settings.scheduler:
+    if settings.scheduler:
+        try:
+            client = Client(settings.scheduler, timeout="20s")
+        except (OSError, TimeoutError) as err:
+            raise IkrError(f"cannot reach a dask scheduler at {settings.scheduler} ({err})") from err
+        try:
             try:
-                self.client = Client(self.settings.scheduler, timeout="20s")
-                self.client.wait_for_workers(1, timeout=60)
-            except (OSError, TimeoutError) as err:
-                raise IkrError(
-                    f"cannot reach a dask scheduler with workers at {self.settings.scheduler} ({err})"
-                ) from err
-            limits = [w.get("memory_limit") or 0 for w in self.client.scheduler_info()["workers"].values()]
+                client.wait_for_workers(1, timeout=60)
+            except TimeoutError as err:
+                raise IkrError(f"the dask scheduler at {settings.scheduler} has no worker after 60 s") from err
+            limits = [w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values()]
             per_worker = min(limits) / 2**20 if limits and min(limits) > 0 else None
-            record.update(cluster="existing scheduler", n_workers=len(limits))
-        else:
-            from ..registration.memory import available_mb
+            record.update(cluster="existing scheduler", n_workers=len(limits), scheduler_address=settings.scheduler)
+            _check_memory(peaks, per_worker, len(limits), settings.force_memory, record)
+            yield client
+        finally:
+            client.close()
+        return
+    from ..registration.memory import available_mb
 
-            free = available_mb()
-            workers = self.settings.workers or _default_workers(self.n_cases, peak, free)
-            per_worker = free / workers if free else None
-            self.cluster = LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                silence_logs=logging.ERROR,
-            )  # fmt: skip
-            self.client = Client(self.cluster)
-            record.update(cluster="LocalCluster", n_workers=workers)
-        record["_t0"] = time.time()
-        record["scheduler_address"] = self.client.scheduler.address
-        record["memory_per_worker_mb"] = None if per_worker is None else round(per_worker)
-        if not self.settings.force_memory:
-            _check_memory(self.peaks, per_worker, record["n_workers"])
-        return self.client
-
-    def __exit__(self, *exc: object) -> None:
-        if self.client is not None:
-            self.client.close()
-        if self.cluster is not None:
-            self.cluster.close()
+    free = available_mb()
+    peak = max((p for p in peaks.values() if p), default=None)
+    workers = settings.workers or _default_workers(n_cases, peak, free)
+    record.update(cluster="LocalCluster", n_workers=workers)
+    _check_memory(peaks, free / workers if free else None, workers, settings.force_memory, record)
+    with (
+        LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        record["scheduler_address"] = cluster.scheduler_address
+        yield client
 
 
 def _default_workers(n_cases: int, peak_mb: float | None, free_mb: float | None) -> int:
@@ -208,12 +206,13 @@ def _default_workers(n_cases: int, peak_mb: float | None, free_mb: float | None)
     return max(1, min(n_cases, cores, fit))
 
 
-def _check_memory(peaks: dict, per_worker_mb: float | None, workers: int) -> None:
-    """Refuse up front when the largest case's estimated peak does not fit in what each worker has."""
+def _check_memory(peaks: dict, per_worker_mb: float | None, workers: int, force: bool, record: dict) -> None:
+    """Refuse up front (unless `force`) when the largest case's estimated peak exceeds what each worker has."""
     from ..registration.memory import HEADROOM
 
+    record["memory_per_worker_mb"] = None if per_worker_mb is None else round(per_worker_mb)
     known = {name: HEADROOM * p for name, p in peaks.items() if p}
-    if per_worker_mb is None or not known:
+    if force or per_worker_mb is None or not known:
         return
     name = max(known, key=known.get)
     if known[name] > per_worker_mb:
@@ -307,7 +306,7 @@ def _write_record(out: Path, record: dict, results: dict, previous: dict, cases:
             per_case[case.name] = results[case.name].to_dict()
         elif case.name in previous:
             per_case[case.name] = previous[case.name]
-    data = {k: v for k, v in record.items() if not k.startswith("_")}
+    data = dict(record)
     data["cases"] = per_case
     write_text_atomic(out / BATCH_FILE, json.dumps(data, indent=2, default=str))
 
