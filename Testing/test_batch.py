@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ImplicitKernelRegistrationLib.batch.case import CaseOptions, finished_before
+from ImplicitKernelRegistrationLib.batch.manifest import read_manifest
 from ImplicitKernelRegistrationLib.cli import main
 from ImplicitKernelRegistrationLib.io.images import write_image
 from ImplicitKernelRegistrationLib.io.outputs import OUTPUT_FILES
@@ -123,6 +125,11 @@ def test_batch_on_a_local_cluster_registers_resumes_and_forces(capsys, tmp_path,
     assert [rows[c]["status"] for c in rows] == ["skipped", "skipped", "failed"]
     assert rows["one"]["min_margin_mm"] and rows["one"]["tre_after_mm"]  # a skipped case keeps its figures
     assert {c: _report(out / c)["registration_id"] for c in ids} == ids
+    record = json.loads((out / "batch.json").read_text())
+    assert record["cases"]["one"]["status"] == "skipped"  # and a skipped case is skipped again next time:
+    one = read_manifest(cohort / "manifest.csv")[0]
+    assert finished_before(one, out / "one", CaseOptions(("--spacing", "5.0")), record["cases"]["one"])
+    assert not finished_before(one, out / "one", CaseOptions(("--spacing", "4.0")), record["cases"]["one"])
 
     # --force redoes them
     code, _, err = _run(capsys, "batch", cohort / "manifest.csv", "-o", out, "--workers", "2", "--force", *FLAGS)
@@ -174,3 +181,20 @@ def test_batch_refuses_workers_that_leave_too_little_memory(capsys, tmp_path, co
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "needs about" in lines[0] and "2 workers leave" in lines[0], err
     assert not (tmp_path / "out" / "one").exists()
+
+
+def test_batch_runs_on_an_existing_scheduler(capsys, tmp_path, cohort):
+    from distributed import LocalCluster
+
+    manifest = tmp_path / "cohort.csv"
+    data = cohort / "data" / "case2"
+    manifest.write_text(f"case,fixed,moving\nlost,{data / 'fixed.nii.gz'},{data / 'gone.nii.gz'}\n")
+    code, _, err = _run(capsys, "batch", manifest, "-o", tmp_path / "o", "--scheduler", "tcp://x:1", "--workers", "2")
+    assert code == 2 and "--workers" in err
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster:
+        code, _, err = _run(capsys, "batch", manifest, "-o", tmp_path / "out", "--scheduler", cluster.scheduler_address)
+    assert code == 1, err
+    record = json.loads((tmp_path / "out" / "batch.json").read_text())
+    assert record["cluster"] == "existing scheduler" and record["scheduler_address"] == cluster.scheduler_address
+    assert record["n_workers"] == 1 and "gone.nii.gz" in record["cases"]["lost"]["error"]
+    assert _summary(tmp_path / "out")["lost"]["status"] == "failed"

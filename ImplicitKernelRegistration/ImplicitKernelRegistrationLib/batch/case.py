@@ -83,7 +83,7 @@ def outputs_complete(case: Case, outdir: Path) -> bool:
 
 def finished_before(case: Case, outdir: Path, options: CaseOptions, previous: dict | None) -> bool:
     """True when an earlier run finished this case with the same inputs and options and its outputs are intact."""
-    if not previous or previous.get("status") != "ok" or previous.get("options") != options.record():
+    if not previous or previous.get("status") not in ("ok", "skipped") or previous.get("options") != options.record():
         return False
     if not outputs_complete(case, outdir):
         return False

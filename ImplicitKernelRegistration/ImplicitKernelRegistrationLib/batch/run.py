@@ -55,8 +55,8 @@ def process_case(
     address = get_worker().address
     options = replace(options, torch_threads=threads.get(address, options.torch_threads))
     if not force and finished_before(case, Path(outdir), options, previous):
-        kept = {k: previous[k] for k in ("inputs", "options", "registration_id", "runtime_s", "started", "worker")}
-        return CaseResult(case.name, "skipped", torch_threads=previous.get("torch_threads", 0), **kept)
+        kept = {k: previous[k] for k in ("inputs", "options", "registration_id", "runtime_s") if k in previous}
+        return CaseResult(case.name, "skipped", worker=previous.get("worker", ""), **kept)
     result = run_case(case, Path(outdir), options)
     result.worker = address
     return result
@@ -124,7 +124,8 @@ def _run_all(client, cases, out, options, previous, settings, threads, record) -
                 results[name] = _collect(name, future)
                 progress.finished(results[name])
                 _write_record(out, record, results, previous, cases)
-            progress.running(_executing(client, names))
+            if progress.shows_names:
+                progress.running(_executing(client, names))
             time.sleep(POLL_S)
     return results
 
@@ -333,6 +334,11 @@ class _CaseProgress:
             console = self._progress.console
             self.print = lambda line: console.print(line, markup=False, highlight=False)
         return self
+
+    @property
+    def shows_names(self) -> bool:
+        """True when a progress bar is on screen to show the names of the running cases."""
+        return self._progress is not None
 
     def running(self, names: list[str]) -> None:
         """Show the cases being run now."""
