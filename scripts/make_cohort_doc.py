@@ -4,8 +4,8 @@ Builds a small cohort the way `ikr synth` and `ikr demo` do: known deformations 
 local, sliding) of the two shared 3 mm CTs, each with a spherical tumour on the pre-ablation (moving)
 image and an off-centre ablation zone on the post-ablation (fixed) image placed in the liver (or the body)
 away from the image edge (review.margin.demo_tumour_and_zone: the true minimal margin is known), plus
-one row whose moving image is missing. Then runs `ikr batch` on a local Dask cluster, runs it again (every finished case is
-skipped), and writes the page from OUT/summary.csv and OUT/batch.json.
+one row whose moving image is missing. Then runs `ikr batch` on a local Dask cluster, runs it again
+(every finished case is skipped), and writes the page from OUT/summary.csv and OUT/batch.json.
 Usage: .venv/bin/python scripts/make_cohort_doc.py [--work /tmp/ikr-cohort] [--workers 2]
 """
 
