@@ -115,32 +115,34 @@ def render(work: Path, docs: Path, true_margins: dict, runs: list[tuple[float, i
     second = [r["status"] for r in rows]
     versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items())
     threads = sorted(set(first["torch_threads"].values()))
+    skipped = ", ".join(f"{second.count(s)} {s}" for s in ("skipped", "failed") if second.count(s))
     text = f"""# A cohort with `ikr batch`: a summary from a real run
 
 Made by `scripts/make_cohort_doc.py` (rerun it to remake this page and `images/cohort_summary.png`).
 The cohort: {len(CASES)} synthetic post/pre-ablation pairs made like `ikr synth` from the two shared
-3 mm CTs (`{CTS["liver"][0]}`, `{CTS["abdomen"][0]}`), each with a spherical tumour on the pre-ablation
-(moving) CT and an off-centre ablation zone on the post-ablation (fixed) CT, placed as `ikr demo` does
-(`review.margin.demo_tumour_and_zone`: in the liver mask of the liver CT, in the body of the abdomen CT,
-away from the edge of the field of view), so the true minimal margin is known; and one row whose moving
-image does not exist. The command, from the manifest's folder:
+3 mm CTs (`{CTS["liver"][0]}`, `{CTS["abdomen"][0]}`), each with a spherical
+tumour on the pre-ablation (moving) CT and an off-centre ablation zone on the post-ablation (fixed) CT,
+placed as `ikr demo` does (`review.margin.demo_tumour_and_zone`: in the liver mask of the liver CT, in
+the body of the abdomen CT, away from the edge of the field of view), so the true minimal margin is
+known; and one row whose moving image does not exist. The command, from the manifest's folder:
 
 ```
 ikr batch manifest.csv -o out --workers {workers}
 ```
 
-{first["n_workers"]} local Dask worker processes ({first["cluster"]}, torch threads per worker: {threads}),
-default registration settings (learned kernel, 2 mm working grid), on a 2-core machine shared with other
-work (times are rough). First run: {runs[0][0]:.0f} s wall, exit status {runs[0][1]} (one case failed).
-Second run of the same command: {runs[1][0]:.0f} s wall, exit status {runs[1][1]}; the cases were
-{", ".join(f"{s} {second.count(s)}" for s in ("skipped", "failed") if second.count(s))}: every finished case
-was skipped (inputs unchanged, outputs intact) and only the failed one was tried again.
+{first["n_workers"]} local Dask worker processes ({first["cluster"]}; torch threads per worker: {threads}),
+default registration settings (learned kernel, 2 mm working grid), on a 2-core machine shared with
+other work (times are rough). First run: {runs[0][0]:.0f} s wall, exit status {runs[0][1]} (a case
+failed). Second run of the same command: {runs[1][0]:.0f} s wall, exit status {runs[1][1]}, cases
+{skipped}: every finished case was skipped (inputs unchanged, outputs intact) and only the failed one
+was tried again.
 
 ![margin distribution, TRE per case, runtime per case](images/cohort_summary.png)
 
-First run, from `out/summary.csv` (the true margin column is not in summary.csv: it comes from the
-case generator). Each case's folder `out/<case>/` holds the files of `ikr register`, and `out/<case>/margin/`
-those of `ikr margin`; `out/summary.html` is this table with the plots and links to each case's report.
+The first run, from `out/summary.csv` (the true margin is not in summary.csv: it comes from the case
+generator). Each case's folder `out/<case>/` holds the files of `ikr register`, and `out/<case>/margin/`
+those of `ikr margin`; `out/summary.html` shows this table with the plots and links to each case's
+report. A `doubtful` quality verdict is reported but does not fail a case (`--strict` makes it fail).
 
 {chr(10).join(lines)}
 

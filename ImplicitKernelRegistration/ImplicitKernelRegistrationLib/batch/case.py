@@ -14,6 +14,7 @@ import io
 import json
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -182,7 +183,7 @@ def _one_line(err: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int):
+def _torch_threads(n: int) -> Iterator[None]:
     """Run with torch using `n` threads, then restore the process's previous count."""
     import torch
 

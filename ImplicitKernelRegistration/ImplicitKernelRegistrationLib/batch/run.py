@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..core.errors import IkrError
@@ -29,6 +30,11 @@ from ..io.atomic import write_text_atomic
 from ..io.guard import sha256_file
 from .case import CaseOptions, CaseResult, finished_before, run_case
 from .manifest import Case, read_manifest
+
+if TYPE_CHECKING:
+    from distributed import Client, Future, Worker
+
+    from ..core.geometry import Geometry
 
 BATCH_FILE = "batch.json"
 POLL_S = 0.5
@@ -70,7 +76,7 @@ def run_batch(
     from .summary import write_summary
 
     cases = read_manifest(manifest)
-    out = Path(out)
+    out = Path(out).absolute()  # workers elsewhere write OUT/<case>/ by this path
     check_writable(out)
     if settings.scheduler and settings.workers:
         raise IkrError("--workers is for the local cluster; an existing scheduler (--scheduler) has its own workers")
@@ -101,10 +107,17 @@ def run_batch(
     return [results[c.name] for c in cases]
 
 
-def _run_all(client, cases, out, options, previous, settings, threads, record) -> dict[str, CaseResult]:
+def _run_all(
+    client: Client,
+    cases: list[Case],
+    out: Path,
+    options: CaseOptions,
+    previous: dict[str, dict],
+    settings: BatchSettings,
+    threads: dict[str, int],
+    record: dict,
+) -> dict[str, CaseResult]:
     """Submit every case, follow them with the progress display, rewrite batch.json as each ends."""
-    from distributed import Future
-
     run_id = uuid.uuid4().hex[:8]
     futures: dict[str, Future] = {}
     names: dict[str, str] = {}
@@ -130,7 +143,7 @@ def _run_all(client, cases, out, options, previous, settings, threads, record) -
     return results
 
 
-def _collect(name: str, future) -> CaseResult:
+def _collect(name: str, future: Future) -> CaseResult:
     """The case's result, or a failed result when its worker died or the task could not run."""
     try:
         return future.result()
@@ -139,10 +152,10 @@ def _collect(name: str, future) -> CaseResult:
         return CaseResult(name, "failed", error=f"the worker running it failed ({type(err).__name__}: {line})")
 
 
-def _executing(client, names: dict[str, str]) -> list[str]:
+def _executing(client: Client, names: dict[str, str]) -> list[str]:
     """The names of the cases the workers are executing now (empty when the workers cannot be asked)."""
 
-    def executing(dask_worker) -> list[str]:
+    def executing(dask_worker: Worker) -> list[str]:
         return [str(ts.key) for ts in dask_worker.state.executing]
 
     try:
@@ -153,7 +166,7 @@ def _executing(client, names: dict[str, str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def _cluster(settings: BatchSettings, n_cases: int, peaks: dict, record: dict) -> Iterator:
+def _cluster(settings: BatchSettings, n_cases: int, peaks: dict, record: dict) -> Iterator[Client]:
     """The dask Client of this batch: a LocalCluster of worker processes, or the given scheduler's.
 
     The memory check comes first: before any local worker starts, or as soon as the scheduler tells
@@ -232,7 +245,7 @@ def _estimate_peak_mb(case: Case, spacing_mm: float) -> float | None:
     return None if geometry is None else round(estimate_peak_mb(geometry, spacing_mm), 1)
 
 
-def _header_geometry(path: Path):
+def _header_geometry(path: Path) -> Geometry | None:
     """The grid of an image file or DICOM folder read from headers only (None when unreadable)."""
     import SimpleITK as sitk
 
@@ -263,7 +276,7 @@ def _header_geometry(path: Path):
         return None
 
 
-def _threads_per_worker(client) -> dict[str, int]:
+def _threads_per_worker(client: Client) -> dict[str, int]:
     """Torch threads for each worker: its host's cores shared by the workers on that host."""
 
     def cores() -> int:

@@ -75,6 +75,7 @@ def write_summary(cases: list[Case], results: dict[str, CaseResult], out: Path) 
 def plot_summary(rows: list[dict], path: Path) -> Path:
     """Three panels: the minimal-margin distribution, TRE before/after per case, runtime per case."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(13, 4), dpi=100, layout="constrained")
     ax_margin, ax_tre, ax_time = fig.subplots(1, 3)
@@ -89,6 +90,7 @@ def plot_summary(rows: list[dict], path: Path) -> Path:
             0.5, 0.5, "no case gives a tumour and an ablation zone", ha="center", transform=ax_margin.transAxes
         )
     ax_margin.set(title="minimal ablative margin", xlabel="mm", ylabel="cases")
+    ax_margin.yaxis.set_major_locator(MaxNLocator(integer=True))
     tre = [r for r in rows if r["tre_after_mm"] != ""]
     x = range(len(tre))
     ax_tre.bar([i - 0.2 for i in x], [r["tre_before_mm"] for r in tre], 0.4, label="before", color="tab:gray")
@@ -99,8 +101,10 @@ def plot_summary(rows: list[dict], path: Path) -> Path:
         ax_tre.legend()
     colours = {"ok": "tab:blue", "skipped": "tab:gray", "failed": "tab:red"}
     ax_time.bar(range(len(rows)), [r["runtime_s"] or 0 for r in rows], color=[colours[r["status"]] for r in rows])
+    failed = [i for i, r in enumerate(rows) if r["status"] == "failed"]
+    ax_time.plot(failed, [0.0] * len(failed), "x", color="tab:red", markersize=9, mew=2)
     ax_time.set_xticks(range(len(rows)), [r["case"] for r in rows], rotation=60, ha="right", fontsize=8)
-    ax_time.set(title="runtime per case (red: failed, grey: skipped)", ylabel="s")
+    ax_time.set(title="runtime per case (red, x: failed; grey: skipped)", ylabel="s")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
