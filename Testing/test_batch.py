@@ -91,7 +91,8 @@ def test_batch_on_a_local_cluster_registers_resumes_and_forces(capsys, tmp_path,
     assert record["n_workers"] == 2 and record["scheduler_address"].startswith("tcp://")
     assert {"ikr", "torch", "dask", "distributed"} <= set(record["versions"])
     assert record["cases"]["one"]["runtime_s"] > 0 and record["cases"]["three"]["status"] == "failed"
-    assert len({record["cases"][c]["worker"] for c in ("one", "two")}) >= 1
+    assert len(record["torch_threads"]) == 2 and all(n >= 1 for n in record["torch_threads"].values())
+    assert {record["cases"][c]["worker"] for c in ("one", "two")} <= set(record["torch_threads"])
 
     # the same files and figures as the single commands
     single = tmp_path / "single"
