@@ -167,7 +167,10 @@ def _run_command(argv: list[str], result: CaseResult) -> None:
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main(argv)
+        try:
+            status = main(argv)
+        except SystemExit as stop:  # argparse refusing the command line
+            status = stop.code if isinstance(stop.code, int) else 2
     lines = [line for line in err.getvalue().splitlines() if line.strip()]
     errors = [line for line in lines if ": error: " in line]
     result.warnings += [line for line in lines if line not in errors]
