@@ -18,6 +18,7 @@ LAYERS = (
     ("registration",),
     ("review", "synthetic"),
     ("workspace",),
+    ("batch",),
     ("training", "slicer_bridge", "requirements"),
     ("cli",),
 )

@@ -106,14 +106,15 @@ def test_ui_is_a_qmrml_widget_whose_node_selectors_get_the_scene() -> None:
 
 
 def test_cmake_lists_every_python_file_and_resource() -> None:
-    """The extension ships every library module except the trainers (they do not run in Slicer)."""
+    """The extension ships every library module except the trainers and the cohort batch (not run in Slicer)."""
     text = (MODULE_DIR / "CMakeLists.txt").read_text()
     scripts = set(_cmake_list(text, "MODULE_PYTHON_SCRIPTS"))
     library = {p for p in LIB.rglob("*.py") if "__pycache__" not in p.parts}
-    shipped = {str(p.relative_to(MODULE_DIR)) for p in library if "training" not in p.relative_to(LIB).parts}
+    left_out = ("training", "batch")
+    shipped = {str(p.relative_to(MODULE_DIR)) for p in library if not set(left_out) & set(p.relative_to(LIB).parts)}
     on_disk = {"ImplicitKernelRegistration.py"} | shipped
     assert on_disk - scripts == set(), f"not listed in CMakeLists.txt: {sorted(on_disk - scripts)}"
-    assert not any("/training/" in s for s in scripts), "the trainers are not part of the Slicer extension"
+    assert not any(f"/{d}/" in s for s in scripts for d in left_out), "trainers and batch are not in the extension"
     assert all((MODULE_DIR / s).is_file() for s in scripts), "CMakeLists.txt lists a file that does not exist"
     resources = set(_cmake_list(text, "MODULE_PYTHON_RESOURCES"))
     files = {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file()}

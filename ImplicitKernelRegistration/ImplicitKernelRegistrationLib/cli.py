@@ -345,6 +345,14 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Register every case of a manifest (and measure margins) on a Dask cluster; summarise the cohort."""
+    from .batch import batch_command
+
+    _check_thresholds(args.thresholds)
+    return batch_command(args)
+
+
 def _add_registration_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by `register` and `demo`: the RegistrationConfig fields of REGISTRATION_FLAGS, then the rest."""
     from .registration.config import add_registration_flags
@@ -459,7 +467,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--magnitude", type=float, default=None, help="mean displacement in mm")
     _add_registration_flags(p)
     p.set_defaults(func=cmd_demo)
+
+    _add_batch_parser(sub)
     return parser
+
+
+def _add_batch_parser(sub: argparse._SubParsersAction) -> None:
+    """The `ikr batch` subcommand: its own flags and the registration flags passed on to every case."""
+    p = sub.add_parser("batch", help="register a cohort (manifest CSV) on a Dask cluster, resumable, with a summary")
+    p.add_argument("manifest", help="CSV: case,fixed,moving[,fixed_landmarks,moving_landmarks,tumour,ablation,...]")
+    p.add_argument("-o", "--output", required=True, help="folder for OUT/<case>/, batch.json and the summary")
+    p.add_argument("--workers", type=int, default=None, help="local worker processes (default: cores and memory)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS", help="an existing Dask scheduler, tcp://host:8786")
+    p.add_argument("--force", action="store_true", help="redo every case, also those finished before")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 5.0], help="margin thresholds, mm")
+    _add_registration_flags(p)
+    p.set_defaults(func=cmd_batch)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
