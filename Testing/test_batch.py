@@ -34,9 +34,9 @@ def _run(capsys, *args: object) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
     """Two good cases (one with a tumour and an ablation zone) and a manifest row whose moving image is missing."""
-    from ImplicitKernelRegistrationLib.synthetic.tumour import demo_tumour_and_zone
     from ImplicitKernelRegistrationLib.synthetic.phantom import make_phantom
     from ImplicitKernelRegistrationLib.synthetic.synth import make_case, write_case
+    from ImplicitKernelRegistrationLib.synthetic.tumour import demo_tumour_and_zone
 
     root = tmp_path_factory.mktemp("cohort")
     ct, labels, names = make_phantom(seed=0, size=(64, 56, 48), spacing_mm=(5.0, 5.0, 5.0))

@@ -25,8 +25,8 @@ import numpy as np
 
 from ImplicitKernelRegistrationLib.io.images import read_image, write_image
 from ImplicitKernelRegistrationLib.registration.preprocess import body_mask
-from ImplicitKernelRegistrationLib.synthetic.tumour import demo_tumour_and_zone
 from ImplicitKernelRegistrationLib.synthetic.synth import make_case, write_case
+from ImplicitKernelRegistrationLib.synthetic.tumour import demo_tumour_and_zone
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CT = Path(os.environ.get("IKR_SHARED_DATA", ROOT.parent / "shared" / "data")) / "ct"

@@ -182,7 +182,10 @@ def _train_encoder(config: EncoderTrainConfig, progress: Progress | None = None)
         sched.step()
         if (step + 1) % max(1, config.steps // 20) == 0:
             history.append({"step": step + 1, "epe_vox": float(loss.detach())})
-            report(0.3 + 0.6 * (step + 1) / config.steps, f"step {step + 1}/{config.steps} epe {float(loss):.3f} vox")
+            report(
+                0.3 + 0.6 * (step + 1) / config.steps,
+                f"step {step + 1}/{config.steps} epe {float(loss.detach()):.3f} vox",
+            )
     encoder.eval()
     validation = validate_encoder(encoder, val_cases, train_cases, config)
     report(1.0, "done")
