@@ -993,12 +993,10 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
             i for i in sorted(set(before) & set(after))
             if not all(np.array_equal(a, b) for a, b in zip(before[i], after[i], strict=True))
         ]  # fmt: skip
-        changes = {
-            "undo: removed": sorted(set(before) - set(after)),
-            "restored": sorted(set(after) - set(before)),
-            "moved back": moved,
-        }
-        self.runLog.say(slicer_bridge.pair_edit_line(changes, time.perf_counter() - start, self.pairFeedback()))
+        changes = {"removed": sorted(set(before) - set(after)), "restored": sorted(set(after) - set(before)),
+                   "moved back": moved}  # fmt: skip
+        seconds = time.perf_counter() - start
+        self.runLog.say(slicer_bridge.pair_edit_line(changes, seconds, self.pairFeedback(), action="undo"))
 
     def _editLists(self, parameterNode, deleteFixed, deleteMoving) -> None:
         """Delete points and label every linked point with its pair's label (observers ignore these edits)."""
@@ -1489,8 +1487,9 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
         self.assertEqual(logic.syncPairs(p), [])  # nothing added: the pair moved, keeping its id
         self.assertEqual([q.id for q in logic.workspace.pairs], [pairId])
         np.testing.assert_allclose(logic.workspace.pairs[0].fixed_lps, dragged, atol=1e-3)
-        self.assertIn(f"moved {pairId}", logic.runLog.text())
+        self.assertIn(f"pairs: moved {pairId};", logic.runLog.text())
         logic.undo(p)
+        self.assertIn(f"undo: moved back {pairId};", logic.runLog.lines[-1])
         np.testing.assert_array_equal(logic.workspace.field.displacement_mm, fieldBefore)
         np.testing.assert_allclose(logic.workspace.pairs[0].fixed_lps, fixedLps[0], atol=1e-3)
         position = np.asarray(p.fixedPoints.GetNthControlPointPosition(0))

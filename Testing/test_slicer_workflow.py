@@ -438,3 +438,4 @@ def test_registration_and_pair_edit_lines() -> None:
     line = pair_edit_line({"added": [3], "moved": [], "deleted": [1, 2]}, 0.123, feedback)
     assert line == "pairs: added 3, deleted 1 2; field updated in 0.12 s; 2 pairs, residual RMS 3.54 mm"
     assert pair_edit_line({}, 0.0, []).startswith("pairs: no change;")
+    assert pair_edit_line({"moved back": [4]}, 0.0, [], action="undo").startswith("undo: moved back 4;")

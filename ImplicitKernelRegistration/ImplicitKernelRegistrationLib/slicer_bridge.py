@@ -426,12 +426,12 @@ def registration_lines(report: dict) -> list[str]:
     return lines
 
 
-def pair_edit_line(edits: dict[str, list[int]], seconds: float, feedback: list[dict]) -> str:
-    """One run-log line for a pair edit: what changed ("added": [ids], "moved", "deleted", "restored"), how long the
-    field took, and the pairs' residual RMS."""
+def pair_edit_line(edits: dict[str, list[int]], seconds: float, feedback: list[dict], action: str = "pairs") -> str:
+    """One run-log line for an edit of the pairs (`action`: "pairs", "undo"): what changed ("added": [ids], "moved",
+    "deleted", "restored"), how long the field took, and the pairs' residual RMS."""
     done = ", ".join(f"{what} {' '.join(str(i) for i in ids)}" for what, ids in edits.items() if ids) or "no change"
     rms = residual_rms_mm(feedback)
-    return f"pairs: {done}; field updated in {seconds:.2f} s; {len(feedback)} pairs, residual RMS {rms:.2f} mm"
+    return f"{action}: {done}; field updated in {seconds:.2f} s; {len(feedback)} pairs, residual RMS {rms:.2f} mm"
 
 
 class RunLog:
