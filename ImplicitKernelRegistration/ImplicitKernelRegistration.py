@@ -955,9 +955,14 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
                 f"fixed point {edits.add_fixed_lps[outside][0].round(1).tolist()} (LPS mm) lies outside the fixed image"
             )
         start = time.perf_counter()
-        ids = self.workspace.edit_pairs(  # one undo step: a dragged point is one step, not a delete and an add
-            remove=edits.remove, move=edits.move, add=(edits.add_fixed_lps, edits.add_moving_lps)
-        )
+        try:
+            ids = self.workspace.edit_pairs(  # one undo step: a dragged point is one step, not a delete and an add
+                remove=edits.remove, move=edits.move, add=(edits.add_fixed_lps, edits.add_moving_lps)
+            )
+        except IkrError:  # e.g. a point dragged out of the fixed image: the lists follow what the session kept
+            self._syncListsToSession(p)
+            self._afterEdit(p)
+            raise
         for pairId in edits.remove:
             links.pop(pairId, None)
         links.update(zip(ids, edits.add_links, strict=True))
@@ -1494,6 +1499,12 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
         np.testing.assert_allclose(logic.workspace.pairs[0].fixed_lps, fixedLps[0], atol=1e-3)
         position = np.asarray(p.fixedPoints.GetNthControlPointPosition(0))
         np.testing.assert_allclose(position, lps_ras(fixedLps)[0], atol=1e-3)  # the point is back too
+        p.fixedPoints.SetNthControlPointPosition(0, *(float(v) for v in lps_ras(fixedLps[0] + 5000.0)))
+        with self.assertRaises(IkrError):  # dragged out of the fixed image: refused, the point goes back
+            logic.syncPairs(p)
+        position = np.asarray(p.fixedPoints.GetNthControlPointPosition(0))
+        np.testing.assert_allclose(position, lps_ras(fixedLps)[0], atol=1e-3)
+        np.testing.assert_array_equal(logic.workspace.field.displacement_mm, fieldBefore)
 
         self.delayDisplay("A second pair, then the first deleted in the Markups module: the second is kept")
         second = case.landmarks_fixed_lps[1:2]

@@ -147,6 +147,9 @@ def test_a_dragged_pair_and_every_edit_of_one_action_are_one_undo_step(folder, p
     workspace.undo()  # one press
     np.testing.assert_array_equal(workspace.field.displacement_mm, placed)
     np.testing.assert_allclose(workspace.pairs[0].fixed_lps, fixed[0])
+    with pytest.raises(IkrError, match="outside the fixed image"):  # dragged off the image: nothing changes
+        workspace.edit_pairs(move={1: (dragged + 5000.0, moving[0])})
+    np.testing.assert_array_equal(workspace.field.displacement_mm, placed)
     added = workspace.edit_pairs(remove=[2], move={1: (dragged, moving[0])}, add=_pair(phantom_case, 2)[:2])
     assert added == [3] and [p.id for p in workspace.pairs] == [1, 3]
     workspace.undo()
