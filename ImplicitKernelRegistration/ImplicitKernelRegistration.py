@@ -13,6 +13,7 @@ after registration in the registered views lies in the fixed frame and Slicer's 
 import contextlib
 import logging
 import pathlib
+import time
 from typing import Annotated
 
 import numpy as np
@@ -60,6 +61,7 @@ EXPECTED_ERROR_THRESHOLD_MM = 1.0
 EXPECTED_ERROR_OPACITY = 0.4
 SUGGESTIONS_NAME = "IKR suggested clicks"
 SUGGESTIONS_COLOR = (1.0, 0.75, 0.0)  # amber: apart from the default colour of the fixed/moving point lists
+REGISTER_BLOCKED_PREFIX = "To register: "  # the status line's text while Register is disabled (then it says why)
 # Widgets disabled while a registration runs (everything but Cancel, the progress bar and the status line).
 BUSY_DISABLED = (
     "inputsCollapsible",
@@ -124,6 +126,7 @@ class ImplicitKernelRegistrationParameterNode:
     marginColors: vtkMRMLColorTableNode
     outputFolder: pathlib.Path
     marginSummary: str = ""
+    qualitySummary: str = ""  # the last registration's quality verdict and reasons (slicer_bridge.quality_summary)
     expectedErrorVolume: vtkMRMLScalarVolumeNode
     showExpectedError: bool = False
     numberOfSuggestions: Annotated[int, WithinRange(1, 20)] = 5
@@ -174,11 +177,23 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
         self.ui.exportSegmentationButton.connect("clicked(bool)", self.onExportSegmentation)
         self.ui.cancelButton.enabled = False
         self.ui.progressBar.setValue(0)
+        # The display selectors show only the module's own list of their role (see slicer_bridge.ROLE_ATTRIBUTE).
+        for selector, role in ((self.ui.correspondencesSelector, "correspondences"),
+                               (self.ui.suggestedClicksSelector, "suggestions")):  # fmt: skip
+            selector.addAttribute("vtkMRMLMarkupsFiducialNode", slicer_bridge.ROLE_ATTRIBUTE, role)
+        self.ui.runLogTextEdit.setPlainText(self.logic.runLog.text())
+        self.logic.runLog.listeners.append(self._appendLogLine)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        """Remove observers when the application closes."""
+        """Remove observers (and the run log's listener) when the application closes."""
         self.removeObservers()
+        if self.logic is not None and self._appendLogLine in self.logic.runLog.listeners:
+            self.logic.runLog.listeners.remove(self._appendLogLine)
+
+    def _appendLogLine(self, line: str) -> None:
+        """Show one new line of the run log."""
+        self.ui.runLogTextEdit.appendPlainText(line)
 
     def enter(self) -> None:
         """Reconnect the parameter node when the module is shown."""
@@ -210,17 +225,23 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
         """Connect the GUI to `parameterNode` (None disconnects)."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanRegister)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = parameterNode
         if self._parameterNode:
+            self.logic.markOwnLists(self._parameterNode)  # lists of a scene saved before they were marked
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanRegister)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
             self._observePointLists(self._parameterNode)
             self._refreshPairTable()
-            self._checkCanRegister()
+            self._onParameterNodeModified()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        """A parameter changed (a node chosen or made): update Register and the point-list selectors."""
+        self._checkCanRegister()
+        self._updatePointSelectors()
 
     def _checkCanRegister(self, caller=None, event=None) -> None:
-        """Enable Register when it can run; otherwise its tooltip says why not."""
+        """Enable Register when it can run; otherwise its tooltip, and the status line when it is free, say why."""
         p = self._parameterNode
         blocker = slicer_bridge.register_blocker(
             p.fixedVolume.GetID() if p and p.fixedVolume else None,
@@ -229,6 +250,24 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
         )
         self.ui.registerButton.enabled = not blocker
         self.ui.registerButton.toolTip = blocker or "Register the moving volume to the fixed volume"
+        shown = self.ui.statusLabel.text
+        if not self._running and (not shown or shown.startswith(REGISTER_BLOCKED_PREFIX)):
+            self.ui.statusLabel.text = f"{REGISTER_BLOCKED_PREFIX}{blocker}" if blocker else ""
+
+    def _updatePointSelectors(self) -> None:
+        """Keep the module's own point lists (correspondences, suggested clicks) and the other pair list out of the
+        fixed and moving point selectors (slicer_bridge.point_selector_hidden_ids)."""
+        p = self._parameterNode
+        if p is None:
+            return
+        lists = [
+            (node.GetID(), node.GetAttribute(slicer_bridge.ROLE_ATTRIBUTE))
+            for node in slicer.util.getNodesByClass("vtkMRMLMarkupsFiducialNode")
+        ]
+        for selector, other in ((self.ui.fixedPointsSelector, p.movingPoints),
+                                (self.ui.movingPointsSelector, p.fixedPoints)):  # fmt: skip
+            hidden = slicer_bridge.point_selector_hidden_ids(lists, other.GetID() if other is not None else None)
+            selector.sortFilterProxyModel().hiddenNodeIDs = hidden
 
     # ------------------------------------------------------------------------------ registration
 
@@ -282,6 +321,7 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
             self._setBusy(False)
             self._observePointLists(self._parameterNode)
             self._refreshPairTable()
+            self._updatePointSelectors()
 
     def onCancel(self) -> None:
         """Ask the running registration to stop at its next step."""
@@ -353,7 +393,7 @@ class ImplicitKernelRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservat
             self._refreshPairTable()
 
     def onUndo(self) -> None:
-        """Undo the last pair added or deleted."""
+        """Undo the last change of the pairs (one placed, dragged or deleted point, or one table delete)."""
         with slicer.util.tryWithErrorDisplay("Undo failed.", waitCursor=True):
             self.logic.undo(self._parameterNode)
             self._refreshPairTable()
@@ -441,6 +481,8 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         """Start with no registration in memory."""
         ScriptedLoadableModuleLogic.__init__(self)
         self.editingLists = False  # True while the logic itself edits the point lists (observers ignore it)
+        self.runLog = slicer_bridge.RunLog()  # the panel's run log (kept across registrations; reset keeps it)
+        self.runLog.listeners.append(logging.info)
         self.reset()
 
     def reset(self) -> None:
@@ -544,7 +586,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
                 top.SetAndObserveTransformNodeID(ownId)
                 copy.SetAndObserveTransformNodeID(ownId)
             note = f"{volumeNode.GetName()!r} is under transform {chain[0].GetName()!r}: a hardened copy was registered"
-            logging.info(note)
+            self.runLog.say(note)
             self.lastMessage = note
             yield copy
         finally:
@@ -591,12 +633,36 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def register(self, parameterNode, progress=None) -> None:
         """Register moving to fixed (into the output folder when one is set), then show the transform, the moved
-        volume and the correspondences.
+        volume, the correspondences and the quality verdict (parameter `qualitySummary`).
 
         `progress(fraction, message)` may raise to cancel; the workspace also calls it between the steps after
         the registration (map, output writing), so Cancel is seen there too. A registration that was computed
-        but could not be written is still shown (the error says why it was not written).
+        but could not be written is still shown (the error says why it was not written). The run log gets the
+        steps with their times, the library's messages, the verdict with its reasons and the timing.
         """
+        p = parameterNode
+        fixedName = p.fixedVolume.GetName() if p.fixedVolume is not None else "?"
+        movingName = p.movingVolume.GetName() if p.movingVolume is not None else "?"
+        self.runLog.begin(f"Register {movingName!r} to {fixedName!r} ({p.device}, {float(p.spacingMm):g} mm grid)")
+
+        def step(fraction: float, message: str) -> None:
+            """Log the step, then pass it on (the caller's callback may cancel)."""
+            self.runLog.progress(fraction, message)
+            if progress is not None:
+                progress(fraction, message)
+
+        try:
+            self._register(p, step)
+        except RegistrationCancelled:
+            self.runLog.end("cancelled")
+            raise
+        except Exception as err:
+            self.runLog.end(f"failed: {err}")
+            raise
+        self.runLog.end("done")
+
+    def _register(self, parameterNode, progress) -> None:
+        """The registration itself (see register)."""
         from ImplicitKernelRegistrationLib.workspace import Workspace
 
         p = parameterNode
@@ -610,7 +676,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         note = self.lastMessage  # e.g. that a hardened copy was registered
         self.lastMessage = "nothing was changed"
         initial = self.initialAlignment(p)
-        workspace = Workspace(self.outputFolder(p), command="ImplicitKernelRegistration", say=logging.info)
+        workspace = Workspace(self.outputFolder(p), command="ImplicitKernelRegistration", say=self.runLog.say)
         inputs = {"fixed": p.fixedVolume.GetName(), "moving": p.movingVolume.GetName()}
         try:
             workspace.register(
@@ -620,9 +686,13 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         finally:
             if workspace.has_registration:
                 self._showRegistration(p, workspace)
-        report = {k: workspace.report.get(k) for k in ("runtime_s", "device", "n_keypoints")}
-        logging.info("registration: %s", report)
+        report = workspace.report
+        for line in slicer_bridge.registration_lines(report):
+            self.runLog.say(line)
+        if report.get("device_note"):
+            self.runLog.warn(report["device_note"])
         quality = workspace.quality
+        self.runLog.verdict(quality)
         reasons = f" ({'; '.join(quality['reasons'])})" if quality["reasons"] else ""
         self.lastMessage = (
             f"registered in {report['runtime_s']:.0f} s on {report['device']}; quality {quality['verdict']}{reasons}"
@@ -637,6 +707,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         self._foregroundBefore = foregroundBefore
         self.workspace = workspace
         self.lastMessage = "the registration is shown; the output folder was not written"
+        p.qualitySummary = slicer_bridge.quality_summary(workspace.quality)
         self.showField(p)
         self.showCorrespondences(p)
         self.ensurePairNodes(p)
@@ -765,12 +836,22 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         points = lps_ras(corr.fixed_lps[corr.confidence > 0])
         if p.correspondences is None:
             node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "IKR correspondences")
+            node.SetAttribute(slicer_bridge.ROLE_ATTRIBUTE, "correspondences")  # before the selectors see it
             node.CreateDefaultDisplayNodes()
             node.GetDisplayNode().SetPointLabelsVisibility(False)
             node.SetDisplayVisibility(False)  # 2000 points would hide the anatomy; the check box shows them
             p.correspondences = node
         slicer.util.updateMarkupsControlPointsFromArray(p.correspondences, points)
         p.correspondences.SetLocked(True)
+
+    @staticmethod
+    def markOwnLists(parameterNode) -> None:
+        """Mark the module's own point lists with their role (slicer_bridge.ROLE_ATTRIBUTE, saved with the scene), so
+        the fixed and moving point selectors leave them out."""
+        p = parameterNode
+        for node, role in ((p.correspondences, "correspondences"), (p.suggestedClicks, "suggestions")):
+            if node is not None and node.GetAttribute(slicer_bridge.ROLE_ATTRIBUTE) != role:
+                node.SetAttribute(slicer_bridge.ROLE_ATTRIBUTE, role)
 
     @staticmethod
     def setCorrespondencesVisible(parameterNode, visible: bool) -> None:
@@ -873,31 +954,54 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
             raise IkrError(
                 f"fixed point {edits.add_fixed_lps[outside][0].round(1).tolist()} (LPS mm) lies outside the fixed image"
             )
+        start = time.perf_counter()
+        try:
+            ids = self.workspace.edit_pairs(  # one undo step: a dragged point is one step, not a delete and an add
+                remove=edits.remove, move=edits.move, add=(edits.add_fixed_lps, edits.add_moving_lps)
+            )
+        except IkrError:  # e.g. a point dragged out of the fixed image: the lists follow what the session kept
+            self._syncListsToSession(p)
+            self._afterEdit(p)
+            raise
         for pairId in edits.remove:
-            self.workspace.remove_pair(pairId)
             links.pop(pairId, None)
-        ids = []
-        if edits.add_links:
-            ids = self.workspace.add_pairs(edits.add_fixed_lps, edits.add_moving_lps)
-            links.update(zip(ids, edits.add_links, strict=True))
+        links.update(zip(ids, edits.add_links, strict=True))
         p.pairLinks = slicer_bridge.links_to_json(links)
         self._editLists(p, edits.delete_fixed, edits.delete_moving)
         self._afterEdit(p)
+        changes = {"added": ids, "moved": sorted(edits.move), "deleted": edits.remove}
+        self.runLog.say(slicer_bridge.pair_edit_line(changes, time.perf_counter() - start, self.pairFeedback()))
         return ids
 
     def removePair(self, parameterNode, pairId: int) -> None:
         """Delete one pair by id (and its two points) and rebuild the field."""
         self.openSession(parameterNode)
+        start = time.perf_counter()
         self.workspace.remove_pair(pairId)
         self._syncListsToSession(parameterNode)
         self._afterEdit(parameterNode)
+        self.runLog.say(
+            slicer_bridge.pair_edit_line({"deleted": [pairId]}, time.perf_counter() - start, self.pairFeedback())
+        )
 
     def undo(self, parameterNode) -> None:
-        """Undo the last add or delete (the point lists follow)."""
+        """Undo the last change of the pairs: one add, delete or drag (one syncPairs) is one step; the lists follow
+        (points of an undone add are deleted, an undone drag puts its points back)."""
         self.openSession(parameterNode)
+        start = time.perf_counter()
+        before = {q.id: (q.fixed_lps.copy(), q.moving_lps.copy()) for q in self.workspace.pairs}
         self.workspace.undo()
+        after = {q.id: (q.fixed_lps, q.moving_lps) for q in self.workspace.pairs}
         self._syncListsToSession(parameterNode)
         self._afterEdit(parameterNode)
+        moved = [
+            i for i in sorted(set(before) & set(after))
+            if not all(np.array_equal(a, b) for a, b in zip(before[i], after[i], strict=True))
+        ]  # fmt: skip
+        changes = {"removed": sorted(set(before) - set(after)), "restored": sorted(set(after) - set(before)),
+                   "moved back": moved}  # fmt: skip
+        seconds = time.perf_counter() - start
+        self.runLog.say(slicer_bridge.pair_edit_line(changes, seconds, self.pairFeedback(), action="undo"))
 
     def _editLists(self, parameterNode, deleteFixed, deleteMoving) -> None:
         """Delete points and label every linked point with its pair's label (observers ignore these edits)."""
@@ -916,21 +1020,28 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
             self.editingLists = False
 
     def _syncListsToSession(self, parameterNode) -> None:
-        """After the session changed by itself (delete, undo, reopen): remove points of gone pairs, add missing ones."""
+        """After the session changed by itself (delete, undo, reopen): remove points of gone pairs, add missing ones,
+        put back the points of a pair whose drag was undone (slicer_bridge.sync_lists_to_session)."""
         p = parameterNode
         self.ensurePairNodes(p)
         pairs = {pair.id: pair for pair in self.workspace.pairs}
-        links, deleteFixed, deleteMoving, missing = slicer_bridge.sync_lists_to_session(
+        sync = slicer_bridge.sync_lists_to_session(
             slicer_bridge.links_from_json(p.pairLinks),
-            {pt.point_id for pt in self._listPoints(p.fixedPoints)},
-            {pt.point_id for pt in self._listPoints(p.movingPoints)},
+            self._listPoints(p.fixedPoints),
+            self._listPoints(p.movingPoints),
             {k: (v.fixed_lps, v.moving_lps) for k, v in pairs.items()},
         )
+        links = sync.links
         self.editingLists = True
         try:
-            self._deletePoints(p.fixedPoints, deleteFixed)
-            self._deletePoints(p.movingPoints, deleteMoving)
-            for pairId in missing:
+            self._deletePoints(p.fixedPoints, sync.delete_fixed)
+            self._deletePoints(p.movingPoints, sync.delete_moving)
+            for pairId, positions in sync.move_back.items():
+                for node, pointId, ras in zip((p.fixedPoints, p.movingPoints), links[pairId], positions, strict=True):
+                    index = node.GetNthControlPointIndexByID(pointId)
+                    if index >= 0:
+                        node.SetNthControlPointPosition(index, *(float(v) for v in ras))
+            for pairId in sync.missing:
                 pair = pairs[pairId]
                 fixedIndex = p.fixedPoints.AddControlPoint(*lps_ras(pair.fixed_lps), pair.label)
                 movingIndex = p.movingPoints.AddControlPoint(*lps_ras(pair.moving_lps), pair.label)
@@ -976,7 +1087,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
             try:
                 self.updateExpectedError(p)
             except IkrError as err:
-                logging.warning("the expected-error map was not updated: %s", err)
+                self.runLog.warn(f"the expected-error map was not updated: {err}")
         if p.showExpectedError and p.expectedErrorVolume is not None:
             self.setExpectedErrorVisible(p, True)  # the resampled moving volume may have taken the foreground
 
@@ -1076,6 +1187,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
             raise IkrError("no place was found where a clicked pair would reduce the expected error")
         if p.suggestedClicks is None:
             node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", SUGGESTIONS_NAME)
+            node.SetAttribute(slicer_bridge.ROLE_ATTRIBUTE, "suggestions")  # before the selectors see it
             node.CreateDefaultDisplayNodes()
             node.GetDisplayNode().SetSelectedColor(*SUGGESTIONS_COLOR)
             p.suggestedClicks = node
@@ -1084,6 +1196,10 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
             p.suggestedClicks.SetNthControlPointLabel(i, f"click {i + 1}: {value:.1f} mm")
         p.suggestedClicks.SetLocked(True)
         self.jumpToPoint(points[0])
+        self.runLog.say(
+            f"{len(points)} suggested clicks, expected error there "
+            + ", ".join(f"{v:.1f}" for v in values) + " mm"
+        )  # fmt: skip
         return points
 
     @staticmethod
@@ -1136,6 +1252,8 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         if self.workspace is not None:
             summary += "\n" + self._marginIntervalLine(review)
         p.marginSummary = summary
+        for line in summary.splitlines():
+            self.runLog.say(line)
         return review.figures()
 
     @staticmethod
@@ -1152,12 +1270,11 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
             p.marginColors = node
         return p.marginColors
 
-    @staticmethod
-    def _marginIntervalLine(review) -> str:
+    def _marginIntervalLine(self, review) -> str:
         """The summary line of the minimal margin's 5-95 % interval (or why it is not available)."""
         interval = review.interval
         if interval is None:
-            logging.warning("no margin interval: %s", review.interval_problem)
+            self.runLog.warn(f"no margin interval: {review.interval_problem}")
             return f"minimal margin 5-95 %: not available ({review.interval_problem})"
         return (
             f"minimal margin 5-95 %: {interval['min_margin_p5_mm']:.1f} .. {interval['min_margin_p95_mm']:.1f} mm; "
@@ -1190,6 +1307,7 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
             inputs["uncertainty"] = "expected-error map of the refinement session"
         background = self.imageFromVolume(p.fixedVolume, p.outputTransform)
         Workspace.write_margin_review(outdir, self.marginReview, inputs, background)
+        self.runLog.say(f"margin report written to {outdir}")
         return pathlib.Path(outdir)
 
     # ------------------------------------------------------------------------------ export
@@ -1201,7 +1319,9 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         """
         slicer_bridge.transform_export_kind(path)  # refuses NIfTI and unknown suffixes, with advice
         self.openSession(parameterNode)
-        return self.workspace.export_transform(path)
+        written = self.workspace.export_transform(path)
+        self.runLog.say(f"transform written to {written}")
+        return written
 
     def exportWarpedSegmentation(self, parameterNode, segmentationNode, path) -> pathlib.Path:
         """Save a segmentation drawn on the moving volume, warped onto the fixed grid (nearest neighbour).
@@ -1216,7 +1336,9 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
         path = pathlib.Path(path)
         name = segmentationNode.GetName()
         if not path.name.lower().endswith(".seg.nrrd"):
-            return self.workspace.export_warped_labels(mask, name, path)
+            written = self.workspace.export_warped_labels(mask, name, path)
+            self.runLog.say(f"warped segmentation {name!r} written to {written}")
+            return written
 
         def saveWithSlicer(labels: Image, temporaryPath: pathlib.Path) -> None:
             """Write the warped labels as a Slicer segmentation (the temporary name keeps the .seg.nrrd suffix)."""
@@ -1236,7 +1358,9 @@ class ImplicitKernelRegistrationLogic(ScriptedLoadableModuleLogic):
                 slicer.mrmlScene.RemoveNode(labelmap)
                 slicer.mrmlScene.RemoveNode(segmentation)
 
-        return self.workspace.export_warped_labels(mask, name, path, writer=saveWithSlicer)
+        written = self.workspace.export_warped_labels(mask, name, path, writer=saveWithSlicer)
+        self.runLog.say(f"warped segmentation {name!r} written to {written}")
+        return written
 
 
 class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
@@ -1316,6 +1440,11 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
         self.assertEqual(p.tumourSegmentation.GetTransformNodeID(), p.outputTransform.GetID())
         self.assertIsNone(p.ablationSegmentation.GetTransformNodeID())
         self.assertFalse(p.correspondences.GetDisplayVisibility())
+        self.assertEqual(p.correspondences.GetAttribute(slicer_bridge.ROLE_ATTRIBUTE), "correspondences")
+        self.assertTrue(p.qualitySummary.startswith("Quality: "), p.qualitySummary)  # the verdict, shown
+        log = logic.runLog.text()
+        for line in ("== Register", "detecting keypoints", "registered in", "quality: ", "== done after"):
+            self.assertIn(line, log)
         fixedLps = case.landmarks_fixed_lps[:1]
         expected = lps_ras(transform_points(logic.workspace.field, fixedLps))[0]
         got = p.outputTransform.GetTransformFromParent().TransformPoint(*lps_ras(fixedLps)[0])
@@ -1355,6 +1484,28 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
         self.assertGreater(np.linalg.norm(after - before), 0.5)
         self.assertLess(logic.pairFeedback()[0]["residual_mm"], 0.5)
 
+        self.delayDisplay("A dragged point moves its pair; one Undo puts the pair, the field and the point back")
+        pairId = logic.workspace.pairs[0].id
+        fieldBefore = logic.workspace.field.displacement_mm.copy()
+        dragged = fixedLps[0] + np.array([0.0, 0.0, 3.0])
+        p.fixedPoints.SetNthControlPointPosition(0, *(float(v) for v in lps_ras(dragged)))
+        self.assertEqual(logic.syncPairs(p), [])  # nothing added: the pair moved, keeping its id
+        self.assertEqual([q.id for q in logic.workspace.pairs], [pairId])
+        np.testing.assert_allclose(logic.workspace.pairs[0].fixed_lps, dragged, atol=1e-3)
+        self.assertIn(f"pairs: moved {pairId};", logic.runLog.text())
+        logic.undo(p)
+        self.assertIn(f"undo: moved back {pairId};", logic.runLog.lines[-1])
+        np.testing.assert_array_equal(logic.workspace.field.displacement_mm, fieldBefore)
+        np.testing.assert_allclose(logic.workspace.pairs[0].fixed_lps, fixedLps[0], atol=1e-3)
+        position = np.asarray(p.fixedPoints.GetNthControlPointPosition(0))
+        np.testing.assert_allclose(position, lps_ras(fixedLps)[0], atol=1e-3)  # the point is back too
+        p.fixedPoints.SetNthControlPointPosition(0, *(float(v) for v in lps_ras(fixedLps[0] + 5000.0)))
+        with self.assertRaises(IkrError):  # dragged out of the fixed image: refused, the point goes back
+            logic.syncPairs(p)
+        position = np.asarray(p.fixedPoints.GetNthControlPointPosition(0))
+        np.testing.assert_allclose(position, lps_ras(fixedLps)[0], atol=1e-3)
+        np.testing.assert_array_equal(logic.workspace.field.displacement_mm, fieldBefore)
+
         self.delayDisplay("A second pair, then the first deleted in the Markups module: the second is kept")
         second = case.landmarks_fixed_lps[1:2]
         p.fixedPoints.AddControlPoint(*lps_ras(second)[0])
@@ -1382,6 +1533,16 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
         points = logic.suggestClicks(p)
         self.assertTrue(1 <= len(points) <= 3)
         self.assertTrue(np.all(case.fixed.geometry.contains_lps(points)), points)
+
+        self.delayDisplay("The module's own lists are kept out of the fixed and moving point selectors")
+        lists = [
+            (node.GetID(), node.GetAttribute(slicer_bridge.ROLE_ATTRIBUTE))
+            for node in slicer.util.getNodesByClass("vtkMRMLMarkupsFiducialNode")
+        ]
+        hidden = slicer_bridge.point_selector_hidden_ids(lists, p.movingPoints.GetID())
+        own = {p.correspondences.GetID(), p.suggestedClicks.GetID()}
+        self.assertEqual(set(hidden), own | {p.movingPoints.GetID()})
+        self.assertNotIn(p.fixedPoints.GetID(), hidden)
 
         self.delayDisplay("The session kept with the scene (no output folder)")
         pairsBefore = [q.to_dict() for q in logic.workspace.pairs]
@@ -1423,6 +1584,7 @@ class ImplicitKernelRegistrationTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Registering in resample mode, the fixed volume under a transform")
         logic.register(p)
         self.assertIn("hardened copy", logic.lastMessage)
+        self.assertIn("hardened copy", logic.runLog.text())
         self.assertEqual(p.fixedVolume.GetTransformNodeID(), shift.GetID())  # left as Slicer loaded it
         self.assertIsNone(slicer.mrmlScene.GetFirstNodeByName("IKR temporary copy"))
         self.assertIsNone(p.movingVolume.GetTransformNodeID())

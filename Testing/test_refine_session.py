@@ -70,6 +70,37 @@ def test_remove_and_undo_restore_the_field_exactly(session, phantom_case):
     assert session.pairs == []
 
 
+def test_a_moved_pair_keeps_its_id_label_and_place_and_one_undo_restores_it(session, phantom_case):
+    """A dragged point (issue 21): the pair moves as one undo step, exactly reproduced where it now is."""
+    p, q = phantom_case.landmarks_fixed_lps[:2], phantom_case.landmarks_moving_lps[:2] + 1.0
+    ids = session.add_correspondences(p, q, ["first", "second"])
+    placed = session.field.displacement_mm.copy()
+    disagreement = session.feedback()[0]["disagreement_mm"]
+    new_p, new_q = p[0] + np.array([0.0, 0.0, 3.0]), q[0] + np.array([2.0, 0.0, 3.0])
+    session.move_correspondence(ids[0], new_p, new_q)
+    assert [(x.id, x.label) for x in session.pairs] == [(ids[0], "first"), (ids[1], "second")]
+    assert np.linalg.norm(transform_points(session.field, new_p[None])[0] - new_q) < 0.5
+    assert session.feedback()[0]["disagreement_mm"] != disagreement
+    assert len(session.history) == 3  # two adds, one move
+    session.undo()
+    assert np.array_equal(session.field.displacement_mm, placed)
+    np.testing.assert_array_equal(session.pairs[0].fixed_lps, p[0])
+    assert [x.id for x in session.pairs] == ids and session.feedback()[0]["disagreement_mm"] == disagreement
+
+
+def test_edits_of_one_step_are_undone_together_even_when_one_fails(session, phantom_case):
+    before = session.field.displacement_mm.copy()
+    p, q = phantom_case.landmarks_fixed_lps[:2], phantom_case.landmarks_moving_lps[:2] + 1.0
+    with pytest.raises(IkrError, match="no user pair"), session.one_step():
+        session.add_correspondences(p, q)  # two adds, one step
+        with session.one_step():  # nested: still the outer step
+            session.remove_correspondence(session.pairs[0].id)
+        session.remove_correspondence(42)
+    assert len(session.pairs) == 1 and len(session.history) == 1
+    session.undo()
+    assert np.array_equal(session.field.displacement_mm, before) and session.pairs == []
+
+
 def test_a_wild_pair_is_kept_but_warned_about(session, phantom_case):
     p = phantom_case.landmarks_fixed_lps[:1]
     session.add_correspondences(p, p + np.array([[25.0, 0.0, 0.0]]))

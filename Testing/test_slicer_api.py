@@ -102,6 +102,26 @@ class W(ScriptedLoadableModuleWidget, VTKObservationMixin):
     }
 
 
+def test_extraction_finds_members_of_slicer_s_qt_widgets() -> None:
+    """Members of qMRML widgets named in WIDGET_MEMBERS are checked (the node type given to addAttribute is a class)."""
+    source = """
+import slicer
+
+class W:
+    def setup(self):
+        self.ui.selector.addAttribute("vtkMRMLMarkupsFiducialNode", "Role", "x")
+        self.ui.selector.sortFilterProxyModel().hiddenNodeIDs = ["a"]
+        self.ui.box.appendPlainText("a Qt member: not checked")
+"""
+    got = _checker().extract_slicer_api(source)
+    assert got == {
+        ("widget-member", "qMRMLNodeComboBox.addAttribute"): set(),
+        ("widget-member", "qMRMLNodeComboBox.sortFilterProxyModel"): set(),
+        ("widget-member", "qMRMLSortFilterProxyModel.hiddenNodeIDs"): set(),
+        ("node-class", "vtkMRMLMarkupsFiducialNode"): set(),
+    }
+
+
 def test_every_slicer_name_the_module_uses_is_in_the_manifest(used: dict, manifest: dict) -> None:
     """(a) No Slicer-facing name of the module is missing from the manifest."""
     assert len(used) >= 50

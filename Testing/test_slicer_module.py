@@ -272,9 +272,9 @@ def test_busy_panel_disables_everything_but_cancel() -> None:
     )
     widgets = _ui_widgets()
     assert set(busy) <= set(widgets), set(busy) - set(widgets)
-    assert not {"cancelButton", "progressBar", "statusLabel"} & set(busy)
+    assert not {"cancelButton", "progressBar", "statusLabel", "runLogCollapsible", "runLogTextEdit"} & set(busy)
     collapsibles = {n for n, w in widgets.items() if w.get("class") == "ctkCollapsibleButton"}
-    assert collapsibles - {"registrationCollapsible"} <= set(busy)
+    assert collapsibles - {"registrationCollapsible", "runLogCollapsible"} <= set(busy)  # the log is read during a run
 
 
 def test_correspondences_are_hidden_by_default() -> None:
@@ -302,8 +302,10 @@ def test_self_test_covers_the_issue_21_paths_and_never_skips() -> None:
     assert "self.skipTest" not in calls
     assert calls.count("logic.register") >= 3  # twice in one test (re-register), once in resample mode
     for needed in ("logic.exportTransform", "logic.exportWarpedSegmentation", "logic.syncPairs", "logic.undo",
-                   "logic.openSession", "logic.computeMargins"):  # fmt: skip
+                   "logic.openSession", "logic.computeMargins", "slicer_bridge.point_selector_hidden_ids",
+                   "logic.runLog.text", "p.fixedPoints.SetNthControlPointPosition"):  # fmt: skip
         assert needed in calls, needed
+    assert "p.qualitySummary" in ast.unparse(test)
     assert "p.resampleMoving = True" in ast.unparse(test)
     run = _method(tree, "ImplicitKernelRegistrationTest", "runTest")
     assert {"test_RegisterRefineMargins", "test_ResampleModeAndExports"} <= {
@@ -323,3 +325,84 @@ def test_cmake_follows_the_slicer_5_10_template_and_the_index_entry_is_documente
     assert {"$schema", "category", "scm_url"} <= set(entry)
     assert entry["build_dependencies"] == depends == ["PyTorch"]
     assert entry["category"] == re.search(r'set\(EXTENSION_CATEGORY "([^"]+)"\)', text).group(1)
+
+
+def _properties(widget: ET.Element) -> dict[str, str]:
+    """A .ui widget's simple properties (bool, number, string, enum) as text."""
+    out = {}
+    for prop in widget.findall("property"):
+        value = next(iter(prop), None)
+        out[prop.get("name")] = value.text if value is not None else None
+    return out
+
+
+def test_the_run_log_is_a_collapsible_read_only_text_box_fed_by_the_logic() -> None:
+    """Issue 21: a log of the run in the panel. The logic writes into slicer_bridge.RunLog (steps, the Workspace's
+    `say`, warnings, the verdict, timing); the widget shows each line as it comes."""
+    widgets = _ui_widgets()
+    collapsible, box = widgets["runLogCollapsible"], widgets["runLogTextEdit"]
+    assert collapsible.get("class") == "ctkCollapsibleButton" and box.get("class") == "QPlainTextEdit"
+    assert box in list(collapsible.iter("widget"))
+    assert _properties(box)["readOnly"] == "true" and _properties(collapsible)["collapsed"] == "true"
+    tree = _tree()
+    logic = ast.unparse(_class(tree, "ImplicitKernelRegistrationLogic"))
+    assert "self.runLog = slicer_bridge.RunLog()" in logic
+    assert "say=self.runLog.say" in logic  # the Workspace's messages
+    for call in ("self.runLog.begin(", "self.runLog.progress(", "self.runLog.verdict(", "self.runLog.end(",
+                 "slicer_bridge.registration_lines(", "slicer_bridge.pair_edit_line("):  # fmt: skip
+        assert call in logic, call
+    assert "logging.warning" not in logic  # warnings go to the run log (which also logs them)
+    widget = ast.unparse(_class(tree, "ImplicitKernelRegistrationWidget"))
+    assert "self.logic.runLog.listeners.append(self._appendLogLine)" in widget
+    assert "self.ui.runLogTextEdit.appendPlainText(line)" in widget
+
+
+def test_the_quality_verdict_is_shown_after_register_and_kept_with_the_scene() -> None:
+    """Issue 21: the verdict with its reasons in its own label (not only the status line a pair edit overwrites)."""
+    bound = _ui_parameter_names()
+    assert bound["qualityLabel"] == "qualitySummary"
+    assert _properties(_ui_widgets()["qualityLabel"])["wordWrap"] == "true"
+    assert "qualitySummary" in _field_annotations()
+    show = ast.unparse(_method(_tree(), "ImplicitKernelRegistrationLogic", "_showRegistration"))
+    assert "p.qualitySummary = slicer_bridge.quality_summary(workspace.quality)" in show
+
+
+def test_register_says_why_it_is_disabled_on_the_button_and_the_status_line() -> None:
+    """Issue 21: the tooltip of the disabled button and, while the status line is free, the line itself."""
+    check = ast.unparse(_method(_tree(), "ImplicitKernelRegistrationWidget", "_checkCanRegister"))
+    assert "slicer_bridge.register_blocker(" in check
+    assert "self.ui.registerButton.toolTip = blocker or" in check
+    assert "REGISTER_BLOCKED_PREFIX" in check and "self.ui.statusLabel.text" in check
+
+
+def test_the_module_s_own_point_lists_stay_out_of_the_pair_list_selectors() -> None:
+    """Issue 21: correspondences and suggested clicks are marked with a role attribute before the parameter node
+    (and so the selectors) sees them; the fixed/moving point selectors hide them, the display selectors show only
+    their role's list."""
+    tree = _tree()
+    logic = _class(tree, "ImplicitKernelRegistrationLogic")
+    for method, role in (("showCorrespondences", "correspondences"), ("suggestClicks", "suggestions")):
+        body = ast.unparse(_method(tree, "ImplicitKernelRegistrationLogic", method))
+        mark = body.index(f"node.SetAttribute(slicer_bridge.ROLE_ATTRIBUTE, '{role}')")
+        assigned = body.index("p.correspondences = node" if role == "correspondences" else "p.suggestedClicks = node")
+        assert mark < assigned, method
+    assert "markOwnLists" in {n.name for n in logic.body if isinstance(n, ast.FunctionDef)}
+    update = ast.unparse(_method(tree, "ImplicitKernelRegistrationWidget", "_updatePointSelectors"))
+    assert "slicer_bridge.point_selector_hidden_ids(" in update
+    assert "selector.sortFilterProxyModel().hiddenNodeIDs = hidden" in update
+    assert "self.ui.fixedPointsSelector" in update and "self.ui.movingPointsSelector" in update
+    setup = ast.unparse(_method(tree, "ImplicitKernelRegistrationWidget", "setup"))
+    assert "selector.addAttribute('vtkMRMLMarkupsFiducialNode', slicer_bridge.ROLE_ATTRIBUTE, role)" in setup
+    modified = ast.unparse(_method(tree, "ImplicitKernelRegistrationWidget", "_onParameterNodeModified"))
+    assert "self._updatePointSelectors()" in modified
+
+
+def test_a_drag_is_one_undo_step_in_the_logic() -> None:
+    """Issue 21: syncPairs hands the session all its edits at once (Workspace.edit_pairs: one undo step), a dragged
+    pair as a move; undo puts a dragged pair's points back (ListSync.move_back)."""
+    tree = _tree()
+    sync = ast.unparse(_method(tree, "ImplicitKernelRegistrationLogic", "syncPairs"))
+    assert "self.workspace.edit_pairs(" in sync and "move=edits.move" in sync
+    assert "self.workspace.remove_pair" not in sync and "self.workspace.add_pairs" not in sync
+    lists = ast.unparse(_method(tree, "ImplicitKernelRegistrationLogic", "_syncListsToSession"))
+    assert "sync.move_back" in lists and "SetNthControlPointPosition" in lists

@@ -1,14 +1,16 @@
 """Issue 21: the Slicer module's logic that runs outside Slicer, with real vtk, SimpleITK, files and sessions.
 
-Pairing by stored point IDs, the session kept with the scene, the working-grid float32 transform, transform
-export formats, which segmentations follow the moving volume, the margin colours, the requirements and the
-lazy slicerio/highdicom imports.
+Pairing by stored point IDs (a drag a move, undone in one step), the module's own lists kept out of the pair
+selectors, the run log and the quality verdict's words, the session kept with the scene, the working-grid float32
+transform, transform export formats, which segmentations follow the moving volume, the margin colours, the
+requirements and the lazy slicerio/highdicom imports.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -24,14 +26,22 @@ from ImplicitKernelRegistrationLib.core.geometry import Geometry, lps_ras
 from ImplicitKernelRegistrationLib.io.transforms import read_field, write_field
 from ImplicitKernelRegistrationLib.requirements import SLICER_REQUIREMENTS, unmet_requirements
 from ImplicitKernelRegistrationLib.slicer_bridge import (
+    OWN_LIST_ROLES,
+    ROLE_ATTRIBUTE,
     ListPoint,
+    RunLog,
     displacement_image_data,
     display_field,
     links_from_json,
     links_to_json,
     margin_lookup_table,
+    pair_edit_line,
+    point_selector_hidden_ids,
+    quality_reasons,
+    quality_summary,
     reconcile_pairs,
     register_blocker,
+    registration_lines,
     residual_rms_mm,
     review_layout_xml,
     segmentations_following_moving,
@@ -87,12 +97,15 @@ def test_deleting_one_point_in_the_markups_module_removes_only_its_pair() -> Non
 
 
 def test_dragging_a_point_moves_its_pair() -> None:
+    """A drag is a move of the pair (same id, links kept): one edit for Workspace.edit_pairs, not a remove and an add
+    (which took two presses of Undo)."""
     session = {7: (np.array([0.0, 0, 0]), np.array([1.0, 0, 0]))}
     fixed = [ListPoint("A", _ras([0.0, 0, 2.0]))]
     moving = [ListPoint("B", _ras([1.0, 0, 0]))]
     edits = reconcile_pairs({7: ("A", "B")}, fixed, moving, session)
-    assert edits.remove == [7] and edits.add_links == [("A", "B")]
-    np.testing.assert_allclose(edits.add_fixed_lps, [[0.0, 0.0, 2.0]])
+    assert edits.remove == [] and edits.add_links == [] and list(edits.move) == [7] and not edits.empty
+    np.testing.assert_allclose(edits.move[7][0], [0.0, 0.0, 2.0])
+    np.testing.assert_allclose(edits.move[7][1], [1.0, 0.0, 0.0])
     unchanged = reconcile_pairs({7: ("A", "B")}, [ListPoint("A", _ras([0.0, 0, 0]))], moving, session)
     assert unchanged.empty
 
@@ -100,10 +113,25 @@ def test_dragging_a_point_moves_its_pair() -> None:
 def test_lists_follow_the_session_after_delete_or_undo() -> None:
     session = {2: (np.zeros(3), np.ones(3)), 3: (np.zeros(3), np.ones(3))}
     links = {1: ("1", "1"), 2: ("2", "2")}
-    kept, delete_fixed, delete_moving, missing = sync_lists_to_session(links, {"1", "2", "3"}, {"1", "2"}, session)
-    assert kept == {2: ("2", "2")}
-    assert delete_fixed == ["1"] and delete_moving == ["1"]  # pair 1 is gone from the session
-    assert missing == [3]  # e.g. restored by undo: needs new points; fixed point 3 waits for a partner, untouched
+    fixed = [ListPoint(i, _ras([0.0, 0, 0])) for i in ("1", "2", "3")]
+    moving = [ListPoint(i, _ras([1.0, 1, 1])) for i in ("1", "2")]
+    sync = sync_lists_to_session(links, fixed, moving, session)
+    assert sync.links == {2: ("2", "2")}
+    assert sync.delete_fixed == ["1"] and sync.delete_moving == ["1"]  # pair 1 is gone from the session
+    assert sync.missing == [3]  # e.g. restored by undo: needs new points; fixed point 3 waits for a partner, untouched
+    assert sync.move_back == {}
+
+
+def test_an_undone_drag_puts_the_points_back() -> None:
+    """Undo of a drag returns the pair to where it was; its points (still where they were dragged to) follow."""
+    session = {5: (np.array([10.0, 20.0, 30.0]), np.array([11.0, 20.0, 30.0]))}
+    fixed = [ListPoint("F", _ras([10.0, 20.0, 33.0]))]  # dragged 3 mm, then the drag was undone in the session
+    moving = [ListPoint("M", _ras([11.0, 20.0, 30.0]))]
+    sync = sync_lists_to_session({5: ("F", "M")}, fixed, moving, session)
+    assert sync.links == {5: ("F", "M")} and sync.missing == [] and sync.delete_fixed == []
+    assert list(sync.move_back) == [5]
+    np.testing.assert_allclose(sync.move_back[5][0], _ras([10.0, 20.0, 30.0]))  # RAS, as the points take it
+    np.testing.assert_allclose(sync.move_back[5][1], _ras([11.0, 20.0, 30.0]))
 
 
 def test_links_round_trip_as_json() -> None:
@@ -318,3 +346,96 @@ def test_register_button_says_why_it_is_disabled() -> None:
     assert register_blocker("a", None) == "choose the moving volume"
     assert "same volume" in register_blocker("a", "a")
     assert "running" in register_blocker("a", "b", running=True)
+
+
+# ------------------------------------------------------------------------------------------ the module's own lists
+
+
+def test_the_pair_selectors_leave_out_the_module_s_own_lists_and_the_other_pair_list() -> None:
+    lists = [
+        ("vtkMRMLMarkupsFiducialNode1", "correspondences"),
+        ("vtkMRMLMarkupsFiducialNode2", None),  # the user's fixed points
+        ("vtkMRMLMarkupsFiducialNode3", None),  # the user's moving points
+        ("vtkMRMLMarkupsFiducialNode4", "suggestions"),
+        ("vtkMRMLMarkupsFiducialNode5", "something else"),  # another module's attribute value: not ours
+    ]
+    fixed_selector = point_selector_hidden_ids(lists, "vtkMRMLMarkupsFiducialNode3")
+    assert fixed_selector == [f"vtkMRMLMarkupsFiducialNode{i}" for i in (1, 4, 3)]
+    assert point_selector_hidden_ids(lists, None) == ["vtkMRMLMarkupsFiducialNode1", "vtkMRMLMarkupsFiducialNode4"]
+    assert point_selector_hidden_ids([], "x") == ["x"]
+    assert set(OWN_LIST_ROLES) == {"correspondences", "suggestions"}
+    assert ROLE_ATTRIBUTE.startswith("ImplicitKernelRegistration.")
+
+
+# ------------------------------------------------------------------------------------------ the run log
+
+
+class _Clock:
+    """A clock the test moves by hand (seconds since the epoch), so the log's times are known."""
+
+    def __init__(self, start: float) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_run_log_stamps_steps_messages_the_verdict_and_the_time() -> None:
+    clock = _Clock(1_700_000_000.0)
+    log = RunLog(clock=clock)
+    shown: list[str] = []
+    log.listeners.append(shown.append)
+    log.begin("Register 'moving' to 'fixed' (cpu, 3 mm grid)")
+    clock.now += 1.25
+    log.progress(0.05, "detecting keypoints")
+    assert log.progress(0.05, "detecting keypoints") is None  # a repeated step is not written again
+    clock.now += 10.0
+    log.progress(0.5, "scale 2/3: matching")
+    log.say("ImplicitKernelRegistration: removed 2 temporary files")
+    log.warn("the GPU ran out of memory; this registration ran on the CPU")
+    quality = {"verdict": "doubtful", "reasons": ["body_dice 0.90 < 0.93"]}
+    log.verdict(quality)
+    clock.now += 0.5
+    log.end("done")
+    assert shown == log.lines and len(shown) == 8
+    stamp = time.strftime("%H:%M:%S", time.localtime(clock.now))
+    assert shown[-1] == f"{stamp}  == done after 11.8 s"
+    bodies = [line.split("  ", 1)[1] for line in shown]
+    assert bodies[0] == "== Register 'moving' to 'fixed' (cpu, 3 mm grid)"
+    assert bodies[1] == "  5 %  detecting keypoints  [1.2 s]"
+    assert bodies[2] == " 50 %  scale 2/3: matching  [11.2 s]"
+    assert bodies[4].startswith("WARNING: the GPU ran out of memory")
+    assert bodies[5:7] == ["quality: doubtful", "  - overlap of the two bodies 0.90 < 0.93 (body_dice)"]
+    assert log.text() == "\n".join(shown)
+    short = RunLog(clock=clock, max_lines=3)
+    for i in range(5):
+        short.say(f"line {i}")
+    assert [line.split("  ", 1)[1] for line in short.lines] == ["line 2", "line 3", "line 4"]
+
+
+def test_the_quality_verdict_for_the_panel_names_its_reasons_in_words() -> None:
+    assert quality_summary(None) == ""
+    assert quality_summary({"verdict": "ok", "reasons": []}).startswith("Quality: ok")
+    failed = {"verdict": "failed", "reasons": ["ncc_after 0.45 < 0.80", "keys_coherent_fraction 0.85 < 0.90"]}
+    text = quality_summary(failed)
+    assert text.startswith("Quality: FAILED (do not use it before checking it): ")
+    assert "image similarity after registration 0.45 < 0.80 (ncc_after)" in text
+    assert "matches moving with their neighbours 0.85 < 0.90 (keys_coherent_fraction)" in text
+    assert quality_reasons({"reasons": ["something new 1 < 2"]}) == ["something new 1 < 2"]  # unknown: as it is
+
+
+def test_registration_and_pair_edit_lines() -> None:
+    report = {"runtime_s": 42.04, "device": "cpu", "n_keypoints": 2048, "n_keypoints_consistent": 1900,
+              "peak_memory_registration_mb": 1536.0, "uncertainty_s": 3.2}  # fmt: skip
+    assert registration_lines(report) == [
+        "registered in 42.0 s on cpu",
+        "2048 keypoints, 1900 kept by the forward/backward check",
+        "peak memory 1.50 GB",
+        "expected-error map in 3.2 s",
+    ]
+    assert registration_lines({}) == []
+    feedback = [{"residual_mm": 3.0}, {"residual_mm": 4.0}]
+    line = pair_edit_line({"added": [3], "moved": [], "deleted": [1, 2]}, 0.123, feedback)
+    assert line == "pairs: added 3, deleted 1 2; field updated in 0.12 s; 2 pairs, residual RMS 3.54 mm"
+    assert pair_edit_line({}, 0.0, []).startswith("pairs: no change;")
+    assert pair_edit_line({"moved back": [4]}, 0.0, [], action="undo").startswith("undo: moved back 4;")

@@ -131,6 +131,37 @@ def test_pairs_edited_one_at_a_time_are_exact_and_saved(folder, phantom_case) ->
     np.testing.assert_allclose(reopened.field.displacement_mm, workspace.field.displacement_mm, atol=1e-3)
 
 
+def test_a_dragged_pair_and_every_edit_of_one_action_are_one_undo_step(folder, phantom_case) -> None:
+    """Issue 21: the Slicer module hands a drag (and whatever one sync of the point lists found) to edit_pairs."""
+    workspace = Workspace.open(folder)
+    start = workspace.field.displacement_mm.copy()
+    first = workspace.add_pairs(*_pair(phantom_case, 0))
+    workspace.add_pairs(*_pair(phantom_case, 1))
+    placed = workspace.field.displacement_mm.copy()
+    fixed, moving, _ = _pair(phantom_case, 0, shift_mm=3.0)
+    dragged = fixed[0] + np.array([0.0, 0.0, 2.0])
+    assert workspace.edit_pairs(move={first[0]: (dragged, moving[0])}) == []
+    assert [(p.id, p.label) for p in workspace.pairs] == [(1, "landmark 0"), (2, "landmark 1")]
+    np.testing.assert_allclose(workspace.pairs[0].fixed_lps, dragged)
+    assert workspace.feedback()[0]["residual_mm"] < 0.5
+    workspace.undo()  # one press
+    np.testing.assert_array_equal(workspace.field.displacement_mm, placed)
+    np.testing.assert_allclose(workspace.pairs[0].fixed_lps, fixed[0])
+    with pytest.raises(IkrError, match="outside the fixed image"):  # dragged off the image: nothing changes
+        workspace.edit_pairs(move={1: (dragged + 5000.0, moving[0])})
+    np.testing.assert_array_equal(workspace.field.displacement_mm, placed)
+    added = workspace.edit_pairs(remove=[2], move={1: (dragged, moving[0])}, add=_pair(phantom_case, 2)[:2])
+    assert added == [3] and [p.id for p in workspace.pairs] == [1, 3]
+    workspace.undo()
+    assert [p.id for p in workspace.pairs] == [1, 2]
+    np.testing.assert_array_equal(workspace.field.displacement_mm, placed)
+    workspace.undo()
+    workspace.undo()
+    np.testing.assert_array_equal(workspace.field.displacement_mm, start)
+    with pytest.raises(IkrError, match="nothing to undo"):
+        workspace.undo()
+
+
 def test_a_workspace_in_memory_writes_nothing_and_moves_through_its_state(tmp_path, phantom_case) -> None:
     workspace = Workspace(None)
     report = workspace.register(phantom_case.fixed, phantom_case.moving, FAST, inputs={"fixed": "F", "moving": "M"})

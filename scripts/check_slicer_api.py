@@ -46,7 +46,10 @@ BASELINE_TAG = "v5.10.0"  # the oldest Slicer the extension supports
 #   node-id           any other "vtkMRML..." string (the ID of a node Slicer creates, e.g. a default color table)
 #   method            a CamelCase method called on an object (a MRML/VTK instance), e.g. SetAndObserveTransformNodeID
 #   inherited         self.X / self.parent.X / super().X that a module class inherits from Slicer's base classes
-KINDS = ("import", "slicer-attribute", "node-class", "node-id", "method", "inherited")
+#   widget-member     a member of one of Slicer's Qt widgets (qMRML*, qSlicer*) the module calls or sets, named in
+#                     WIDGET_MEMBERS (selector.addAttribute, ...sortFilterProxyModel().hiddenNodeIDs); plain Qt
+#                     widget members (QPlainTextEdit.appendPlainText, QProgressBar.setValue) are not checked
+KINDS = ("import", "slicer-attribute", "node-class", "node-id", "method", "inherited", "widget-member")
 CLASS_KEYWORDS = {"nodeClassName", "className"}
 MRML_STRING = re.compile(r"^vtkMRML[A-Za-z0-9]+$")
 VTK_STYLE_METHOD = re.compile(r"^[A-Z][A-Za-z0-9]*[a-z][A-Za-z0-9]*$")
@@ -100,6 +103,9 @@ def extract_slicer_api(text: str) -> dict[Api, set[str]]:
 
     for alias_target in from_slicer.values():
         add("import", alias_target)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in WIDGET_MEMBERS:
+            add("widget-member", f"{WIDGET_MEMBERS[node.attr]}.{node.attr}", node)
     class_strings = set()
     for node in ast.walk(tree):
         parent = parents.get(node)
@@ -116,7 +122,8 @@ def extract_slicer_api(text: str) -> dict[Api, set[str]]:
         if isinstance(node, ast.Call):
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
-            if "ByClass" in name and node.args and isinstance(node.args[0], ast.Constant):
+            takes_class = "ByClass" in name or name == "addAttribute"  # addAttribute(nodeType, name, value)
+            if takes_class and node.args and isinstance(node.args[0], ast.Constant):
                 class_strings.add(node.args[0])
             class_strings.update(k.value for k in node.keywords if k.arg in CLASS_KEYWORDS)  # only constants matter
             if isinstance(func, ast.Attribute) and VTK_STYLE_METHOD.match(func.attr):
@@ -174,6 +181,7 @@ METHOD_RECEIVERS: dict[str, str | tuple[str, ...]] = {
     "CloneVolume": "vtkSlicerVolumesLogic",
     "CreateDefaultDisplayNodes": ("vtkMRMLMarkupsFiducialNode", "vtkMRMLScalarVolumeNode"),
     "GetApplyThreshold": "vtkMRMLScalarVolumeDisplayNode",
+    "GetAttribute": "vtkMRMLMarkupsFiducialNode",
     "GetColorLegendDisplayNode": "vtkSlicerColorLogic",
     "GetColorNodeID": "vtkMRMLModelDisplayNode",
     "GetDimensions": "vtkImageData",
@@ -188,6 +196,7 @@ METHOD_RECEIVERS: dict[str, str | tuple[str, ...]] = {
         "vtkMRMLSliceCompositeNode",
         "vtkMRMLSegmentationNode",
         "vtkMRMLColorTableNode",
+        "vtkMRMLMarkupsFiducialNode",
     ),
     "GetIJKToRASMatrix": "vtkMRMLScalarVolumeNode",
     "GetLayoutNode": "vtkMRMLLayoutLogic",
@@ -229,6 +238,7 @@ METHOD_RECEIVERS: dict[str, str | tuple[str, ...]] = {
         "vtkMRMLLinearTransformNode",
     ),
     "SetApplyThreshold": "vtkMRMLScalarVolumeDisplayNode",
+    "SetAttribute": "vtkMRMLMarkupsFiducialNode",
     "SetBackgroundVolumeID": "vtkMRMLSliceCompositeNode",
     "SetColor": "vtkMRMLColorTableNode",
     "SetDisplacementGridData": "vtkOrientedGridTransform",
@@ -244,6 +254,7 @@ METHOD_RECEIVERS: dict[str, str | tuple[str, ...]] = {
     "SetMatrixTransformToParent": "vtkMRMLLinearTransformNode",
     "SetName": "vtkMRMLModelNode",
     "SetNthControlPointLabel": "vtkMRMLMarkupsFiducialNode",
+    "SetNthControlPointPosition": "vtkMRMLMarkupsFiducialNode",
     "SetNumberOfColors": "vtkMRMLColorTableNode",
     "SetPointLabelsVisibility": "vtkMRMLMarkupsFiducialDisplayNode",
     "SetReferenceImageGeometryParameterFromVolumeNode": "vtkMRMLSegmentationNode",
@@ -258,6 +269,13 @@ METHOD_RECEIVERS: dict[str, str | tuple[str, ...]] = {
     "SetVisibility2D": "vtkMRMLModelDisplayNode",
     "SetWindowLevelMinMax": "vtkMRMLScalarVolumeDisplayNode",
     "TransformPoint": "vtkOrientedGridTransform",
+}
+# Members of Slicer's Qt widgets the module uses (on the .ui's widgets, or on objects they return) -> the class that
+# declares them (a Q_INVOKABLE method, a slot or a Q_PROPERTY; looked up in its header and its base classes).
+WIDGET_MEMBERS = {
+    "addAttribute": "qMRMLNodeComboBox",  # the display selectors show only the module's list of their role
+    "sortFilterProxyModel": "qMRMLNodeComboBox",
+    "hiddenNodeIDs": "qMRMLSortFilterProxyModel",  # the pair-list selectors leave the module's own lists out
 }
 # Members of Qt/CTK classes (not in Slicer's sources), checked by hand against Qt 5's documentation.
 QT_KNOWN = {
@@ -513,6 +531,8 @@ class Resolver:
             return self.method(name)
         if kind == "inherited":
             return self.inherited(name, keywords)
+        if kind == "widget-member":
+            return self.member(*name.split(".", 1))
         return self.dotted(name.split(".")[1:], keywords)  # import, slicer-attribute: a path under `slicer`
 
     def method(self, name: str) -> Hit | None:

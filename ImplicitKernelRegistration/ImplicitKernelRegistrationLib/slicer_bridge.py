@@ -12,8 +12,11 @@ direction columns and displacement vectors are all converted LPS -> RAS (x and y
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -201,14 +204,15 @@ class PairEdits:
     add_links: list[tuple[str, str]]  # (fixed point ID, moving point ID) of each new pair, in placing order
     add_fixed_lps: np.ndarray
     add_moving_lps: np.ndarray
-    remove: list[int]  # session pair IDs to remove (a point deleted, or moved: it comes back in the adds)
+    remove: list[int]  # session pair IDs to remove (a point of the pair was deleted)
     delete_fixed: list[str]  # fixed point IDs whose partner was deleted: the pair is gone, so is this point
     delete_moving: list[str]  # the same for moving points
+    move: dict[int, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)  # dragged: id -> points
 
     @property
     def empty(self) -> bool:
         """Whether nothing changes."""
-        return not (self.add_links or self.remove or self.delete_fixed or self.delete_moving)
+        return not (self.add_links or self.remove or self.delete_fixed or self.delete_moving or self.move)
 
 
 def reconcile_pairs(
@@ -222,16 +226,17 @@ def reconcile_pairs(
 
     `links` maps each session pair ID to the IDs of its fixed and moving points (IDs are unique within one
     list only: Slicer numbers each list's points on its own, so the two lists are never mixed). A linked pair
-    with a point deleted in the lists is removed (its surviving partner is deleted too); a linked pair whose point was
-    dragged is removed and added again at the new place. Points not linked to a pair wait for a partner:
-    the k-th waiting fixed point pairs with the k-th waiting moving point, in list order; an extra point on
-    one side keeps waiting (it is never deleted). Deleting a pair in the Markups module therefore never
-    shifts any other pair.
+    with a point deleted in the lists is removed (its surviving partner is deleted too); a linked pair whose point
+    was dragged is moved (it keeps its ID, label and links: Workspace.edit_pairs makes that one undo step).
+    Points not linked to a pair wait for a partner: the k-th waiting fixed point pairs with the k-th waiting
+    moving point, in list order; an extra point on one side keeps waiting (it is never deleted). Deleting a pair
+    in the Markups module therefore never shifts any other pair.
     """
     f_by_id = {p.point_id: p for p in fixed}
     m_by_id = {p.point_id: p for p in moving}
     remove, delete_fixed, delete_moving = [], [], []
     add_links, add_f, add_m = [], [], []
+    move = {}
     linked_f, linked_m = set(), set()
     for pair_id, (fid, mid) in sorted(links.items()):
         if pair_id not in session_pairs:
@@ -247,10 +252,7 @@ def reconcile_pairs(
         f_lps, m_lps = lps_ras(np.asarray(f.ras, dtype=np.float64)), lps_ras(np.asarray(m.ras, dtype=np.float64))
         old_f, old_m = (np.asarray(v, dtype=np.float64) for v in session_pairs[pair_id])
         if np.linalg.norm(f_lps - old_f) > tolerance_mm or np.linalg.norm(m_lps - old_m) > tolerance_mm:
-            remove.append(pair_id)
-            add_links.append((fid, mid))
-            add_f.append(f_lps)
-            add_m.append(m_lps)
+            move[pair_id] = (f_lps, m_lps)
     waiting_f = [p for p in fixed if p.point_id not in linked_f]
     waiting_m = [p for p in moving if p.point_id not in linked_m]
     for f, m in zip(waiting_f, waiting_m, strict=False):
@@ -264,30 +266,50 @@ def reconcile_pairs(
         remove,
         delete_fixed,
         delete_moving,
+        move,
     )
+
+
+@dataclass
+class ListSync:
+    """What the point lists need after the session changed on its own (see sync_lists_to_session)."""
+
+    links: dict[int, tuple[str, str]]  # the links that still hold
+    delete_fixed: list[str]  # fixed point IDs linked to a pair the session no longer has
+    delete_moving: list[str]
+    missing: list[int]  # session pair IDs that need new points (no link)
+    move_back: dict[int, tuple[np.ndarray, np.ndarray]]  # linked pairs whose points are elsewhere: id -> RAS points
 
 
 def sync_lists_to_session(
     links: dict[int, tuple[str, str]],
-    fixed_ids: set[str],
-    moving_ids: set[str],
+    fixed: list[ListPoint],
+    moving: list[ListPoint],
     session_pairs: dict[int, tuple[np.ndarray, np.ndarray]],
-) -> tuple[dict[int, tuple[str, str]], list[str], list[str], list[int]]:
+    tolerance_mm: float = 0.01,
+) -> ListSync:
     """After the session changed on its own (delete in the table, undo, a reopened session): what the lists need.
 
-    Returns the links that still hold (pair in the session, both points present), the fixed and the moving
-    point IDs to delete (linked to a pair the session no longer has) and the session pair IDs that need new
-    points (no link). Points that wait for a partner (linked to nothing) are left alone.
+    Links hold while their pair is in the session and both points are present; the points of a pair the session
+    no longer has are deleted; a pair without points gets new ones; a linked pair whose points are not where the
+    session has it (an undone drag) has its points put back (`move_back`, RAS). Points that wait for a partner
+    (linked to nothing) are left alone.
     """
-    kept, delete_fixed, delete_moving = {}, [], []
+    f_by_id = {p.point_id: p for p in fixed}
+    m_by_id = {p.point_id: p for p in moving}
+    kept, delete_fixed, delete_moving, move_back = {}, [], [], {}
     for pair_id, (fid, mid) in links.items():
-        if pair_id in session_pairs and fid in fixed_ids and mid in moving_ids:
+        if pair_id in session_pairs and fid in f_by_id and mid in m_by_id:
             kept[pair_id] = (fid, mid)
+            want = [lps_ras(np.asarray(v, dtype=np.float64)) for v in session_pairs[pair_id]]
+            have = [np.asarray(f_by_id[fid].ras, dtype=np.float64), np.asarray(m_by_id[mid].ras, dtype=np.float64)]
+            if any(np.linalg.norm(w - h) > tolerance_mm for w, h in zip(want, have, strict=True)):
+                move_back[pair_id] = (want[0], want[1])
         else:
-            delete_fixed += [fid] if fid in fixed_ids else []
-            delete_moving += [mid] if mid in moving_ids else []
+            delete_fixed += [fid] if fid in f_by_id else []
+            delete_moving += [mid] if mid in m_by_id else []
     missing = sorted(pair_id for pair_id in session_pairs if pair_id not in kept)
-    return kept, delete_fixed, delete_moving, missing
+    return ListSync(kept, delete_fixed, delete_moving, missing, move_back)
 
 
 def links_to_json(links: dict[int, tuple[str, str]]) -> str:
@@ -330,6 +352,153 @@ def register_blocker(fixed_id: str | None, moving_id: str | None, running: bool 
     if fixed_id == moving_id:
         return "the fixed and the moving volume are the same volume"
     return ""
+
+
+# ----------------------------------------------------------------------------- the module's own point lists
+
+# The module marks the point lists it makes for itself (read-only displays) with a node attribute, saved with the
+# scene. The pair-list selectors leave them out (qMRMLSortFilterProxyModel.hiddenNodeIDs); the display selectors
+# show only the list of their role (qMRMLNodeComboBox.addAttribute).
+ROLE_ATTRIBUTE = "ImplicitKernelRegistration.Role"
+OWN_LIST_ROLES = ("correspondences", "suggestions")
+
+
+def point_selector_hidden_ids(lists: list[tuple[str, str | None]], other_pair_list_id: str | None) -> list[str]:
+    """The point-list node IDs a pair-list selector (fixed or moving points) leaves out.
+
+    `lists` are (node ID, its ROLE_ATTRIBUTE value or None) of every point list in the scene: the module's own
+    lists (correspondences, suggested clicks) are left out, and so is the other pair list (one list cannot hold
+    both the fixed and the moving points of the pairs).
+    """
+    hidden = [node_id for node_id, role in lists if role in OWN_LIST_ROLES]
+    if other_pair_list_id and other_pair_list_id not in hidden:
+        hidden.append(other_pair_list_id)
+    return hidden
+
+
+# ----------------------------------------------------------------------------- what the panel tells
+
+# Plain words for the quality measurements (review.quality.QUALITY_THRESHOLDS) in the verdict's reasons.
+QUALITY_WORDS = {
+    "ncc_after": "image similarity after registration",
+    "body_dice": "overlap of the two bodies",
+    "moving_coverage": "part of the fixed body the moving CT covers",
+    "keys_coherent_fraction": "matches moving with their neighbours",
+    "keys_consistent_fraction": "matches passing the forward/backward check",
+}
+
+
+def quality_reasons(quality: dict) -> list[str]:
+    """The verdict's reasons in plain words ("image similarity after registration 0.75 < 0.80 (ncc_after)")."""
+    out = []
+    for reason in quality.get("reasons", []):
+        name, _, rest = str(reason).partition(" ")
+        out.append(f"{QUALITY_WORDS[name]} {rest} ({name})" if name in QUALITY_WORDS and rest else str(reason))
+    return out
+
+
+def quality_summary(quality: dict | None) -> str:
+    """The quality verdict for the panel, shown after Register: one line, its reasons after it ('' without one)."""
+    if not quality:
+        return ""
+    verdict = str(quality.get("verdict", "?"))
+    if verdict == "ok":
+        return "Quality: ok (similarity, body overlap, coverage and matches within their usual ranges)"
+    advice = "do not use it before checking it" if verdict == "failed" else "check it in the fused view"
+    return f"Quality: {verdict.upper()} ({advice}): " + "; ".join(quality_reasons(quality))
+
+
+def registration_lines(report: dict) -> list[str]:
+    """The timing and size of a registration (Workspace.report) for the run log."""
+    lines = []
+    runtime, device = report.get("runtime_s"), report.get("device", "?")
+    if runtime is not None:
+        lines.append(f"registered in {float(runtime):.1f} s on {device}")
+    keys = report.get("n_keypoints")
+    if keys is not None:
+        consistent = report.get("n_keypoints_consistent")
+        lines.append(f"{keys} keypoints" + (f", {consistent} kept by the forward/backward check" if consistent else ""))
+    memory = report.get("peak_memory_registration_mb", report.get("peak_memory_mb"))
+    if memory is not None:
+        lines.append(f"peak memory {float(memory) / 1024:.2f} GB")
+    if report.get("uncertainty_s") is not None:
+        lines.append(f"expected-error map in {float(report['uncertainty_s']):.1f} s")
+    return lines
+
+
+def pair_edit_line(edits: dict[str, list[int]], seconds: float, feedback: list[dict], action: str = "pairs") -> str:
+    """One run-log line for an edit of the pairs (`action`: "pairs", "undo"): what changed ("added": [ids], "moved",
+    "deleted", "restored"), how long the field took, and the pairs' residual RMS."""
+    done = ", ".join(f"{what} {' '.join(str(i) for i in ids)}" for what, ids in edits.items() if ids) or "no change"
+    rms = residual_rms_mm(feedback)
+    return f"{action}: {done}; field updated in {seconds:.2f} s; {len(feedback)} pairs, residual RMS {rms:.2f} mm"
+
+
+class RunLog:
+    """The panel's run log: time-stamped lines of progress, messages, warnings, the verdict and the timing.
+
+    Each line goes to every listener (the panel's text box, Python's logging) as it comes; `lines` keeps the last
+    `max_lines`. A run (`begin` .. `end`) stamps its progress with the seconds since it began; `clock` gives the
+    time (seconds since the epoch).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time, max_lines: int = 1000) -> None:
+        self.clock = clock
+        self.max_lines = max_lines
+        self.lines: list[str] = []
+        self.listeners: list[Callable[[str], None]] = []
+        self.started: float | None = None
+        self._last_progress = ""
+
+    def _add(self, text: str) -> str:
+        """Stamp a line with the time of day, keep it and hand it to the listeners."""
+        line = f"{time.strftime('%H:%M:%S', time.localtime(self.clock()))}  {text}"
+        self.lines.append(line)
+        del self.lines[: -self.max_lines]
+        for listener in list(self.listeners):
+            listener(line)
+        return line
+
+    def elapsed_s(self) -> float:
+        """Seconds since the run began (0 outside a run)."""
+        return 0.0 if self.started is None else max(self.clock() - self.started, 0.0)
+
+    def begin(self, title: str) -> str:
+        """Start a run."""
+        self.started, self._last_progress = self.clock(), ""
+        return self._add(f"== {title}")
+
+    def progress(self, fraction: float, message: str) -> str | None:
+        """A step of the run (the library's progress callback); a step repeated as it is is not written again."""
+        if message == self._last_progress:
+            return None
+        self._last_progress = message
+        return self._add(f"{100 * float(fraction):3.0f} %  {message}  [{self.elapsed_s():.1f} s]")
+
+    def say(self, message: str) -> str:
+        """A message of the library (the Workspace's `say`)."""
+        return self._add(message)
+
+    def warn(self, message: str) -> str:
+        """A warning."""
+        return self._add(f"WARNING: {message}")
+
+    def verdict(self, quality: dict | None) -> list[str]:
+        """The quality verdict, one line per reason."""
+        if not quality:
+            return []
+        lines = [self._add(f"quality: {quality.get('verdict', '?')}")]
+        return lines + [self._add(f"  - {reason}") for reason in quality_reasons(quality)]
+
+    def end(self, outcome: str) -> str:
+        """End the run: 'done', 'cancelled', 'failed: why', with its time."""
+        line = self._add(f"== {outcome} after {self.elapsed_s():.1f} s")
+        self.started = None
+        return line
+
+    def text(self) -> str:
+        """Every kept line."""
+        return "\n".join(self.lines)
 
 
 def residual_rms_mm(feedback: list[dict]) -> float:

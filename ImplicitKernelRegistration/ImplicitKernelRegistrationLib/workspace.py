@@ -9,7 +9,7 @@ Slicer module has before an output folder is chosen):
 - `open` it again; `refine` it in one step (add and remove clicked pairs, rewrite every output, as
   `ikr refine`), or edit pairs one at a time in memory (`add_pairs`, `remove_pair`, `undo`, as the
   Slicer module does), then `save_pairs` (session.json and correspondences.csv); refinement stays exact
-  (registration.refine);
+  (registration.refine), and one user action (`edit_pairs`, `move_pair`) is one undo step;
 - the expected-error map, click suggestions, margins and the margin report, exports.
 
 Every write to the folder holds its lock (io.guard.folder_lock). A workspace that edits pairs one at a
@@ -582,8 +582,36 @@ class Workspace:
         self.ensure_session().remove_correspondence(pair_id)
         self._error_map = None
 
+    def move_pair(self, pair_id: int, fixed_lps: np.ndarray, moving_lps: np.ndarray) -> None:
+        """Move one clicked pair to new points (LPS mm; a dragged point) in memory: same id and label, one undo step."""
+        self.ensure_session().move_correspondence(pair_id, fixed_lps, moving_lps)
+        self._error_map = None
+
+    def edit_pairs(
+        self,
+        remove: Sequence[int] = (),
+        move: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+        add: tuple[np.ndarray, np.ndarray] | None = None,
+        labels: list[str] | None = None,
+    ) -> list[int]:
+        """Remove pairs by id, move pairs (id -> (fixed, moving) LPS mm) and add pairs, in memory, as ONE undo step
+        (what one action of the user changed, e.g. a point dragged and let go); the ids of the added pairs."""
+        session = self.ensure_session()
+        ids: list[int] = []
+        try:
+            with session.one_step():
+                for pair_id in remove:
+                    session.remove_correspondence(pair_id)
+                for pair_id, (fixed_lps, moving_lps) in (move or {}).items():
+                    session.move_correspondence(pair_id, fixed_lps, moving_lps)
+                if add is not None and len(add[0]):
+                    ids = session.add_correspondences(add[0], add[1], labels)
+        finally:
+            self._error_map = None
+        return ids
+
     def undo(self) -> None:
-        """Undo the last add or remove, in memory; the field returns exactly to what it was."""
+        """Undo the last step (an add, remove or move, or one edit_pairs), in memory; the field returns exactly."""
         self.ensure_session().undo()
         self._error_map = None
 

@@ -7,11 +7,14 @@ a small, compactly supported correction (Wendland C2 bumps, one per pair, solved
 field reproduce every pair exactly at its fixed point. With regions (the lungs, dense.py) a pair is a
 key of the region of its fixed point and its correction stays inside that region. Only the control
 points whose K nearest keys change, and the part of the grid those touch, are recomputed; undo
-restores the previous field exactly.
+restores the previous field exactly. One undo step is one edit (an add of one pair, a remove, a move of a
+pair to new points), or every edit made inside `one_step()` (what one action of the user changed).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,7 +85,8 @@ class RefinementSession:
         self.automatic = automatic.subset(automatic.confidence > 0)
         self.pairs: list[UserPair] = []
         self.next_id = 1
-        self.history: list[tuple[str, UserPair, dict]] = []
+        self.history: list[list[tuple[str, UserPair, dict]]] = []  # undo steps, each the edits it undoes
+        self._open_step: list[tuple[str, UserPair, dict]] | None = None  # collects the edits of one_step()
         self.disagreement_mm: dict[int, float] = {}
         for pair in pairs or []:
             self.pairs.append(pair)
@@ -107,27 +111,60 @@ class RefinementSession:
         for p, q, label in zip(fixed_lps, moving_lps, labels, strict=True):
             pair = UserPair(self.next_id, p, q, label or f"pair {self.next_id}")
             self.next_id += 1
-            before = sample_field(self.field, p[None])[0]
-            self.disagreement_mm[pair.id] = float(np.linalg.norm(q - p - before))
             self._apply("add", pair)
             ids.append(pair.id)
         return ids
 
     def remove_correspondence(self, pair_id: int) -> None:
         """Remove a user pair by id and rebuild the field locally."""
-        pair = next((p for p in self.pairs if p.id == pair_id), None)
-        if pair is None:
-            known = ", ".join(str(p.id) for p in self.pairs) or "none"
-            raise IkrError(f"there is no user pair with id {pair_id} (ids: {known})")
-        self._apply("remove", pair)
+        self._apply("remove", self._pair(pair_id))
+
+    def move_correspondence(self, pair_id: int, fixed_lps: np.ndarray, moving_lps: np.ndarray) -> None:
+        """Move a user pair to new points (LPS mm; a dragged point): same id, label and place in the list.
+
+        Removed and added again (so its disagreement is measured against the field without it) as one undo step.
+        """
+        old = self._pair(pair_id)
+        p = np.asarray(fixed_lps, dtype=np.float64).reshape(1, 3)
+        q = np.asarray(moving_lps, dtype=np.float64).reshape(1, 3)
+        self._check_points(p, q)
+        position = self.pairs.index(old)
+        with self.one_step():
+            self._apply("remove", old)
+            self._apply("add", UserPair(old.id, p[0], q[0], old.label), position)
+
+    @contextmanager
+    def one_step(self) -> Iterator[None]:
+        """Every edit made inside is undone by one `undo` (nested: the outermost step counts).
+
+        When an edit inside fails, the edits made before it stay applied and still form one undo step.
+        """
+        if self._open_step is not None:
+            yield
+            return
+        self._open_step = []
+        try:
+            yield
+        finally:
+            step, self._open_step = self._open_step, None
+            if step:
+                self.history.append(step)
 
     def undo(self) -> None:
-        """Undo the last add or remove; the field returns exactly to what it was."""
+        """Undo the last step (one edit, or the edits of one `one_step`); the field returns exactly to what it was."""
         if not self.history:
             raise IkrError("nothing to undo")
-        action, pair, saved = self.history.pop()
+        for action, pair, saved in reversed(self.history.pop()):
+            self._undo_edit(action, pair, saved)
+
+    def _undo_edit(self, action: str, pair: UserPair, saved: dict) -> None:
+        """Undo one edit recorded by _apply."""
         if action == "add":
             self.pairs = [p for p in self.pairs if p.id != pair.id]
+            if saved["disagreement"] is None:
+                self.disagreement_mm.pop(pair.id, None)
+            else:
+                self.disagreement_mm[pair.id] = saved["disagreement"]
         else:
             self.pairs.insert(saved["position"], pair)
         self.model.restore(saved["control"], saved["values"], saved["neighbours"], saved["kth"], self._keys())
@@ -225,34 +262,48 @@ class RefinementSession:
         reach = CORRECTION_RADIUS_MM / np.asarray(self.target.spacing_mm) + 1
         return index_box(idx.min(axis=0) - reach, idx.max(axis=0) + reach, self.target)
 
-    def _apply(self, action: str, pair: UserPair) -> None:
-        """Add or remove one pair, recompute the affected region, remember how to undo it."""
-        position = next((i for i, p in enumerate(self.pairs) if p.id == pair.id), len(self.pairs))
+    def _pair(self, pair_id: int) -> UserPair:
+        """The user pair with this id (refused when there is none)."""
+        pair = next((p for p in self.pairs if p.id == pair_id), None)
+        if pair is None:
+            known = ", ".join(str(p.id) for p in self.pairs) or "none"
+            raise IkrError(f"there is no user pair with id {pair_id} (ids: {known})")
+        return pair
+
+    def _apply(self, action: str, pair: UserPair, position: int | None = None) -> None:
+        """Add (at `position`, default last) or remove one pair, recompute the affected region, remember how to undo
+        it: as its own undo step, or in the step one_step() collects. An added pair's disagreement is measured
+        against the field before it."""
         before_pairs = list(self.pairs)
         saved_model = (self.model.values.clone(), self.model.neighbours.clone(), self.model.kth_distance.clone())
         if action == "add":
-            self.pairs.append(pair)
+            position = len(self.pairs) if position is None else position
+            saved = {"position": position, "disagreement": self.disagreement_mm.get(pair.id)}
+            before = sample_field(self.field, pair.fixed_lps[None])[0]
+            self.disagreement_mm[pair.id] = float(np.linalg.norm(pair.moving_lps - pair.fixed_lps - before))
+            self.pairs.insert(position, pair)
         else:
+            saved = {"position": next(i for i, p in enumerate(self.pairs) if p.id == pair.id)}
             self.pairs = [p for p in self.pairs if p.id != pair.id]
         control = self.model.update_keys(*self._keys())
         box = union_box(self.model.target_box(self.target, control), self._pair_box(before_pairs + [pair]))
         region = box_slices(box)
-        self.history.append(
-            (
-                action,
-                pair,
-                {
-                    "position": position,
-                    "control": control,
-                    "values": saved_model[0][control],
-                    "neighbours": saved_model[1][control],
-                    "kth": saved_model[2][control],
-                    "box": box,
-                    "base": self.base.displacement_mm[region].copy(),
-                    "field": self.field.displacement_mm[region].copy(),
-                },
-            )
+        saved.update(
+            {
+                "control": control,
+                "values": saved_model[0][control],
+                "neighbours": saved_model[1][control],
+                "kth": saved_model[2][control],
+                "box": box,
+                "base": self.base.displacement_mm[region].copy(),
+                "field": self.field.displacement_mm[region].copy(),
+            }
         )
+        edit = (action, pair, saved)
+        if self._open_step is not None:
+            self._open_step.append(edit)
+        else:
+            self.history.append([edit])
         self._rebuild(box)
 
     def _rebuild(self, box: Box) -> None:
