@@ -116,6 +116,36 @@ def test_warp_image_float32_output_equals_the_float64_resample_cast() -> None:
     np.testing.assert_array_equal(warp_image(moving, field).array, expected)
 
 
+@pytest.mark.parametrize("interpolation", ["linear", "nearest", "bspline"])
+@pytest.mark.parametrize("slab", [1, 4, 9])
+def test_warp_image_in_slabs_equals_the_whole_field_resample(interpolation: str, slab: int) -> None:
+    geometry = oblique_geometry()
+    field = random_smooth_field(geometry, seed=8, amplitude_mm=3.0)
+    values = np.random.default_rng(9).normal(size=geometry.shape_zyx) * 100
+    moving = Image(values.astype(np.int16 if interpolation == "nearest" else np.float32), geometry)
+    whole = warp_image(moving, field, interpolation, slab=geometry.size[2])
+    assert whole.array.dtype == moving.array.dtype
+    np.testing.assert_array_equal(warp_image(moving, field, interpolation, slab=slab).array, whole.array)
+
+
+def test_chunked_jacobian_statistics_equal_numpys_over_the_whole_grid(monkeypatch) -> None:
+    from ImplicitKernelRegistrationLib.core import metrics
+
+    geometry = oblique_geometry()
+    field = random_smooth_field(geometry, seed=3, amplitude_mm=8.0)  # folds in places
+    j = jacobian_determinant(field).astype(np.float64)
+    mask = np.zeros(geometry.shape_zyx, dtype=bool)
+    mask[3:-3, 4:-4, 2:-2] = True
+    monkeypatch.setattr(metrics, "_CHUNK", 1000)  # many chunks
+    for where in (None, mask):
+        values = j.reshape(-1) if where is None else j[where]
+        stats = metrics.sdlogj(field, where)
+        assert stats["n_folding"] == np.count_nonzero(values <= 0) > 0
+        assert stats["sdlogj"] == pytest.approx(np.std(np.log(values[values > 0])), rel=1e-12)
+        assert stats["sdlogj_l2r"] == pytest.approx(np.std(np.log(np.clip(values + 3.0, 1e-9, 1e9))), rel=1e-12)
+        assert stats["jacobian_min"] == pytest.approx(values.min(), rel=1e-6)
+
+
 def test_click_factor_in_boxes_equals_the_whole_grid_evaluation() -> None:
     geometry = oblique_geometry((60, 50, 40), (1.0, 1.3, 1.9))
     centre = geometry.index_to_lps(np.array([[30.0, 25.0, 20.0]]))[0]

@@ -76,8 +76,22 @@ def transform_points(field: Field, fixed_points_lps: np.ndarray) -> np.ndarray:
     return pts + sample_field(field, pts)
 
 
-def warp_image(moving: Image, field: Field, interpolation: str = "linear", default_value: float | None = None) -> Image:
-    """Resample `moving` into the field's (fixed) grid: out(p) = moving(p + d(p))."""
+def _z_slab(geometry: Geometry, z0: int, z1: int) -> Geometry:
+    """The sub-grid of `geometry` made of its z slices z0 to z1 (end excluded)."""
+    origin = geometry.index_to_lps(np.array([[0.0, 0.0, float(z0)]]))[0]
+    size = (geometry.size[0], geometry.size[1], z1 - z0)
+    return Geometry(size, geometry.spacing_mm, tuple(float(v) for v in origin), geometry.direction)
+
+
+def warp_image(
+    moving: Image, field: Field, interpolation: str = "linear", default_value: float | None = None, slab: int = 32
+) -> Image:
+    """Resample `moving` into the field's (fixed) grid: out(p) = moving(p + d(p)).
+
+    In z slabs of the fixed grid, each through the field's slices under it and one more on either side
+    (the voxels ITK's interpolation of the field reads there: the same values as through the whole field):
+    the float64 copy that ITK's DisplacementFieldTransform needs is then one slab's, not the whole field's.
+    """
     interpolators = {
         "linear": sitk.sitkLinear,
         "nearest": sitk.sitkNearestNeighbor,
@@ -87,17 +101,28 @@ def warp_image(moving: Image, field: Field, interpolation: str = "linear", defau
         raise IkrError(f"unknown interpolation {interpolation!r}; choose one of {sorted(interpolators)}")
     if default_value is None:
         default_value = float(np.min(moving.array))
-    # ITK interpolates in double and rounds to the output type: a float32 output holds the same
-    # values as a float64 one cast to float32, without the float64 copy.
-    out = sitk.Resample(
-        moving.to_sitk(),
-        field.geometry.reference_image(),
-        field.to_sitk_transform(),
-        interpolators[interpolation],
-        float(default_value),
-        sitk.sitkFloat32 if interpolation != "nearest" else sitk.sitkUnknown,
-    )
-    return Image(sitk.GetArrayFromImage(out), field.geometry, dict(moving.meta))
+    source, geometry = moving.to_sitk(), field.geometry
+    nz = geometry.shape_zyx[0]
+    out: np.ndarray | None = None
+    for z0 in range(0, nz, max(1, slab)):
+        z1 = min(z0 + max(1, slab), nz)
+        lo, hi = max(z0 - 1, 0), min(z1 + 1, nz)
+        part = Field(field.displacement_mm[lo:hi], _z_slab(geometry, lo, hi))
+        # ITK interpolates in double and rounds to the output type: a float32 output holds the same
+        # values as a float64 one cast to float32, without the float64 copy.
+        warped = sitk.Resample(
+            source,
+            _z_slab(geometry, z0, z1).reference_image(),
+            part.to_sitk_transform(),
+            interpolators[interpolation],
+            float(default_value),
+            sitk.sitkFloat32 if interpolation != "nearest" else sitk.sitkUnknown,
+        )
+        values = sitk.GetArrayViewFromImage(warped)
+        if out is None:
+            out = np.empty(geometry.shape_zyx, dtype=values.dtype)
+        out[z0:z1] = values
+    return Image(out, geometry, dict(moving.meta))
 
 
 def _sample_field_on_points_grid(field: Field, points_lps: np.ndarray) -> np.ndarray:

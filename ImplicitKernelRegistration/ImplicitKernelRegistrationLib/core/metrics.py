@@ -6,6 +6,8 @@ All distances are in mm; points are LPS mm (N, 3); masks and label maps are (z, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from scipy import ndimage
 
@@ -66,23 +68,42 @@ def sdlogj(field: Field, mask: np.ndarray | Image | None = None) -> dict:
     - `jacobian_min`, `jacobian_max`, `n_voxels`, `n_folding`.
     """
     j = jacobian_determinant(field)
-    j = (j.reshape(-1) if mask is None else j[_mask_on(field, mask)]).astype(np.float64)
+    j = j.reshape(-1) if mask is None else j[_mask_on(field, mask)]  # float32, no float64 copy of the grid
     if j.size == 0:
         raise IkrError("the mask selects no voxels")
-    n_folding = int(np.count_nonzero(j <= 0))
-    positive = j[j > 0] if n_folding else j  # no copy in the usual case without folds
-    log_j = np.log(positive)
-    shifted = j + 3.0  # Learn2Reg's variant, in place: the same values with one temporary
-    np.log(np.clip(shifted, 1e-9, 1e9, out=shifted), out=shifted)
+    chunks = [j[i : i + _CHUNK] for i in range(0, j.size, _CHUNK)]
+    n_folding = sum(int(np.count_nonzero(c <= 0)) for c in chunks)
+    log_j = _ChunkedStd(lambda c: np.log(c[c > 0] if n_folding else c), chunks, j.size - n_folding)
+    shifted = _ChunkedStd(lambda c: np.log(np.clip(c + 3.0, 1e-9, 1e9)), chunks, j.size)  # Learn2Reg's variant
     return {
-        "sdlogj": float(np.std(log_j)) if positive.size else float("nan"),
-        "sdlogj_l2r": float(np.std(shifted)),
+        "sdlogj": log_j.std() if log_j.n else float("nan"),
+        "sdlogj_l2r": shifted.std(),
         "folding_percent": 100.0 * n_folding / j.size,
         "jacobian_min": float(np.min(j)),
         "jacobian_max": float(np.max(j)),
         "n_voxels": int(j.size),
         "n_folding": n_folding,
     }
+
+
+_CHUNK = 1 << 22  # voxels per chunk of the Jacobian statistics (32 MB of float64 temporaries)
+
+
+class _ChunkedStd:
+    """The standard deviation of the n values f(chunk) over chunks of float32 values, in float64, two passes as
+    np.std (the same figures but for the order of the sums)."""
+
+    def __init__(self, f: Callable[[np.ndarray], np.ndarray], chunks: list[np.ndarray], n: int) -> None:
+        self.f, self.chunks, self.n = f, chunks, n
+
+    def _values(self, chunk: np.ndarray) -> np.ndarray:
+        """f of one chunk, in float64."""
+        return self.f(chunk.astype(np.float64))
+
+    def std(self) -> float:
+        """std of the values: the mean first, then the mean squared deviation from it."""
+        mean = sum(float(np.sum(self._values(c))) for c in self.chunks) / self.n
+        return float(np.sqrt(sum(float(np.sum(np.square(self._values(c) - mean))) for c in self.chunks) / self.n))
 
 
 def dice(a: np.ndarray | Image, b: np.ndarray | Image, labels: list[int] | None = None) -> dict[int, float]:

@@ -11,13 +11,13 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..core.errors import IkrError
 from ..core.geometry import Image
-from . import dicom
 from .atomic import atomic_path
 
 READ_SUFFIXES = {
@@ -42,6 +42,13 @@ def image_format(path: str | os.PathLike) -> str | None:
     return None
 
 
+def _dicom() -> ModuleType:
+    """The DICOM reader (io.dicom), imported when first needed: pydicom takes 0.15-0.3 s to import."""
+    from . import dicom
+
+    return dicom
+
+
 def read_image(
     path: str | os.PathLike, series_uid: str | None = None, include_phi: bool = False, choose_series: bool = False
 ) -> Image:
@@ -52,10 +59,10 @@ def read_image(
     path = Path(path)
     check_readable(path)
     if path.is_dir():
-        image = dicom.read_series(path, series_uid, include_phi=include_phi, choose=choose_series)
+        image = _dicom().read_series(path, series_uid, include_phi=include_phi, choose=choose_series)
     elif image_format(path) is None and _is_dicom_file(path):
         uid = series_uid or _series_uid_of(path)
-        image = dicom.read_series(path.parent, uid, include_phi=include_phi)
+        image = _dicom().read_series(path.parent, uid, include_phi=include_phi)
     else:
         image = _read_sitk(path)
     check_image(image, path)
@@ -84,7 +91,7 @@ def read_mask(path: str | os.PathLike) -> Image:
     """Read a mask (nonzero = inside): all ones is fine; empty, non-integer or CT-like values are refused."""
     path = Path(path)
     check_readable(path)
-    image = dicom.read_series(path) if path.is_dir() else _read_sitk(path)
+    image = _dicom().read_series(path) if path.is_dir() else _read_sitk(path)
     arr = image.array
     if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
         raise IkrError("is not a mask: it contains NaN or infinite values", path)
@@ -118,7 +125,7 @@ def _is_dicom_file(path: Path) -> bool:
 
 def _series_uid_of(path: Path) -> str:
     """The SeriesInstanceUID of one DICOM file."""
-    header = dicom.read_header(path)
+    header = _dicom().read_header(path)
     if header is None or "SeriesInstanceUID" not in header:
         raise IkrError("not a readable DICOM image file", path)
     return str(header.SeriesInstanceUID)
@@ -331,7 +338,7 @@ def describe_image(path: str | os.PathLike, series_uid: str | None = None) -> di
     check_readable(path)
     desc: dict = {"path": str(path)}
     if path.is_dir():
-        series = dicom.list_series(path)
+        series = _dicom().list_series(path)
         desc["format"] = "DICOM"
         desc["series"] = [s.summary() for s in series]
         try:

@@ -212,7 +212,7 @@ def write_session(outdir: str | os.PathLike, session: dict, correspondences: Cor
 def _write_all(
     folder: Path,
     field: Field,
-    warped: Image,
+    warped: Image | Callable[[], Image],
     correspondences: Correspondences,
     report: dict,
     session: dict,
@@ -249,10 +249,20 @@ def _written_whole(write: Callable[..., Path], *args: object) -> None:
     _whole(write(*args))
 
 
+def _write_made(image: Image | Callable[[], Image], path: Path) -> Path:
+    """Write an image, or the image a function makes (called here, in the writer's thread)."""
+    if not isinstance(image, Image):
+        try:
+            image = image()
+        except RuntimeError as err:  # SimpleITK's: not a write error, so not reported as one
+            raise IkrError(f"cannot make this image: {first_line(err)}", path) from err
+    return write_image(image, path)
+
+
 def _write_files(
     folder: Path,
     field: Field,
-    warped: Image,
+    warped: Image | Callable[[], Image],
     correspondences: Correspondences,
     report: dict,
     session: dict,
@@ -264,13 +274,14 @@ def _write_files(
     The NIfTI files are written by two threads (ITK's writers and zlib release the GIL): on 2 cores
     this takes about 60 % of the time of one after the other; more threads were no faster there and held
     every file's buffers at once (+500 MB peak on the 1.5 mm thorax, against +250 MB for two). Each is
-    checked whole. transform.h5 comes
+    checked whole. `warped` may be a function that makes the warped image: it then runs in the second
+    thread while the first gzips the field (the slowest file). transform.h5 comes
     after them: HDF5 can crash the process at exit when its write fails (a full disk), so it is only
     started once the others are known to be written.
     """
     jobs: list[tuple[Callable[..., object], tuple]] = [
         (_written_whole, (write_field, field, folder / OUTPUT_FILES["displacement"])),
-        (_written_whole, (write_image, warped, folder / OUTPUT_FILES["warped"])),
+        (_written_whole, (_write_made, warped, folder / OUTPUT_FILES["warped"])),
     ]
     if uncertainty is not None:
         jobs.append((_written_whole, (write_image, uncertainty, folder / OUTPUT_FILES["uncertainty"])))
@@ -299,7 +310,7 @@ def check_output_folder(outdir: str | os.PathLike) -> bool:
 def write_registration(
     outdir: str | os.PathLike,
     field: Field,
-    warped: Image,
+    warped: Image | Callable[[], Image],
     correspondences: Correspondences,
     report: dict,
     session: dict,
@@ -312,7 +323,8 @@ def write_registration(
     A new folder (or, with `replace`, a new version of an existing one) is written all or nothing:
     a temporary folder, renamed. An existing ikr output folder (refinement) is updated file by file,
     each file atomically, under a journal, session.json last; the generation number goes up by one.
-    Any other non-empty folder is refused, so nothing of the user's is overwritten. `final_figures()`,
+    Any other non-empty folder is refused, so nothing of the user's is overwritten. `warped` may be a
+    function that makes the warped image (called while the field is written). `final_figures()`,
     when given, is called after the large files are written and its figures join the report.
     """
     outdir = Path(outdir)
@@ -334,7 +346,7 @@ def _update_in_place(
     outdir: Path,
     generation: int,
     field: Field,
-    warped: Image,
+    warped: Image | Callable[[], Image],
     correspondences: Correspondences,
     report: dict,
     session: dict,

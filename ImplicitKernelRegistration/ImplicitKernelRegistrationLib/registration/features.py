@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ..core.filters import box_filter
+from ..core.filters import box_filter_
 
 
 class FeatureExtractor(Protocol):
@@ -67,7 +67,7 @@ def mind_ssc(
             _shifted(padded, offsets[b], dilation, shape),
             out=dist[:, i : i + 1],
         )
-    dist = box_filter(dist.square_(), radius)
+    dist = box_filter_(dist.square_(), radius)
     dist -= dist.min(dim=1, keepdim=True).values
     var = dist.mean(dim=1, keepdim=True)
     mean_var = var.mean()

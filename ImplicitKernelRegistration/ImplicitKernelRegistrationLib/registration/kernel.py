@@ -145,11 +145,20 @@ def _log_conf(key_conf: torch.Tensor | None, like: torch.Tensor, eps: float) -> 
 # -------------------------------------------------------------------------------------- the learned one
 
 
-def fourier_encode(v: torch.Tensor, n_freq: int) -> torch.Tensor:
-    """Fourier features [v, sin(2^i pi v), cos(2^i pi v)] of (..., 3) vectors -> (..., 3 + 6 n_freq)."""
+def fourier_encode(v: torch.Tensor, n_freq: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Fourier features [v, sin(2^i pi v), cos(2^i pi v)] of (..., 3) vectors -> (..., 3 + 6 n_freq).
+
+    `out`: a (..., 3 + 6 n_freq) tensor (a view of a larger buffer may do) to write them into.
+    """
     freqs = (2.0 ** torch.arange(n_freq, device=v.device, dtype=v.dtype)) * math.pi
     angles = (v.unsqueeze(-1) * freqs).flatten(-2)
-    return torch.cat([v, torch.sin(angles), torch.cos(angles)], dim=-1)
+    if out is None:
+        return torch.cat([v, torch.sin(angles), torch.cos(angles)], dim=-1)
+    n = angles.shape[-1]
+    out[..., :3] = v
+    torch.sin(angles, out=out[..., 3 : 3 + n])
+    torch.cos(angles, out=out[..., 3 + n : 3 + 2 * n])
+    return out
 
 
 def _mlp(n_in: int, hidden: int, n_out: int, layers: int = 2, act: type[nn.Module] = nn.GELU) -> nn.Sequential:
@@ -264,34 +273,50 @@ class LearnedKernel(nn.Module):
         normal = weighted @ design + torch.exp(self.log_ridge) * ridge
         return torch.linalg.solve(normal, weighted @ d)[..., 0, :]
 
+    def _mixed(self, q: torch.Tensor, mix: nn.Linear) -> torch.Tensor:
+        """The head-weighted query (B,Q,dim): sum_h m_h <q_h, k_h> / sqrt(c) is one dot product of k with it."""
+        h = self.config.n_heads
+        qh = q.unflatten(-1, (h, -1))
+        return (qh * mix.weight.view(h, 1)).flatten(-2) / math.sqrt(qh.shape[-1])
+
     def _heads(self, q: torch.Tensor, k: torch.Tensor, mix: nn.Linear) -> torch.Tensor:
         """Multi-head scaled dot products of q (B,Q,dim) with k (B,Q,K,dim), mixed by `mix` -> (B,Q,K).
 
-        sum_h m_h <q_h, k_h> / sqrt(c) equals one dot product of k with the head-weighted q, which is
-        computed as a single batched matmul (no per-pair copies).
+        sum_h m_h <q_h, k_h> / sqrt(c) equals one dot product of k with the head-weighted q, computed per
+        pair by einsum (no per-pair copies; on the CPU 3x faster than the batched matrix-vector matmul).
         """
-        h = self.config.n_heads
-        qh = q.unflatten(-1, (h, -1))
-        q_mixed = (qh * mix.weight.view(h, 1)).flatten(-2) / math.sqrt(qh.shape[-1])
-        return torch.matmul(k, q_mixed.unsqueeze(-1)).squeeze(-1)
+        return torch.einsum("bqkc,bqc->bqk", k, self._mixed(q, mix))
 
     def _spatial_logits(
         self, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor, rel: torch.Tensor, dist2: torch.Tensor
     ) -> torch.Tensor:
-        """Spatial head Hs: geometry of the query within its neighbourhood, (B,Q,K)."""
+        """Spatial head Hs: geometry of the query within its neighbourhood, (B,Q,K).
+
+        The per-pair key is spatial_key's MLP, hidden layer h then the linear map W h + b, and the head
+        takes its dot product with the query's mixed vector q: (W h + b) . q = h . (W^T q) + b . q, so
+        the last layer is applied to the query (once) instead of to every pair, and the pairs' inputs
+        are written into one buffer instead of being concatenated.
+        """
         n_freq = self.config.n_freq
         centroid = y.mean(dim=2)
         radius = (y - centroid.unsqueeze(2)).norm(dim=-1).mean(dim=-1).clamp(min=0.5)  # (B,Q)
         scale = radius.unsqueeze(-1)
         q_in = torch.cat([fourier_encode((x - centroid) / scale, n_freq), torch.log(radius).unsqueeze(-1)], -1)
         scale_k = scale.unsqueeze(-1)
-        parts = [fourier_encode(rel / scale_k, n_freq), torch.sqrt(dist2 + 1e-12).unsqueeze(-1) / scale_k]
+        first, _, last = self.spatial_key
+        pairs = rel.new_empty((*rel.shape[:-1], first.in_features))  # the pairs' inputs, as _spatial_inputs
+        enc = 3 + 6 * n_freq
+        fourier_encode(rel / scale_k, n_freq, out=pairs[..., :enc])
+        torch.div(torch.sqrt(dist2 + 1e-12).unsqueeze(-1), scale_k, out=pairs[..., enc : enc + 1])
         if self.config.consistency:
             dev = d - d.median(dim=2, keepdim=True).values
             dev_norm = dev.norm(dim=-1, keepdim=True)
-            parts += [dev / (1.0 + dev_norm), torch.log1p(dev_norm)]
-        k = self.spatial_key(torch.cat(parts, dim=-1))
-        return self._heads(self.spatial_query(q_in), k, self.spatial_out)
+            torch.div(dev, 1.0 + dev_norm, out=pairs[..., enc + 1 : enc + 4])
+            torch.log1p(dev_norm, out=pairs[..., enc + 4 : enc + 5])
+        hidden = torch.relu_(first(pairs))  # (B,Q,K,pair_hidden): spatial_key without its last layer
+        q = self._mixed(self.spatial_query(q_in), self.spatial_out)  # (B,Q,dim)
+        logits = torch.einsum("bqkc,bqc->bqk", hidden, q @ last.weight)
+        return logits + (q @ last.bias).unsqueeze(-1) if last.bias is not None else logits
 
     def _semantic_logits(self, x_feat: torch.Tensor, key_emb: torch.Tensor) -> torch.Tensor:
         """Semantic head Hf: image features at x against the key embeddings of the features at y, (B,Q,K)."""

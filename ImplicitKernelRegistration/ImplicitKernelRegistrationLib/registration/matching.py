@@ -66,7 +66,9 @@ def gather_cubes(features: torch.Tensor, centres: torch.Tensor, radius: int, ste
     x, y, z = pts.reshape(-1, 3).unbind(-1)
     inside = (x >= 0) & (x < w) & (y >= 0) & (y < h) & (z >= 0) & (z < d)
     flat = (z.clamp(0, d - 1) * h + y.clamp(0, h - 1)) * w + x.clamp(0, w - 1)
-    out = features.reshape(c, -1)[:, flat].float() * inside
+    out = torch.index_select(features.reshape(c, -1), 1, flat).float()  # on the CPU 3-4x faster than [:, flat]
+    if not bool(inside.all()):
+        out = out * inside
     return out.reshape(c, n, side, side, side).transpose(0, 1)
 
 
