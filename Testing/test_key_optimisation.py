@@ -90,7 +90,7 @@ def test_control_jacobian_of_known_fields():
 def test_settings_follow_the_config():
     config = RegistrationConfig(key_iterations=9, key_points=100)
     assert config.key_optimisation_settings() == KeyOptimisationSettings(
-        9, config.key_learning_rate, 100, config.key_smoothness, config.key_anchor
+        9, config.key_learning_rate, 100, config.key_smoothness, config.key_anchor, config.key_robust
     )
     assert RegistrationConfig.from_dict(config.to_dict()) == config
 

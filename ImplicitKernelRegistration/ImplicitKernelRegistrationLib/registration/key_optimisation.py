@@ -8,6 +8,10 @@ D0, so that the field they give fits the images better:
       + smoothness * mean over keys of |e_i - mean of e_j over i's G nearest keys|^2
       + anchor * mean over keys of (c_i / mean c) |e_i|^2
 
+(with `robust` > 0 each point's SSD r^2 enters as s r^2 / (r^2 + s), s = robust^2 x the median r^2 at the
+matched keys: Geman-McClure, so that points no displacement explains, an ablation zone or a contrast change,
+weigh less)
+
 with e = D - D0 the change of the keys (working voxels) and c the match confidences. F and M are the
 MIND-SSC descriptors of the fixed and moving working images (the pipeline's own), x voxels of the
 fixed mask. The kernel's attention weights at the sample points are computed once, at the matched
@@ -44,6 +48,7 @@ class KeyOptimisationSettings:
     points: int = 16384
     smoothness: float = 0.01
     anchor: float = 0.001
+    robust: float = 2.0
 
 
 def control_jacobian(grid: torch.Tensor, spacing: tuple[float, float, float]) -> torch.Tensor:
@@ -100,12 +105,29 @@ def optimise_keys(
         field = (weights.unsqueeze(-1) * disp[index]).sum(dim=1)
         return (sample_rows(moving, working, points + field) - target).square().mean()
 
+    def robust_term(disp: torch.Tensor, scale2: float) -> torch.Tensor:
+        """The image term with each point's SSD r^2 through Geman-McClure, scale2 r^2 / (r^2 + scale2)."""
+        field = (weights.unsqueeze(-1) * disp[index]).sum(dim=1)
+        r2 = (sample_rows(moving, working, points + field) - target).square().mean(dim=1)
+        return (scale2 * r2 / (r2 + scale2)).mean()
+
+    objective = image_term
+    if settings.robust > 0:  # points that no displacement explains (a lesion, a contrast change) weigh less
+        with torch.no_grad():
+            field = (weights.unsqueeze(-1) * matched[index]).sum(dim=1)
+            r2 = (sample_rows(moving, working, points + field) - target).square().mean(dim=1)
+            scale2 = settings.robust**2 * float(r2.median().clamp_min(1e-12))
+
+        def objective(disp: torch.Tensor) -> torch.Tensor:
+            """The robust image term."""
+            return robust_term(disp, scale2)
+
     change = torch.zeros_like(matched, requires_grad=True)
     optimiser = torch.optim.Adam([change], lr=settings.learning_rate)
     with torch.enable_grad():  # the pipeline runs under no_grad
         for _ in range(settings.iterations):
             optimiser.zero_grad(set_to_none=True)
-            loss = image_term(matched + change)
+            loss = objective(matched + change)
             if settings.smoothness > 0 and graph.shape[1] > 0:
                 rough = change - change[graph].mean(dim=1)
                 loss = loss + settings.smoothness * rough.square().sum(dim=1).mean()
