@@ -151,3 +151,10 @@ def test_clicks_stay_exact_and_undo_is_exact(liver_case, liver_pair):
     for _ in range(4):
         session.undo()
     assert np.array_equal(session.field.displacement_mm, start)
+
+
+def test_optimisation_is_deterministic(liver_case, liver_pair):
+    _, on = liver_pair
+    again = register(liver_case.fixed, liver_case.moving, RegistrationConfig(spacing_mm=3.0, alignment="none"))
+    assert torch.equal(again.model.disp, on.model.disp)
+    assert np.array_equal(again.field.displacement_mm, on.field.displacement_mm)

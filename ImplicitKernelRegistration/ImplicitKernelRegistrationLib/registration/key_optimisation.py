@@ -51,6 +51,31 @@ class KeyOptimisationSettings:
     robust: float = 2.0
 
 
+class _Rows(torch.autograd.Function):
+    """values[index] whose backward sums with index_add_ in a fixed order (the backward of plain indexing,
+    index_put_ with accumulate, is not deterministic on a CPU with several threads)."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """values[index]."""
+        ctx.save_for_backward(index)
+        ctx.rows = values.shape[0]
+        return values[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """The gradient summed into the rows it came from, by index_add_."""
+        (index,) = ctx.saved_tensors
+        out = grad.new_zeros((ctx.rows, *grad.shape[index.dim() :]))
+        out.index_add_(0, index.reshape(-1), grad.reshape(-1, *grad.shape[index.dim() :]))
+        return out, None
+
+
+def rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values[index], differentiable in `values` with a deterministic backward."""
+    return _Rows.apply(values, index)
+
+
 def control_jacobian(grid: torch.Tensor, spacing: tuple[float, float, float]) -> torch.Tensor:
     """det(I + grad u) by forward differences on a (1, 3, z, y, x) control grid of displacements (working voxels,
     channels x y z); `spacing` (x, y, z): working voxels between control nodes. (z-1, y-1, x-1) determinants."""
@@ -102,12 +127,12 @@ def optimise_keys(
 
     def image_term(disp: torch.Tensor) -> torch.Tensor:
         """Mean MIND-SSC SSD at the sample points of the field of key displacements (frozen weights)."""
-        field = (weights.unsqueeze(-1) * disp[index]).sum(dim=1)
+        field = (weights.unsqueeze(-1) * rows(disp, index)).sum(dim=1)
         return (sample_rows(moving, working, points + field) - target).square().mean()
 
     def robust_term(disp: torch.Tensor, scale2: float) -> torch.Tensor:
         """The image term with each point's SSD r^2 through Geman-McClure, scale2 r^2 / (r^2 + scale2)."""
-        field = (weights.unsqueeze(-1) * disp[index]).sum(dim=1)
+        field = (weights.unsqueeze(-1) * rows(disp, index)).sum(dim=1)
         r2 = (sample_rows(moving, working, points + field) - target).square().mean(dim=1)
         return (scale2 * r2 / (r2 + scale2)).mean()
 
@@ -129,7 +154,7 @@ def optimise_keys(
             optimiser.zero_grad(set_to_none=True)
             loss = objective(matched + change)
             if settings.smoothness > 0 and graph.shape[1] > 0:
-                rough = change - change[graph].mean(dim=1)
+                rough = change - rows(change, graph).mean(dim=1)
                 loss = loss + settings.smoothness * rough.square().sum(dim=1).mean()
             if settings.anchor > 0:
                 loss = loss + settings.anchor * (trust * change.square()).sum(dim=1).mean()
