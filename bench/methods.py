@@ -47,6 +47,14 @@ class Method:
 METHODS = (
     Method("ikr-learned", "ikr_adapter.py", False, {"kernel": "learned"}, DEFAULT_WEIGHTS, "default: learned kernel"),
     Method(
+        "ikr-learned-noopt",
+        "ikr_adapter.py",
+        False,
+        {"kernel": "learned", "key_iterations": 0},
+        DEFAULT_WEIGHTS,
+        "the default before session 5: no key optimisation (key_iterations 0)",
+    ),
+    Method(
         "ikr-learned-spatial",
         "ikr_adapter.py",
         False,
@@ -77,6 +85,31 @@ METHODS = (
         {"kernel": "learned", "lung_regions": False},
         DEFAULT_WEIGHTS,
         "learned kernel, one neighbourhood for all keys (no lung regions)",
+    ),
+    Method(
+        "ikr-learned-opt",
+        "ikr_adapter.py",
+        False,
+        {"kernel": "learned", "key_iterations": 50, "key_robust": 0.0},
+        DEFAULT_WEIGHTS,
+        "learned kernel, key displacements optimised against the images, plain SSD (key_optimisation.py, 50 its)",
+    ),
+    Method(
+        "ikr-learned-opt-robust",
+        "ikr_adapter.py",
+        False,
+        {"kernel": "learned", "key_iterations": 50, "key_robust": 2.0},
+        DEFAULT_WEIGHTS,
+        "as ikr-learned-opt, each point's SSD through Geman-McClure (scale 2^2 x the median at the matched keys): "
+        "the default since session 5",
+    ),
+    Method(
+        "ikr-learned-dense-opt",
+        "ikr_adapter.py",
+        False,
+        {"kernel": "learned", "keypoint_nms_vox": 2, "lattice_keys": 1000, "key_iterations": 50, "key_robust": 0.0},
+        DEFAULT_WEIGHTS,
+        "learned kernel, denser keys (NMS 2, 1000 lattice keys) optimised against the images (50 iterations)",
     ),
     Method("ikr-tps", "ikr_adapter.py", False, {"kernel": "tps"}, note="thin-plate spline kernel"),
     Method("ikr-gaussian", "ikr_adapter.py", False, {"kernel": "gaussian"}, note="Gaussian kernel"),

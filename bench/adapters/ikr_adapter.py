@@ -24,6 +24,10 @@ DEFAULTS = {
     "max_keypoints": 2048,
     "seed": 0,
     "lung_regions": RegistrationConfig().lung_regions,
+    "key_iterations": RegistrationConfig().key_iterations,
+    "key_robust": RegistrationConfig().key_robust,
+    "keypoint_nms_vox": RegistrationConfig().keypoint_nms_vox,
+    "lattice_keys": RegistrationConfig().lattice_keys,
 }
 
 

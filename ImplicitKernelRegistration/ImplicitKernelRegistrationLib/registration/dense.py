@@ -259,6 +259,37 @@ class DenseModel:
                 out[sel] += weights[sel, r : r + 1] * field
         return out
 
+    def point_weights(
+        self, points_xyz: torch.Tensor, key_xyz: torch.Tensor, key_disp: torch.Tensor, key_conf: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take these keys and return the kernel at working-grid points as a linear map of their displacements: key
+        indices and weights (Q, K) with kernel(points) == sum_k weights[:, k, None] * key_disp[index[:, k]], each point
+        attending to the keys of its region (a region with fewer than K keys pads with weight 0). The control values
+        are left for `set_keys` to evaluate. Needs a kernel with `neighbour_weights` (learned, Gaussian; not TPS)."""
+        if not hasattr(self.kernel, "neighbour_weights"):
+            raise ValueError(f"{type(self.kernel).__name__} has no neighbour weights (it is not a local kernel)")
+        self._store_keys(key_xyz, key_disp, key_conf)
+        points_xyz = points_xyz.to(self.device)
+        k = min(self.k, self.keys.shape[0])
+        index = torch.zeros(points_xyz.shape[0], k, dtype=torch.long, device=self.device)
+        weights = torch.zeros(points_xyz.shape[0], k, device=self.device)
+        point_features = None if self.features is None else sample_features(self.features, points_xyz)
+        with torch.no_grad():
+            for queries, key_index in split_by_region(self.region_at(points_xyz), self.key_region, self.n_regions):
+                key_feat = None if self.key_features is None else self.key_features[key_index][None]
+                for start in range(0, queries.numel(), self.chunk):
+                    sel = queries[start : start + self.chunk]
+                    idx, w = self.kernel.neighbour_weights(
+                        points_xyz[sel][None], None if point_features is None else point_features[sel][None],
+                        self.keys[key_index][None], self.disp[key_index][None], key_feat, self.conf[key_index][None],
+                    )  # fmt: skip
+                    n = idx.shape[2]
+                    index[sel, :n] = key_index[idx[0]]
+                    weights[sel, :n] = w[0]
+                    if n < k:
+                        index[sel, n:] = index[sel, :1]
+        return index, weights
+
     def target_weights(self, target: Geometry) -> np.ndarray | None:
         """Each region's blend weight (R, z, y, x) float32 on `target` (trilinear from the working grid, its edge
         beyond it, as the field), or None without regions; kept per target grid."""

@@ -232,7 +232,39 @@ class LearnedKernel(nn.Module):
             out.append(self._chunk(x, qf, key_xyz, key_disp, sem_keys, sem_prior, log_conf))
         return torch.cat(out, dim=1)
 
-    def _chunk(
+    def neighbour_weights(
+        self,
+        query_xyz: torch.Tensor,
+        query_feat: torch.Tensor | None,
+        key_xyz: torch.Tensor,
+        key_disp: torch.Tensor,
+        key_feat: torch.Tensor | None,
+        key_conf: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel as a linear map at the current keys: neighbour indices and weights, both (B,Q,K), such that
+        forward(...) == sum_k weights[..., k] * key_disp[idx[..., k]] (key_optimisation.py holds them fixed)."""
+        _check_inputs(query_xyz, key_xyz, key_disp)
+        if self.use_semantic and (query_feat is None or key_feat is None):
+            raise IkrError(f"the {self.config.heads!r} kernel needs image features at queries and keys")
+        key_xyz, key_disp = key_xyz.float(), key_disp.float()
+        log_conf = _log_conf(key_conf, key_xyz, self.config.conf_eps)
+        sem_keys = sem_prior = None
+        if self.use_semantic:
+            sem_keys = self.semantic_key(key_feat.float())
+            sem_prior = self.semantic_prior(sem_keys).squeeze(-1)
+        indices, weights = [], []
+        for start in range(0, query_xyz.shape[1], self.query_chunk):
+            sl = slice(start, start + self.query_chunk)
+            qf = query_feat[:, sl].float() if self.use_semantic else None
+            idx, w, rel, dist2 = self._attention(query_xyz[:, sl].float(), qf, key_xyz, key_disp, sem_keys, sem_prior,
+                                                 log_conf)  # fmt: skip
+            if self.config.local_linear:
+                w = self._local_linear_weights(w, rel, dist2)
+            indices.append(idx)
+            weights.append(w)
+        return torch.cat(indices, dim=1), torch.cat(weights, dim=1)
+
+    def _attention(
         self,
         x: torch.Tensor,
         x_feat: torch.Tensor | None,
@@ -241,8 +273,8 @@ class LearnedKernel(nn.Module):
         sem_keys: torch.Tensor | None,
         sem_prior: torch.Tensor | None,
         log_conf: torch.Tensor,
-    ) -> torch.Tensor:
-        """One chunk of queries: neighbours, logits, softmax, weighted sum."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One chunk of queries: neighbour indices, softmax weights (B,Q,K), offsets y - x and their squared lengths."""
         idx = knn(x, key_xyz, self.config.k)
         y = gather_neighbours(key_xyz, idx)  # (B,Q,K,3)
         d = gather_neighbours(key_disp, idx)
@@ -255,10 +287,32 @@ class LearnedKernel(nn.Module):
         if self.use_semantic:
             emb = gather_neighbours(sem_keys, idx)
             logits = logits + self._semantic_logits(x_feat, emb) + gather_neighbours(sem_prior, idx)
-        w = torch.softmax(logits, dim=-1)
+        return idx, torch.softmax(logits, dim=-1), rel, dist2
+
+    def _chunk(
+        self,
+        x: torch.Tensor,
+        x_feat: torch.Tensor | None,
+        key_xyz: torch.Tensor,
+        key_disp: torch.Tensor,
+        sem_keys: torch.Tensor | None,
+        sem_prior: torch.Tensor | None,
+        log_conf: torch.Tensor,
+    ) -> torch.Tensor:
+        """One chunk of queries: neighbours, logits, softmax, weighted sum."""
+        idx, w, rel, dist2 = self._attention(x, x_feat, key_xyz, key_disp, sem_keys, sem_prior, log_conf)
+        d = gather_neighbours(key_disp, idx)
         if self.config.local_linear:
             return self._local_linear(w, rel, dist2, d)
         return (w.unsqueeze(-1) * d).sum(dim=2)
+
+    def _local_linear_weights(self, w: torch.Tensor, rel: torch.Tensor, dist2: torch.Tensor) -> torch.Tensor:
+        """The local linear fit's value at x as weights (B,Q,K) on the K keys' displacements (it is linear in them)."""
+        normal, weighted = self._local_linear_system(w, rel, dist2)
+        first = torch.zeros(normal.shape[:-1], dtype=normal.dtype, device=normal.device)
+        first[..., 0] = 1.0
+        row = torch.linalg.solve(normal, first)  # the first row of normal^-1 (normal is symmetric)
+        return (row.unsqueeze(-2) @ weighted).squeeze(-2)
 
     def _local_linear(self, w: torch.Tensor, rel: torch.Tensor, dist2: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """Value at x of the weighted least-squares fit d(y) ~ a + B (y - x) over the K keys, ridge on B.
@@ -266,12 +320,18 @@ class LearnedKernel(nn.Module):
         Offsets are scaled by the neighbourhood's mean distance, so the ridge is scale-free; with a large
         ridge this tends to the weighted mean. Like the mean, it reproduces a constant field exactly.
         """
+        normal, weighted = self._local_linear_system(w, rel, dist2)
+        return torch.linalg.solve(normal, weighted @ d)[..., 0, :]
+
+    def _local_linear_system(
+        self, w: torch.Tensor, rel: torch.Tensor, dist2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The local linear fit's normal matrix (B,Q,4,4) and weighted design (B,Q,4,K): coefficients N^-1 W d."""
         scale = torch.sqrt(dist2 + 1e-12).mean(dim=-1, keepdim=True).clamp_min(0.5).unsqueeze(-1)
         design = torch.cat([torch.ones_like(rel[..., :1]), rel / scale], dim=-1)  # (B,Q,K,4)
         weighted = (design * w.unsqueeze(-1)).transpose(-1, -2)  # (B,Q,4,K)
         ridge = torch.diag(torch.tensor([0.0, 1.0, 1.0, 1.0], device=w.device, dtype=w.dtype))
-        normal = weighted @ design + torch.exp(self.log_ridge) * ridge
-        return torch.linalg.solve(normal, weighted @ d)[..., 0, :]
+        return weighted @ design + torch.exp(self.log_ridge) * ridge, weighted
 
     def _mixed(self, q: torch.Tensor, mix: nn.Linear) -> torch.Tensor:
         """The head-weighted query (B,Q,dim): sum_h m_h <q_h, k_h> / sqrt(c) is one dot product of k with it."""
@@ -356,6 +416,29 @@ class GaussianKernel(nn.Module):
             w = torch.softmax(logits, dim=-1)
             out.append((w.unsqueeze(-1) * gather_neighbours(key_disp, idx)).sum(dim=2))
         return torch.cat(out, dim=1)
+
+    def neighbour_weights(
+        self,
+        query_xyz: torch.Tensor,
+        query_feat: torch.Tensor | None,
+        key_xyz: torch.Tensor,
+        key_disp: torch.Tensor,
+        key_feat: torch.Tensor | None,
+        key_conf: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Neighbour indices and weights (B,Q,K): forward(...) == sum_k weights[..., k] * key_disp[idx[..., k]]."""
+        _check_inputs(query_xyz, key_xyz, key_disp)
+        key_xyz = key_xyz.float()
+        log_conf = _log_conf(key_conf, key_xyz, self.conf_eps)
+        indices, weights = [], []
+        for start in range(0, query_xyz.shape[1], self.query_chunk):
+            x = query_xyz[:, start : start + self.query_chunk].float()
+            idx = knn(x, key_xyz, self.k)
+            rel = gather_neighbours(key_xyz, idx) - x.unsqueeze(2)
+            logits = -(rel * rel).sum(-1) / (2.0 * self.sigma**2) + gather_neighbours(log_conf, idx)
+            indices.append(idx)
+            weights.append(torch.softmax(logits, dim=-1))
+        return torch.cat(indices, dim=1), torch.cat(weights, dim=1)
 
 
 class TPSKernel(nn.Module):

@@ -28,6 +28,7 @@ from .config import DEFAULT_SCALES, FEATURE_NAMES, RegistrationConfig, ScaleSett
 from .dense import DenseModel, split_by_region
 from .features import FeatureExtractor, mind_ssc, sample_features
 from .kernel import KernelConfig, make_kernel
+from .key_optimisation import optimise_keys
 from .keypoints import forstner_keypoints, lattice_keypoints
 from .matching import match_consistent, match_keypoints
 from .preprocess import MOVING_VIEW_MARGIN_MM, make_working_pair
@@ -286,7 +287,18 @@ def _register_on(
             if int(keep.sum()) < 8:
                 keep = torch.ones_like(keep)
         report_progress(0.9, "reconstructing the dense field")
-        model.set_keys(keypoints[keep], total[keep], confidence[keep])
+        key_report = None
+        if config.key_iterations > 0 and model.local:
+            report_progress(0.9, "optimising the keys against the images")
+            moving_mind = pyramid[1][1] if 1 in pyramid and extract is mind_ssc else mind_ssc(pair.moving)
+            total[keep], key_report = optimise_keys(
+                model, keypoints[keep], total[keep], confidence[keep], moving_mind, pair.fixed_mask,
+                config.key_optimisation_settings(), config.seed,
+            )  # fmt: skip
+        else:
+            model.set_keys(keypoints[keep], total[keep], confidence[keep])
+            if config.key_iterations > 0:
+                key_report = {"skipped": "the TPS kernel is not local: its keys are not optimised"}
         residual_report = None
         if config.residual_iterations > 0:
             report_progress(0.92, "fitting the residual to the images")
@@ -315,6 +327,7 @@ def _register_on(
             "lungs": lungs_report(pair.lungs, pair.geometry, key_region),
         },
         "working_size": list(pair.geometry.size),
+        "key_optimisation": key_report,
         "residual": residual_report,
         "config": config.to_dict(),
     }
