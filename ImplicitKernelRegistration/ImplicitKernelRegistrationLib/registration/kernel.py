@@ -215,15 +215,9 @@ class LearnedKernel(nn.Module):
         key_conf: torch.Tensor | None,
     ) -> torch.Tensor:
         """Displacements (B,Q,3) at the queries, interpolated from the keys."""
-        _check_inputs(query_xyz, key_xyz, key_disp)
-        if self.use_semantic and (query_feat is None or key_feat is None):
-            raise IkrError(f"the {self.config.heads!r} kernel needs image features at queries and keys")
-        key_xyz, key_disp = key_xyz.float(), key_disp.float()
-        log_conf = _log_conf(key_conf, key_xyz, self.config.conf_eps)
-        sem_keys = sem_prior = None
-        if self.use_semantic:
-            sem_keys = self.semantic_key(key_feat.float())  # (B,N,dim), once per key
-            sem_prior = self.semantic_prior(sem_keys).squeeze(-1)  # (B,N)
+        key_xyz, key_disp, sem_keys, sem_prior, log_conf = self._prepare_keys(
+            query_xyz, query_feat, key_xyz, key_disp, key_feat, key_conf
+        )
         out = []
         for start in range(0, query_xyz.shape[1], self.query_chunk):
             sl = slice(start, start + self.query_chunk)
@@ -243,15 +237,9 @@ class LearnedKernel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The kernel as a linear map at the current keys: neighbour indices and weights, both (B,Q,K), such that
         forward(...) == sum_k weights[..., k] * key_disp[idx[..., k]] (key_optimisation.py holds them fixed)."""
-        _check_inputs(query_xyz, key_xyz, key_disp)
-        if self.use_semantic and (query_feat is None or key_feat is None):
-            raise IkrError(f"the {self.config.heads!r} kernel needs image features at queries and keys")
-        key_xyz, key_disp = key_xyz.float(), key_disp.float()
-        log_conf = _log_conf(key_conf, key_xyz, self.config.conf_eps)
-        sem_keys = sem_prior = None
-        if self.use_semantic:
-            sem_keys = self.semantic_key(key_feat.float())
-            sem_prior = self.semantic_prior(sem_keys).squeeze(-1)
+        key_xyz, key_disp, sem_keys, sem_prior, log_conf = self._prepare_keys(
+            query_xyz, query_feat, key_xyz, key_disp, key_feat, key_conf
+        )
         indices, weights = [], []
         for start in range(0, query_xyz.shape[1], self.query_chunk):
             sl = slice(start, start + self.query_chunk)
@@ -263,6 +251,28 @@ class LearnedKernel(nn.Module):
             indices.append(idx)
             weights.append(w)
         return torch.cat(indices, dim=1), torch.cat(weights, dim=1)
+
+    def _prepare_keys(
+        self,
+        query_xyz: torch.Tensor,
+        query_feat: torch.Tensor | None,
+        key_xyz: torch.Tensor,
+        key_disp: torch.Tensor,
+        key_feat: torch.Tensor | None,
+        key_conf: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """Checked inputs and what every query chunk shares: keys and displacements as float, the semantic keys
+        (B,N,dim) and prior (B,N) once per key (None without the semantic head), the log confidences."""
+        _check_inputs(query_xyz, key_xyz, key_disp)
+        if self.use_semantic and (query_feat is None or key_feat is None):
+            raise IkrError(f"the {self.config.heads!r} kernel needs image features at queries and keys")
+        key_xyz, key_disp = key_xyz.float(), key_disp.float()
+        log_conf = _log_conf(key_conf, key_xyz, self.config.conf_eps)
+        sem_keys = sem_prior = None
+        if self.use_semantic:
+            sem_keys = self.semantic_key(key_feat.float())
+            sem_prior = self.semantic_prior(sem_keys).squeeze(-1)
+        return key_xyz, key_disp, sem_keys, sem_prior, log_conf
 
     def _attention(
         self,
@@ -409,11 +419,7 @@ class GaussianKernel(nn.Module):
         log_conf = _log_conf(key_conf, key_xyz, self.conf_eps)
         out = []
         for start in range(0, query_xyz.shape[1], self.query_chunk):
-            x = query_xyz[:, start : start + self.query_chunk].float()
-            idx = knn(x, key_xyz, self.k)
-            rel = gather_neighbours(key_xyz, idx) - x.unsqueeze(2)
-            logits = -(rel * rel).sum(-1) / (2.0 * self.sigma**2) + gather_neighbours(log_conf, idx)
-            w = torch.softmax(logits, dim=-1)
+            idx, w = self._weights(query_xyz[:, start : start + self.query_chunk].float(), key_xyz, log_conf)
             out.append((w.unsqueeze(-1) * gather_neighbours(key_disp, idx)).sum(dim=2))
         return torch.cat(out, dim=1)
 
@@ -432,13 +438,19 @@ class GaussianKernel(nn.Module):
         log_conf = _log_conf(key_conf, key_xyz, self.conf_eps)
         indices, weights = [], []
         for start in range(0, query_xyz.shape[1], self.query_chunk):
-            x = query_xyz[:, start : start + self.query_chunk].float()
-            idx = knn(x, key_xyz, self.k)
-            rel = gather_neighbours(key_xyz, idx) - x.unsqueeze(2)
-            logits = -(rel * rel).sum(-1) / (2.0 * self.sigma**2) + gather_neighbours(log_conf, idx)
+            idx, w = self._weights(query_xyz[:, start : start + self.query_chunk].float(), key_xyz, log_conf)
             indices.append(idx)
-            weights.append(torch.softmax(logits, dim=-1))
+            weights.append(w)
         return torch.cat(indices, dim=1), torch.cat(weights, dim=1)
+
+    def _weights(
+        self, x: torch.Tensor, key_xyz: torch.Tensor, log_conf: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk of queries: the K nearest keys' indices and their softmax weights (B,Q,K)."""
+        idx = knn(x, key_xyz, self.k)
+        rel = gather_neighbours(key_xyz, idx) - x.unsqueeze(2)
+        logits = -(rel * rel).sum(-1) / (2.0 * self.sigma**2) + gather_neighbours(log_conf, idx)
+        return idx, torch.softmax(logits, dim=-1)
 
 
 class TPSKernel(nn.Module):
