@@ -33,11 +33,13 @@ def liver_case():
 
 @pytest.fixture(scope="module")
 def liver_pair(liver_case):
-    """The liver case registered at 3 mm with the residual off (the default) and on (same settings otherwise)."""
+    """The liver case registered at 3 mm with the residual off and on (the default; same settings otherwise)."""
     # no alignment: the residual's mechanics alone (SimpleITK's threads may vary the alignment in the last bits)
-    off = register(liver_case.fixed, liver_case.moving, RegistrationConfig(spacing_mm=3.0, alignment="none"))
-    config = RegistrationConfig(spacing_mm=3.0, residual_iterations=30, alignment="none")
-    on = register(liver_case.fixed, liver_case.moving, config)
+    off = register(
+        liver_case.fixed, liver_case.moving, RegistrationConfig(spacing_mm=3.0, alignment="none", residual_iterations=0)
+    )
+    on = register(liver_case.fixed, liver_case.moving, RegistrationConfig(spacing_mm=3.0, alignment="none"))
+    assert RegistrationConfig().residual_iterations > 0
     return off, on
 
 

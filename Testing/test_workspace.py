@@ -25,8 +25,10 @@ from ImplicitKernelRegistrationLib.io.images import read_image, write_image
 from ImplicitKernelRegistrationLib.io.outputs import (
     FORMAT_VERSION,
     OUTPUT_FILES,
+    RESIDUAL_FILE,
     WorkspaceFiles,
     interrupted_generation,
+    read_residual,
     read_workspace_files,
 )
 from ImplicitKernelRegistrationLib.io.transforms import read_field
@@ -85,6 +87,21 @@ def test_register_writes_every_output_under_the_current_format(registered, case_
     assert report["registration_id"] == session["registration_id"]
     assert report["quality"]["verdict"] in ("ok", "doubtful", "failed")
     assert not lock_path(registered).exists() or lock_path(registered).is_file()  # the lock sits beside it
+
+
+def test_the_residual_is_saved_and_reopened_exactly_and_a_damaged_one_is_refused(folder, phantom_case) -> None:
+    session = read_workspace_files(folder).session
+    assert session["residual"]["file"] == RESIDUAL_FILE and (folder / RESIDUAL_FILE).is_file()
+    residual = read_residual(folder, session)
+    assert residual.shape == tuple(session["residual"]["shape"]) and np.abs(residual).max() > 0
+    saved = read_field(folder / OUTPUT_FILES["displacement"])
+    reopened = Workspace.open(folder).field  # rebuilt from the saved keys and residual: no refit
+    np.testing.assert_allclose(reopened.displacement_mm, saved.displacement_mm, atol=1e-3)
+    Workspace(folder).refine(add=_pair(phantom_case, 0))
+    np.testing.assert_array_equal(read_residual(folder, read_workspace_files(folder).session), residual)
+    (folder / RESIDUAL_FILE).write_bytes((folder / RESIDUAL_FILE).read_bytes()[:-8] + bytes(8))
+    with pytest.raises(IkrError, match="residual.npy.*checksum differs"):
+        Workspace(folder).refine(add=_pair(phantom_case, 1))
 
 
 def test_register_refuses_to_replace_a_result_unasked_and_keeps_its_clicks(tmp_path, folder, case_files, phantom_case):

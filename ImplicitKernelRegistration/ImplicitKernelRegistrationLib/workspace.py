@@ -378,10 +378,18 @@ class Workspace:
         corr = self.correspondences()
         finals = final_figures if fallback_start is not None else None
         saved = {**self.saved, "user": self._user()}
-        write_registration(self.folder, field, warped, corr, report, saved, self._error_map, finals, replace=replace)
+        write_registration(
+            self.folder, field, warped, corr, report, saved, self._error_map, finals, replace, self._residual()
+        )
         self.saved = {k: v for k, v in read_session(self.folder).items() if k not in ("files",)}
         self.report["generation"] = self.saved.get("generation")
         self._seen_sha256 = (self.saved.get("correspondences") or {}).get("sha256")
+
+    def _residual(self) -> np.ndarray | None:
+        """The residual grid (3, z, y, x) of the registration in memory, if it fitted one (None otherwise)."""
+        model = self.session.model if self.session is not None else getattr(self.result, "model", None)
+        residual = getattr(model, "residual", None)
+        return None if residual is None else residual[0].detach().cpu().numpy()
 
     # ------------------------------------------------------------------------------------ open
 
@@ -489,9 +497,12 @@ class Workspace:
         elif self.saved is None:
             raise IkrError("register first (or open the output folder of an earlier registration)")
         else:
+            from .io.outputs import read_residual
+
             if self.automatic is None:
                 self._read_folder()
-            self.session = open_session(self.fixed, self.saved, self.automatic, self.moving)
+            residual = read_residual(self.folder, self.saved) if self.folder is not None else None
+            self.session = open_session(self.fixed, self.saved, self.automatic, self.moving, residual=residual)
         return self.session
 
     @property

@@ -20,7 +20,7 @@ from ..core.correspondences import Correspondences
 from ..core.errors import IkrError
 from ..core.fields import Field
 from ..core.geometry import Image
-from .atomic import atomic_directory, write_text_atomic
+from .atomic import atomic_directory, atomic_path, write_text_atomic
 from .guard import end_journal, read_journal, start_journal
 from .images import check_nifti_payload, first_line, native_output, write_image
 from .transforms import write_field, write_transform
@@ -48,6 +48,9 @@ OUTPUT_FILES = {
     "report": "report.json",
     "uncertainty": "uncertainty.nii.gz",
 }
+# The residual fitted to the images (registration/residual.py), when the registration fitted one: its grid
+# (3, z, y, x) float32 in working voxels, so that reopening the folder needs neither the moving image nor a refit.
+RESIDUAL_FILE = "residual.npy"
 
 
 def correspondences_csv(corr: Correspondences) -> str:
@@ -219,6 +222,7 @@ def _write_all(
     uncertainty: Image | None,
     shown: Path | None = None,
     final_figures: Callable[[], dict] | None = None,
+    residual: bytes | None = None,
 ) -> None:
     """Write every output file into a folder, each atomically; check each was written whole (errors name `shown`).
 
@@ -228,7 +232,7 @@ def _write_all(
     shown = shown or folder
     with native_output():  # a failed write makes ITK's C libraries print pages; the error below says it in a line
         try:
-            _write_files(folder, field, warped, correspondences, report, session, uncertainty, final_figures)
+            _write_files(folder, field, warped, correspondences, report, session, uncertainty, final_figures, residual)
         except (RuntimeError, OSError) as err:
             reason = getattr(err, "strerror", None) or first_line(err)
             raise IkrError(f"cannot write the outputs (disk full or not writable?): {reason}", shown) from err
@@ -268,6 +272,7 @@ def _write_files(
     session: dict,
     uncertainty: Image | None,
     final_figures: Callable[[], dict] | None = None,
+    residual: bytes | None = None,
 ) -> None:
     """Write every output file into an existing folder, each atomically; report.json, then session.json last.
 
@@ -290,6 +295,9 @@ def _write_files(
         for future in futures:
             future.result()  # the first failure is raised here, after every thread has ended
     write_transform(field, folder / OUTPUT_FILES["transform"])
+    if residual is not None:
+        with atomic_path(folder / RESIDUAL_FILE) as tmp:
+            tmp.write_bytes(residual)
     if final_figures is not None:
         report = {**report, **final_figures()}
     write_text_atomic(folder / OUTPUT_FILES["report"], json.dumps(report, indent=2, default=str))
@@ -317,6 +325,7 @@ def write_registration(
     uncertainty: Image | None = None,
     final_figures: Callable[[], dict] | None = None,
     replace: bool = False,
+    residual: np.ndarray | None = None,
 ) -> Path:
     """Write every output of a registration into `outdir` (with the expected-error map when given).
 
@@ -325,21 +334,58 @@ def write_registration(
     each file atomically, under a journal, session.json last; the generation number goes up by one.
     Any other non-empty folder is refused, so nothing of the user's is overwritten. `warped` may be a
     function that makes the warped image (called while the field is written). `final_figures()`,
-    when given, is called after the large files are written and its figures join the report.
+    when given, is called after the large files are written and its figures join the report. `residual`
+    (3, z, y, x), when given, goes to residual.npy, its checksum to session.json (`read_residual`).
     """
     outdir = Path(outdir)
     existing = check_output_folder(outdir)
     generation = int(session.get("generation", 0) or 0) + 1
     session = {**session, "generation": generation}
+    payload = None
+    if residual is not None:
+        payload = residual_bytes(residual)
+        session["residual"] = {"file": RESIDUAL_FILE, "shape": list(residual.shape), "sha256": _sha256(payload)}
     report = {**report, "generation": generation}
     if existing and not replace:
         _update_in_place(
-            outdir, generation, field, warped, correspondences, report, session, uncertainty, final_figures
+            outdir, generation, field, warped, correspondences, report, session, uncertainty, final_figures, payload
         )
     else:
         with atomic_directory(outdir) as tmp:
-            _write_all(tmp, field, warped, correspondences, report, session, uncertainty, outdir, final_figures)
+            _write_all(
+                tmp, field, warped, correspondences, report, session, uncertainty, outdir, final_figures, payload
+            )
     return outdir
+
+
+def residual_bytes(residual: np.ndarray) -> bytes:
+    """A residual grid as the bytes of residual.npy (float32)."""
+    buf = _io.BytesIO()
+    np.save(buf, np.ascontiguousarray(residual, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _sha256(data: bytes) -> str:
+    """The hex SHA-256 of some bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_residual(outdir: str | os.PathLike, session: dict) -> np.ndarray | None:
+    """The residual grid a registration folder recorded (None when session.json records none).
+
+    A missing, damaged or different residual.npy is a one-line error naming it.
+    """
+    record = session.get("residual")
+    if not record:
+        return None
+    path = Path(outdir) / RESIDUAL_FILE
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise IkrError(f"is missing or unreadable ({err.strerror or err}): register again", path) from err
+    if _sha256(data) != record.get("sha256"):
+        raise IkrError("does not match session.json (checksum differs): damaged or from another registration", path)
+    return np.load(_io.BytesIO(data), allow_pickle=False)
 
 
 def _update_in_place(
@@ -352,6 +398,7 @@ def _update_in_place(
     session: dict,
     uncertainty: Image | None,
     final_figures: Callable[[], dict] | None = None,
+    residual: bytes | None = None,
 ) -> None:
     """Write every file into a hidden staging folder, then move them in under a journal, session.json last.
 
@@ -360,10 +407,13 @@ def _update_in_place(
     """
     staging = Path(tempfile.mkdtemp(prefix=".staging.", suffix=".tmp", dir=outdir))
     try:
-        _write_all(staging, field, warped, correspondences, report, session, uncertainty, outdir, final_figures)
+        _write_all(
+            staging, field, warped, correspondences, report, session, uncertainty, outdir, final_figures, residual
+        )
         text = (staging / OUTPUT_FILES["correspondences"]).read_text(encoding="utf-8")
         start_journal(outdir, generation, correspondences_record(text)["sha256"])
-        names = [n for n in OUTPUT_FILES.values() if (staging / n).exists() and n != OUTPUT_FILES["session"]]
+        files = [*OUTPUT_FILES.values(), RESIDUAL_FILE]
+        names = [n for n in files if (staging / n).exists() and n != OUTPUT_FILES["session"]]
         for name in [*names, OUTPUT_FILES["session"]]:
             os.replace(staging / name, outdir / name)
         end_journal(outdir)

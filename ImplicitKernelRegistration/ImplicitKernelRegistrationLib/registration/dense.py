@@ -32,7 +32,7 @@ from ..core.geometry import Geometry
 from .alignment import Alignment
 from .features import sample_features
 from .kernel import TPSKernel, control_axes, kernel_neighbours, knn
-from .residual import ResidualSettings, fit_residual, grid_points, residual_shape, sample_grid, sample_points
+from .residual import ResidualSettings, fit_residual, sample_grid, sample_points
 
 # sigma (working voxels) of the regions' blend across their boundary, cut at REGION_BLEND_RADIUS_VOX (a region's
 # weight is zero beyond it). On bench's ev-thorax-sliding-s0 (2 mm grid) a hard switch folded 0.42 % of the body,
@@ -225,12 +225,9 @@ class DenseModel:
         if self.features is None:
             raise ValueError("the residual needs the fixed image's features")
         points = sample_points(mask, settings.points, seed).to(self.device)
-        shape = residual_shape(self.working.shape_zyx, settings.step_vox)
-        base_grid = self.kernel_at(grid_points(shape, self.working.shape_zyx)).t().reshape(1, 3, *shape)
         with torch.enable_grad():
-            self.residual, summary = fit_residual(
-                self.features, moving_features, self.kernel_at(points), points, settings, base_grid
-            )
+            base = self.kernel_at(points)
+            self.residual, summary = fit_residual(self.features, moving_features, base, points, settings)
         return summary
 
     def control_volume(self, region: int | None = None) -> torch.Tensor:

@@ -29,6 +29,7 @@ from .dense import EMPTY_BOX, Box, DenseModel, box_slices, full_box, index_box, 
 from .features import mind_ssc
 from .pipeline import RegistrationConfig, RegistrationResult, load_kernel, resolve_device
 from .preprocess import lung_mask, make_working_pair, normalise_ct, resample_to, to_tensor
+from .residual import residual_shape
 
 # A clicked pair gets the highest confidence an automatic match can have (1, the top of the range
 # the kernel was trained on); its extra trust comes from down-weighting contradicting matches and
@@ -413,16 +414,19 @@ def open_session(
     automatic: Correspondences,
     moving: Image | None = None,
     fixed_mask: Image | None = None,
+    residual: np.ndarray | None = None,
 ) -> RefinementSession:
     """Rebuild a session from a saved one (session.json's content) and its automatic correspondences.
 
-    When the registration fitted a residual (config residual_iterations > 0) it is fitted again, the
-    same way, on the kernel field of the automatic correspondences: that needs `moving` (and the
-    fixed mask the registration was given, if any; the body mask otherwise).
+    When the registration fitted a residual (config residual_iterations > 0) it is the saved grid
+    `residual` (3, z, y, x; io.outputs.read_residual). A folder written before the grid was saved has
+    none: the residual is then fitted again, the same way, on the kernel field of the automatic
+    correspondences, which needs `moving` (and the fixed mask the registration was given, if any).
     """
     try:
-        # A session saved before the residual stage existed had none.
-        config = RegistrationConfig.from_dict({"residual_iterations": 0, "lung_regions": False, **saved["config"]})
+        # A session saved before the residual stage existed had none, and none saved before it was robust.
+        old = {"residual_iterations": 0, "residual_robust": 0.0, "lung_regions": False}
+        config = RegistrationConfig.from_dict({**old, **saved["config"]})
         working = Geometry.from_dict(saved["working_geometry"])
         pairs = [UserPair.from_dict(p) for p in saved.get("user", {}).get("pairs", [])]
         next_id = int(saved.get("user", {}).get("next_id", 1))
@@ -441,7 +445,11 @@ def open_session(
         lungs = lung_mask(fixed_hu)
         regions = torch.from_numpy(lungs).to(device) if lungs.any() else None
     model = DenseModel(kernel, features, working, config.control_step_vox, alignment=alignment, regions=regions)
-    if config.residual_iterations > 0:
+    if config.residual_iterations > 0 and residual is not None:
+        if residual.shape != (3, *residual_shape(working.shape_zyx, config.residual_step_vox)):
+            raise IkrError(f"the saved residual's grid {list(residual.shape)} does not fit the working grid")
+        model.residual = torch.from_numpy(np.asarray(residual, dtype=np.float32))[None].to(device)
+    elif config.residual_iterations > 0:
         if moving is None:
             raise IkrError("the saved registration fitted a residual to the images: reopening needs the moving image")
         start = None if alignment is None else alignment.to_sitk()

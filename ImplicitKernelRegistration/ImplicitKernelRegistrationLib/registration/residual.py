@@ -5,6 +5,8 @@ fits a small correction r to the images themselves: with u the kernel field (fix
 
     mean over sample points x of |F(x) - M(x + u(x) + r(x))|^2  +  weight * |grad r|^2
 
+(with `robust` > 0 each point's squared difference passes through Geman-McClure, as in key_optimisation.py)
+
 where F and M are the MIND-SSC descriptors of the fixed and moving working images, x are points of
 the fixed mask, and r lives on a coarse grid of the working grid (every `step_vox` voxels, spanning
 it like the kernel's control grid), smoothed by two 3x3x3 box filters (close to a quadratic
@@ -30,9 +32,10 @@ class ResidualSettings:
 
     iterations: int = 30
     step_vox: int = 3
-    learning_rate: float = 0.1
-    smoothness: float = 1.0
-    points: int = 16384
+    learning_rate: float = 0.03
+    smoothness: float = 0.5
+    points: int = 131072
+    robust: float = 2.0
 
 
 def residual_shape(working_zyx: tuple[int, int, int], step_vox: int) -> tuple[int, int, int]:
@@ -115,15 +118,14 @@ def fit_residual(
     base_at: torch.Tensor,
     points: torch.Tensor,
     settings: ResidualSettings,
-    base_grid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Fit the residual grid (1, 3, z, y, x), working voxels, already smoothed; and a summary of the fit.
 
     fixed_features / moving_features: (1, C, D, H, W) descriptors on the working grid; base_at: the
-    kernel field (N, 3) at `points` (N, 3), the fixed-mask voxels the image term is measured at;
-    base_grid: the kernel field at the residual grid's nodes (1, 3, z, y, x): the smoothness term then
-    applies to the whole field (kernel plus residual), so the residual also evens out the kernel's own
-    roughness; without it, to the residual alone.
+    kernel field (N, 3) at `points` (N, 3), the fixed-mask voxels the image term is measured at. The
+    smoothness term applies to the residual alone: regularising the whole field (kernel plus residual)
+    pulled the kernel's own sharp gradients flat and raised the TRE on breathing-like motion
+    (bench/results/accuracy_dev.md, session 6).
     """
     start = time.perf_counter()
     working = tuple(fixed_features.shape[2:])
@@ -132,24 +134,33 @@ def fit_residual(
     with torch.no_grad():
         target = sample_grid(fixed_features.float(), points, working)  # type: ignore[arg-type]
     moving = channels_last(moving_features.float())
+
+    def squared_residuals(grid: torch.Tensor) -> torch.Tensor:
+        """Each point's mean squared descriptor difference (N,) under the kernel field plus `grid`."""
+        warped = sample_rows(moving, working, points + base_at + sample_grid(grid, points, working))  # type: ignore[arg-type]
+        return (warped - target).square().mean(dim=1)
+
+    scale2 = 0.0
+    if settings.robust > 0:  # Geman-McClure, as the key optimisation: points nothing explains weigh less
+        with torch.no_grad():
+            scale2 = settings.robust**2 * float(squared_residuals(torch.zeros_like(params)).median().clamp_min(1e-12))
     optimiser = torch.optim.Adam([params], lr=settings.learning_rate)
     history = []
     for _ in range(settings.iterations):
         optimiser.zero_grad(set_to_none=True)
         grid = smooth(params)
-        warped = sample_rows(moving, working, points + base_at + sample_grid(grid, points, working))  # type: ignore[arg-type]
-        image = (warped - target).square().mean()
-        whole = grid if base_grid is None else grid + base_grid
-        loss = image + settings.smoothness * diffusion(whole, settings.step_vox)
+        r2 = squared_residuals(grid)
+        image = (scale2 * r2 / (r2 + scale2)).mean() if scale2 > 0 else r2.mean()
+        loss = image + settings.smoothness * diffusion(grid, settings.step_vox)
         loss.backward()
         optimiser.step()
-        history.append(float(image.detach()))
+        history.append(float(r2.detach().mean()))
     with torch.no_grad():
         grid = smooth(params).detach()
-        final = sample_rows(moving, working, points + base_at + sample_grid(grid, points, working)) - target  # type: ignore[arg-type]
+        final = squared_residuals(grid)
     summary = {
         "dissimilarity_before": round(history[0], 6) if history else None,
-        "dissimilarity_after": round(float(final.square().mean()), 6),
+        "dissimilarity_after": round(float(final.mean()), 6),
         "max_vox": round(float(grid.abs().max()), 3),
         "seconds": round(time.perf_counter() - start, 3),
     }
