@@ -28,6 +28,7 @@ DEFAULTS = {
     "key_robust": RegistrationConfig().key_robust,
     "keypoint_nms_vox": RegistrationConfig().keypoint_nms_vox,
     "lattice_keys": RegistrationConfig().lattice_keys,
+    "residual_iterations": RegistrationConfig().residual_iterations,
 }
 
 
