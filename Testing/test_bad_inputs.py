@@ -248,6 +248,27 @@ def test_damaged_correspondences_are_refused(capsys, tmp_path, outdir, case):
 
 
 @pytest.mark.bad_input(
+    "A `residual.npy` damaged, or missing while `session.json` records it",
+    "exit 2, `residual.npy: does not match session.json (checksum differs)` or `is missing or unreadable`;"
+    " nothing rewritten",
+)
+@pytest.mark.parametrize("damage", ["edited", "missing"])
+def test_damaged_or_missing_residual_is_refused(capsys, tmp_path, outdir, case, damage):
+    path = outdir / "residual.npy"
+    assert path.is_file()  # the default registration fits a residual and saves it
+    if damage == "edited":
+        data = path.read_bytes()
+        path.write_bytes(data[:-4] + bytes(4))
+    else:
+        path.unlink()
+    before = _snapshot(outdir)
+    code, _, err = _run(capsys, "refine", outdir, "--add", _pairs_csv(tmp_path / "p.csv", case, slice(0, 1)))
+    assert code == 2
+    _one_line_error(err, "residual.npy", "does not match session.json" if damage == "edited" else "is missing")
+    assert _snapshot(outdir) == before
+
+
+@pytest.mark.bad_input(
     "A `session.json` (alone, or with its `report.json`) copied from another registration",
     "exit 2: `session.json and report.json come from different registrations`, or with both copied"
     " `correspondences.csv: does not match session.json`; nothing rewritten",
