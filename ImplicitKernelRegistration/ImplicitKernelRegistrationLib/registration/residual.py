@@ -101,12 +101,14 @@ def diffusion(grid: torch.Tensor, step_vox: float) -> torch.Tensor:
 
 
 def sample_points(mask: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    """Up to `count` distinct voxels (N, 3) x y z of a (1, 1, z, y, x) bool mask, drawn with a seeded generator."""
+    """Up to `count` distinct voxels (N, 3) x y z of a (1, 1, z, y, x) bool mask (seeded draw), z slowest."""
     index = torch.nonzero(mask[0, 0].reshape(-1)).reshape(-1)
     if index.numel() > count:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         pick = torch.randperm(index.numel(), generator=generator)[:count].to(index.device)
-        index = index[pick]
+        # in memory order: the trilinear gathers at these points (sample_rows) then read the volume nearly in
+        # sequence, about twice as fast on a CPU as in random order
+        index = index[pick].sort().values
     d, h, w = mask.shape[2:]
     z, rest = index // (h * w), index % (h * w)
     return torch.stack([rest % w, rest // w, z], dim=1).float()
