@@ -83,7 +83,9 @@ REGISTRATION_STAGES = (  # (module, owner class or "", function, label): the reg
     ("registration.pipeline", "", "match_keypoints", "matching, forward only (scales 1-2)"),
     ("registration.pipeline", "", "match_consistent", "matching, forward + backward (scales 3-5)"),
     ("registration.pipeline", "", "kernel_at_points", "kernel at the keys (priors between scales)"),
-    ("registration.dense", "DenseModel", "set_keys", "dense model: kernel on the control grid"),
+    ("registration.dense", "DenseModel", "set_keys", "dense model: kernel on the control grid (also in the next)"),
+    ("registration.pipeline", "", "optimise_keys", "key optimisation against the images"),
+    ("registration.dense", "DenseModel", "fit_residual", "residual fitted to the images"),
     ("registration.dense", "DenseModel", "field_on", "field on the fixed grid (and the alignment)"),
 )
 
