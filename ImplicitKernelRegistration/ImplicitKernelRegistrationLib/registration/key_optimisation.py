@@ -34,7 +34,7 @@ import torch
 from .dense import DenseModel
 from .features import sample_features
 from .kernel import knn
-from .residual import channels_last, sample_points, sample_rows
+from .residual import channels_last, geman_mcclure, robust_scale, sample_points, sample_rows
 
 GRAPH_NEIGHBOURS = 8  # G: the keys a key's change is compared with by the smoothness term
 
@@ -134,14 +134,14 @@ def optimise_keys(
         """The image term with each point's SSD r^2 through Geman-McClure, scale2 r^2 / (r^2 + scale2)."""
         field = (weights.unsqueeze(-1) * rows(disp, index)).sum(dim=1)
         r2 = (sample_rows(moving, working, points + field) - target).square().mean(dim=1)
-        return (scale2 * r2 / (r2 + scale2)).mean()
+        return geman_mcclure(r2, scale2).mean()
 
     objective = image_term
     if settings.robust > 0:  # points that no displacement explains (a lesion, a contrast change) weigh less
         with torch.no_grad():
             field = (weights.unsqueeze(-1) * matched[index]).sum(dim=1)
             r2 = (sample_rows(moving, working, points + field) - target).square().mean(dim=1)
-            scale2 = settings.robust**2 * float(r2.median().clamp_min(1e-12))
+            scale2 = robust_scale(r2, settings.robust)
 
         def objective(disp: torch.Tensor) -> torch.Tensor:
             """The robust image term."""

@@ -91,6 +91,16 @@ def sample_rows(table: torch.Tensor, shape_zyx: tuple[int, int, int], points_xyz
     return out
 
 
+def robust_scale(squared: torch.Tensor, robust: float) -> float:
+    """Geman-McClure's scale s for per-point squared differences: robust^2 x their median (at the start of a fit)."""
+    return robust**2 * float(squared.median().clamp_min(1e-12))
+
+
+def geman_mcclure(squared: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-point squared differences r^2 through Geman-McClure, s r^2 / (r^2 + s): what nothing explains weighs less."""
+    return scale * squared / (squared + scale)
+
+
 def diffusion(grid: torch.Tensor, step_vox: float) -> torch.Tensor:
     """Mean squared finite-difference gradient of a (1, 3, z, y, x) displacement grid (per working voxel)."""
     total = grid.new_zeros(())
@@ -143,16 +153,16 @@ def fit_residual(
         return (warped - target).square().mean(dim=1)
 
     scale2 = 0.0
-    if settings.robust > 0:  # Geman-McClure, as the key optimisation: points nothing explains weigh less
+    if settings.robust > 0:  # Geman-McClure, as the key optimisation
         with torch.no_grad():
-            scale2 = settings.robust**2 * float(squared_residuals(torch.zeros_like(params)).median().clamp_min(1e-12))
+            scale2 = robust_scale(squared_residuals(torch.zeros_like(params)), settings.robust)
     optimiser = torch.optim.Adam([params], lr=settings.learning_rate)
     history = []
     for _ in range(settings.iterations):
         optimiser.zero_grad(set_to_none=True)
         grid = smooth(params)
         r2 = squared_residuals(grid)
-        image = (scale2 * r2 / (r2 + scale2)).mean() if scale2 > 0 else r2.mean()
+        image = geman_mcclure(r2, scale2).mean() if scale2 > 0 else r2.mean()
         loss = image + settings.smoothness * diffusion(grid, settings.step_vox)
         loss.backward()
         optimiser.step()
