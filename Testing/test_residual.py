@@ -122,8 +122,8 @@ def test_reopened_session_refits_the_same_residual(liver_case, liver_pair):
 
 
 def test_residual_settings_follow_the_config():
-    config = RegistrationConfig(residual_iterations=7, residual_step_vox=3)
+    config = RegistrationConfig(residual_iterations=7, residual_step_vox=3, residual_robust=0.5)
     assert config.residual_settings() == ResidualSettings(
-        7, 3, config.residual_learning_rate, config.residual_smoothness, config.residual_points
+        7, 3, config.residual_learning_rate, config.residual_smoothness, config.residual_points, 0.5
     )
     assert RegistrationConfig.from_dict(config.to_dict()) == config

@@ -7,7 +7,7 @@ command line's `register` and `demo` options are generated from its fields (cli.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from ..core.config import Config, add_flags, flag_values, setting
@@ -122,27 +122,17 @@ class RegistrationConfig(Config):
         """The key_* fields as the key optimisation's settings."""
         from .key_optimisation import KeyOptimisationSettings
 
-        return KeyOptimisationSettings(
-            self.key_iterations,
-            self.key_learning_rate,
-            self.key_points,
-            self.key_smoothness,
-            self.key_anchor,
-            self.key_robust,
-        )
+        return self._prefixed(KeyOptimisationSettings, "key_")
 
     def residual_settings(self) -> ResidualSettings:
         """The residual_* fields as the residual stage's settings."""
         from .residual import ResidualSettings
 
-        return ResidualSettings(
-            self.residual_iterations,
-            self.residual_step_vox,
-            self.residual_learning_rate,
-            self.residual_smoothness,
-            self.residual_points,
-            self.residual_robust,
-        )
+        return self._prefixed(ResidualSettings, "residual_")
+
+    def _prefixed(self, settings_class: type, prefix: str):  # noqa: ANN202  (an instance of settings_class)
+        """An instance of a settings dataclass whose every field f is this config's field prefix + f."""
+        return settings_class(**{f.name: getattr(self, prefix + f.name) for f in fields(settings_class)})
 
 
 # RegistrationConfig field -> its `register`/`demo` option (type, default, choices and help come from the field)
