@@ -97,8 +97,10 @@ def test_the_residual_is_saved_and_reopened_exactly_and_a_damaged_one_is_refused
     saved = read_field(folder / OUTPUT_FILES["displacement"])
     reopened = Workspace.open(folder).field  # rebuilt from the saved keys and residual: no refit
     np.testing.assert_allclose(reopened.displacement_mm, saved.displacement_mm, atol=1e-3)
+    written = (folder / RESIDUAL_FILE).stat().st_mtime_ns
     Workspace(folder).refine(add=_pair(phantom_case, 0))
     np.testing.assert_array_equal(read_residual(folder, read_workspace_files(folder).session), residual)
+    assert (folder / RESIDUAL_FILE).stat().st_mtime_ns == written  # a refinement leaves the file in place
     (folder / RESIDUAL_FILE).write_bytes((folder / RESIDUAL_FILE).read_bytes()[:-8] + bytes(8))
     with pytest.raises(IkrError, match="residual.npy.*checksum differs"):
         Workspace(folder).refine(add=_pair(phantom_case, 1))

@@ -378,9 +378,9 @@ class Workspace:
         corr = self.correspondences()
         finals = final_figures if fallback_start is not None else None
         saved = {**self.saved, "user": self._user()}
-        write_registration(
-            self.folder, field, warped, corr, report, saved, self._error_map, finals, replace, self._residual()
-        )
+        # the residual is written with the registration; a refinement leaves it in place, and the file with it
+        residual = None if saved.get("residual") else self._residual()
+        write_registration(self.folder, field, warped, corr, report, saved, self._error_map, finals, replace, residual)
         self.saved = {k: v for k, v in read_session(self.folder).items() if k not in ("files",)}
         self.report["generation"] = self.saved.get("generation")
         self._seen_sha256 = (self.saved.get("correspondences") or {}).get("sha256")
