@@ -64,6 +64,16 @@ def phantom_case():
 
 
 @pytest.fixture(scope="session")
+def liver_case():
+    """A random smooth (B-spline) case of the real liver slab CT (3 mm; skips without ../shared)."""
+    from ImplicitKernelRegistrationLib.io.images import read_image
+    from ImplicitKernelRegistrationLib.synthetic.synth import make_case
+
+    ct = read_image(shared_path("ct", "liver_ts_example_ct_sm_3mm.nii.gz"))
+    return frozen(make_case(ct, "bspline", seed=5))
+
+
+@pytest.fixture(scope="session")
 def phantom_registration(phantom_case):
     """The phantom case registered with the Gaussian kernel at 3 mm (fast; no weights needed)."""
     from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register

@@ -6,11 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shared_path
 from ImplicitKernelRegistrationLib.core.fields import transform_points
 from ImplicitKernelRegistrationLib.core.geometry import Geometry
 from ImplicitKernelRegistrationLib.core.metrics import sdlogj
-from ImplicitKernelRegistrationLib.io.images import read_image
 from ImplicitKernelRegistrationLib.registration.dense import DenseModel
 from ImplicitKernelRegistrationLib.registration.features import sample_features
 from ImplicitKernelRegistrationLib.registration.kernel import (
@@ -26,7 +24,6 @@ from ImplicitKernelRegistrationLib.registration.key_optimisation import (
 from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
 from ImplicitKernelRegistrationLib.registration.preprocess import body_mask
 from ImplicitKernelRegistrationLib.registration.refine import open_session, session_from_result
-from ImplicitKernelRegistrationLib.synthetic.synth import make_case
 
 
 def _random_keys(seed: int) -> tuple[torch.Tensor, ...]:
@@ -93,13 +90,6 @@ def test_settings_follow_the_config():
         9, config.key_learning_rate, 100, config.key_smoothness, config.key_anchor, config.key_robust
     )
     assert RegistrationConfig.from_dict(config.to_dict()) == config
-
-
-@pytest.fixture(scope="module")
-def liver_case():
-    """A random smooth (B-spline) case of the real liver slab CT (3 mm)."""
-    ct = read_image(shared_path("ct", "liver_ts_example_ct_sm_3mm.nii.gz"))
-    return make_case(ct, "bspline", seed=5)
 
 
 @pytest.fixture(scope="module")

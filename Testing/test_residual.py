@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shared_path
 from ImplicitKernelRegistrationLib.core.fields import transform_points
 from ImplicitKernelRegistrationLib.core.geometry import mm_to_voxels
-from ImplicitKernelRegistrationLib.io.images import read_image
 from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
 from ImplicitKernelRegistrationLib.registration.refine import open_session, session_from_result
 from ImplicitKernelRegistrationLib.registration.residual import (
@@ -21,14 +19,6 @@ from ImplicitKernelRegistrationLib.registration.residual import (
     sample_points,
     smooth,
 )
-from ImplicitKernelRegistrationLib.synthetic.synth import make_case
-
-
-@pytest.fixture(scope="module")
-def liver_case():
-    """A random smooth (B-spline) case of the real liver slab CT (3 mm)."""
-    ct = read_image(shared_path("ct", "liver_ts_example_ct_sm_3mm.nii.gz"))
-    return make_case(ct, "bspline", seed=5)
 
 
 @pytest.fixture(scope="module")
