@@ -86,9 +86,14 @@ def read_correspondences_csv(path: str | os.PathLike, expected: dict | None = No
     return Correspondences(fixed, moving - fixed, conf, source)
 
 
+def _sha256(data: bytes) -> str:
+    """The hex SHA-256 of some bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def correspondences_record(text: str) -> dict:
     """What session.json records of its correspondences.csv: the row count and the SHA-256 of the text."""
-    return {"n": max(0, text.count("\n") - 1), "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+    return {"n": max(0, text.count("\n") - 1), "sha256": _sha256(text.encode("utf-8"))}
 
 
 def check_correspondences_text(text: str, expected: dict, path: Path) -> None:
@@ -363,11 +368,6 @@ def residual_bytes(residual: np.ndarray) -> bytes:
     buf = _io.BytesIO()
     np.save(buf, np.ascontiguousarray(residual, dtype=np.float32), allow_pickle=False)
     return buf.getvalue()
-
-
-def _sha256(data: bytes) -> str:
-    """The hex SHA-256 of some bytes."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def read_residual(outdir: str | os.PathLike, session: dict) -> np.ndarray | None:
