@@ -34,7 +34,7 @@ import torch
 from .dense import DenseModel
 from .features import sample_features
 from .kernel import knn
-from .residual import channels_last, geman_mcclure, robust_scale, sample_points, sample_rows
+from .residual import apply_map, channels_last, geman_mcclure, robust_scale, sample_points, sample_rows, sparse_map
 
 GRAPH_NEIGHBOURS = 8  # G: the keys a key's change is compared with by the smoothness term
 
@@ -49,31 +49,6 @@ class KeyOptimisationSettings:
     smoothness: float = 0.01
     anchor: float = 0.001
     robust: float = 2.0
-
-
-class _Rows(torch.autograd.Function):
-    """values[index] whose backward sums with index_add_ in a fixed order (the backward of plain indexing,
-    index_put_ with accumulate, is not deterministic on a CPU with several threads)."""
-
-    @staticmethod
-    def forward(ctx, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """values[index]."""
-        ctx.save_for_backward(index)
-        ctx.rows = values.shape[0]
-        return values[index]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """The gradient summed into the rows it came from, by index_add_."""
-        (index,) = ctx.saved_tensors
-        out = grad.new_zeros((ctx.rows, *grad.shape[index.dim() :]))
-        out.index_add_(0, index.reshape(-1), grad.reshape(-1, *grad.shape[index.dim() :]))
-        return out, None
-
-
-def rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """values[index], differentiable in `values` with a deterministic backward."""
-    return _Rows.apply(values, index)
 
 
 def control_jacobian(grid: torch.Tensor, spacing: tuple[float, float, float]) -> torch.Tensor:
@@ -124,37 +99,38 @@ def optimise_keys(
         graph = knn(keys[None], keys[None], GRAPH_NEIGHBOURS + 1)[0][:, 1:]
     moving = channels_last(moving_features.float())
     trust = (conf / conf.mean().clamp_min(1e-6))[:, None]
+    kernel_map = sparse_map(index, weights, keys.shape[0])  # the field at the points = kernel_map @ displacements
+
+    def squared(disp: torch.Tensor) -> torch.Tensor:
+        """Each sample point's mean MIND-SSC squared difference (N,) under the field of these key displacements."""
+        field = apply_map(kernel_map, disp)
+        return (sample_rows(moving, working, points + field) - target).square().mean(dim=1)
 
     def image_term(disp: torch.Tensor) -> torch.Tensor:
         """Mean MIND-SSC SSD at the sample points of the field of key displacements (frozen weights)."""
-        field = (weights.unsqueeze(-1) * rows(disp, index)).sum(dim=1)
-        return (sample_rows(moving, working, points + field) - target).square().mean()
-
-    def robust_term(disp: torch.Tensor, scale2: float) -> torch.Tensor:
-        """The image term with each point's SSD r^2 through Geman-McClure, scale2 r^2 / (r^2 + scale2)."""
-        field = (weights.unsqueeze(-1) * rows(disp, index)).sum(dim=1)
-        r2 = (sample_rows(moving, working, points + field) - target).square().mean(dim=1)
-        return geman_mcclure(r2, scale2).mean()
+        return squared(disp).mean()
 
     objective = image_term
     if settings.robust > 0:  # points that no displacement explains (a lesion, a contrast change) weigh less
         with torch.no_grad():
-            field = (weights.unsqueeze(-1) * matched[index]).sum(dim=1)
-            r2 = (sample_rows(moving, working, points + field) - target).square().mean(dim=1)
-            scale2 = robust_scale(r2, settings.robust)
+            scale2 = robust_scale(squared(matched), settings.robust)
 
         def objective(disp: torch.Tensor) -> torch.Tensor:
-            """The robust image term."""
-            return robust_term(disp, scale2)
+            """The image term with each point's SSD r^2 through Geman-McClure, scale2 r^2 / (r^2 + scale2)."""
+            return geman_mcclure(squared(disp), scale2).mean()
 
+    smooth = settings.smoothness > 0 and graph.shape[1] > 0
+    if smooth:  # each key's change against the mean change of its G nearest keys
+        share = torch.full(graph.shape, 1.0 / graph.shape[1], device=graph.device)
+        neighbour_mean = sparse_map(graph, share, keys.shape[0])
     change = torch.zeros_like(matched, requires_grad=True)
     optimiser = torch.optim.Adam([change], lr=settings.learning_rate)
     with torch.enable_grad():  # the pipeline runs under no_grad
         for _ in range(settings.iterations):
             optimiser.zero_grad(set_to_none=True)
             loss = objective(matched + change)
-            if settings.smoothness > 0 and graph.shape[1] > 0:
-                rough = change - rows(change, graph).mean(dim=1)
+            if smooth:
+                rough = change - apply_map(neighbour_mean, change)
                 loss = loss + settings.smoothness * rough.square().sum(dim=1).mean()
             if settings.anchor > 0:
                 loss = loss + settings.anchor * (trust * change.square()).sum(dim=1).mean()

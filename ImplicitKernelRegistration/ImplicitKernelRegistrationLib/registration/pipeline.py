@@ -288,9 +288,14 @@ def _register_on(
                 keep = torch.ones_like(keep)
         report_progress(0.9, "reconstructing the dense field")
         key_report = None
+        moving_mind = None
+        if (config.key_iterations > 0 and model.local) or config.residual_iterations > 0:
+            moving_mind = pyramid[1][1] if 1 in pyramid and extract is mind_ssc else mind_ssc(pair.moving)
+            pyramid.clear()  # the matching is done: hold one copy of the moving descriptors, not two
+            # channels last: both stages read it as a (voxels, channels) table (residual.channels_last), then a view
+            moving_mind = moving_mind.float().contiguous(memory_format=torch.channels_last_3d)
         if config.key_iterations > 0 and model.local:
             report_progress(0.9, "optimising the keys against the images")
-            moving_mind = pyramid[1][1] if 1 in pyramid and extract is mind_ssc else mind_ssc(pair.moving)
             total[keep], key_report = optimise_keys(
                 model, keypoints[keep], total[keep], confidence[keep], moving_mind, pair.fixed_mask,
                 config.key_optimisation_settings(), config.seed,
@@ -302,7 +307,6 @@ def _register_on(
         residual_report = None
         if config.residual_iterations > 0:
             report_progress(0.92, "fitting the residual to the images")
-            moving_mind = pyramid[1][1] if 1 in pyramid and extract is mind_ssc else mind_ssc(pair.moving)
             residual_report = model.fit_residual(moving_mind, pair.fixed_mask, config.residual_settings(), config.seed)
         report_progress(0.95, "sampling the field onto the fixed grid")
         field_fixed = model.field_on(fixed.geometry)
