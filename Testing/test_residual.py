@@ -12,12 +12,18 @@ from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConf
 from ImplicitKernelRegistrationLib.registration.refine import open_session, session_from_result
 from ImplicitKernelRegistrationLib.registration.residual import (
     ResidualSettings,
+    apply_map,
+    channels_last,
     diffusion,
     grid_points,
+    point_sampling,
     residual_shape,
+    sample_at,
     sample_grid,
     sample_points,
+    sample_rows,
     smooth,
+    sparse_map,
 )
 
 
@@ -43,6 +49,62 @@ def test_grid_helpers_agree():
     constant = torch.ones(1, 3, *shape)
     assert torch.allclose(smooth(constant), constant)
     assert float(diffusion(constant, 2.0)) == 0.0
+
+
+def test_smooth_is_two_replicate_padded_box_filters():
+    grid = torch.randn(1, 3, 7, 5, 6, generator=torch.Generator().manual_seed(0))
+    reference = grid
+    for _ in range(2):
+        reference = torch.nn.functional.avg_pool3d(torch.nn.functional.pad(reference, (1,) * 6, mode="replicate"), 3, 1)
+    assert torch.allclose(smooth(grid), reference, atol=1e-6)
+    single = torch.randn(1, 3, 1, 4, 5)  # an axis of one node
+    thick = single.expand(1, 3, 3, 4, 5).contiguous()
+    assert torch.allclose(smooth(single)[:, :, 0], smooth(thick)[:, :, 1], atol=1e-6)
+
+
+def test_sample_rows_values_and_gradient_match_grid_sample():
+    """sample_rows (its gradient computed in the forward pass) against grid_sample with autograd, border clamped:
+    values and gradients in the points, inside the volume and beyond its edges."""
+    generator = torch.Generator().manual_seed(1)
+    volume = torch.randn(1, 4, 6, 7, 9, generator=generator, dtype=torch.float64)
+    points = torch.rand(500, 3, generator=generator, dtype=torch.float64) * torch.tensor([12.0, 10.0, 9.0]) - 1.5
+    ours = points.clone().requires_grad_()
+    theirs = points.clone().requires_grad_()
+    value = sample_rows(channels_last(volume), (6, 7, 9), ours)
+    weights = torch.randn(value.shape, generator=generator, dtype=torch.float64)
+    (value * weights).sum().backward()
+    coords = (2 * theirs / torch.tensor([8.0, 6.0, 5.0], dtype=torch.float64) - 1).reshape(1, -1, 1, 1, 3)
+    exact = torch.nn.functional.grid_sample(volume, coords, padding_mode="border", align_corners=True)
+    exact = exact.reshape(4, -1).t()
+    (exact * weights).sum().backward()
+    assert torch.allclose(value, exact, atol=1e-10)
+    assert torch.allclose(sample_grid(volume.float(), points, (6, 7, 9)).double(), exact, atol=1e-5)
+    inside = ((points > 0.01) & (points < torch.tensor([7.99, 5.99, 4.99], dtype=torch.float64))).all(dim=1)
+    assert inside.sum() > 100 and (~inside).sum() > 100
+    # grid_sample's gradient at a clamped coordinate is zero, as ours; compare away from the voxel faces (kinks)
+    frac = points - points.floor()
+    smooth_place = ((frac > 0.01) & (frac < 0.99)).all(dim=1)
+    assert torch.allclose(ours.grad[smooth_place], theirs.grad[smooth_place], atol=1e-8)
+    with torch.no_grad():
+        assert torch.allclose(sample_rows(channels_last(volume), (6, 7, 9), points), value)
+
+
+def test_sparse_maps_match_grid_sample_and_their_transpose():
+    generator = torch.Generator().manual_seed(2)
+    working, shape = (9, 11, 13), (4, 5, 1)  # an axis of one node too
+    grid = torch.randn(1, 3, *shape, generator=generator)
+    points = torch.rand(300, 3, generator=generator) * torch.tensor([12.0, 10.0, 8.0])
+    sampling = point_sampling(points, shape, working)
+    assert torch.allclose(sample_at(sampling, grid), sample_grid(grid, points, working), atol=1e-5)
+    rows = torch.randn(7, 2, generator=generator, requires_grad=True)
+    columns = torch.randint(0, 7, (5, 3), generator=generator)
+    weights = torch.rand(5, 3, generator=generator)
+    linear = sparse_map(columns, weights, 7)
+    out = apply_map(linear, rows)
+    assert torch.allclose(out, (weights[:, :, None] * rows[columns]).sum(dim=1), atol=1e-6)
+    out.sum().backward()
+    expected = torch.zeros(7).index_add_(0, columns.reshape(-1), weights.reshape(-1))
+    assert torch.allclose(rows.grad, expected[:, None].expand(7, 2), atol=1e-6)
 
 
 def test_sample_points_are_mask_voxels_and_seeded():
