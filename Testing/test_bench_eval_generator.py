@@ -206,3 +206,19 @@ def test_sliding_needs_lungs(smooth_phantom) -> None:
     solid = smooth_phantom.with_array(np.where(body & (smooth_phantom.array < -300), 40.0, smooth_phantom.array))
     with pytest.raises(IkrError, match="needs lungs"):
         draw_velocity(solid, "sliding", np.random.default_rng(0))
+
+
+def test_truth_row_scores_the_true_field(clean_case) -> None:
+    """The bench's 'truth' row: the true field's own TRE (zero: the landmarks follow it) and its SDlogJ in the body."""
+    from types import SimpleNamespace
+
+    from run import truth_row
+
+    from ImplicitKernelRegistrationLib.core.metrics import sdlogj
+
+    spec = SimpleNamespace(name="clean", set="independent", unseen="generator")
+    row = truth_row(spec, clean_case)
+    assert row["method"] == "truth" and row["status"] == "ok" and row["case"] == "clean"
+    assert row["tre"]["mean"] < 1e-3
+    expected = sdlogj(clean_case.true_field, body_mask(clean_case.fixed))["sdlogj"]
+    assert row["jacobian"]["sdlogj"] == pytest.approx(expected) and expected > 0.01

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from cases import CASE_SETS, load_case
 from report import sets_table, values_table
-from run import git_version, identity_row, machine, markdown, peer_versions, plot, result_row
+from run import git_version, identity_row, machine, markdown, peer_versions, plot, result_row, truth_row
 
 from ImplicitKernelRegistrationLib.io.atomic import write_text_atomic
 
@@ -28,7 +28,7 @@ BENCH = Path(__file__).resolve().parent
 
 
 def collect(sets: list[str], cases: list[str] | None, methods: list[str], work: Path) -> list[dict]:
-    """The rows of every finished (case, method) run under work/runs, with the 'none' row of each case."""
+    """The rows of every finished (case, method) run under work/runs, with the 'none' and 'truth' rows of each case."""
     rows = []
     specs = [s for name in sets for s in CASE_SETS[name] if cases is None or s.name in cases]
     for spec in dict.fromkeys(specs):
@@ -36,7 +36,7 @@ def collect(sets: list[str], cases: list[str] | None, methods: list[str], work: 
         if not (folder / "case.json").exists():
             continue
         case = load_case(folder)
-        rows.append(identity_row(spec, case))
+        rows.extend([identity_row(spec, case), truth_row(spec, case)])
         for method in methods:
             out = work / "runs" / spec.name / method
             record, field = out / "run.json", out / "field.nii.gz"

@@ -20,7 +20,7 @@ MARKERS = "osD^vP*Xh<>"
 
 def plot(results: dict, out: Path) -> None:
     """Draw the figure and write it atomically."""
-    rows = [r for r in results["rows"] if r["status"] == "ok" and r["time_s"] > 0]
+    rows = [r for r in results["rows"] if r["status"] == "ok" and r["time_s"] > 0]  # not 'none', not 'truth'
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cases = list(dict.fromkeys(r["case"] for r in results["rows"]))
     colours = plt.get_cmap("tab10")

@@ -129,11 +129,14 @@ def sets_table(rows: list[dict], sets: list[str]) -> str:
 
 
 def most_accurate_peer(rows: list[dict], case: str) -> dict | None:
-    """The peer (not this project, not 'none') with the lowest mean TRE on a case."""
+    """The peer (not this project, not 'none' or 'truth') with the lowest mean TRE on a case."""
     peers = [
         r
         for r in rows
-        if r["case"] == case and r["status"] == "ok" and r["method"] != "none" and not r["method"].startswith("ikr")
+        if r["case"] == case
+        and r["status"] == "ok"
+        and r["method"] not in ("none", "truth")
+        and not r["method"].startswith("ikr")
     ]
     return min(peers, key=lambda r: r["tre"]["mean"], default=None)
 

@@ -41,8 +41,9 @@ from report import convention_table, ratios_table, sets_table, summary_table, ti
 from scoring import convention_check, score, score_tre
 
 from ImplicitKernelRegistrationLib.core.fields import Field
-from ImplicitKernelRegistrationLib.core.metrics import tre
+from ImplicitKernelRegistrationLib.core.metrics import sdlogj, tre
 from ImplicitKernelRegistrationLib.io.atomic import write_text_atomic
+from ImplicitKernelRegistrationLib.registration.preprocess import body_mask
 
 ROOT = BENCH.parent
 
@@ -156,6 +157,18 @@ def identity_row(spec: Spec, case) -> dict:
     }
 
 
+def truth_row(spec: Spec, case) -> dict:
+    """The 'truth' row: the case's true field scored as a method is (its TRE is the landmarks' own error; its SDlogJ
+    is how rough a perfect registration of this case is, in the same body mask)."""
+    body = body_mask(case.fixed)
+    return {
+        **identity_row(spec, case),
+        "method": "truth",
+        "tre": tre(case.landmarks_fixed_lps, case.landmarks_moving_lps, case.true_field),
+        "jacobian": sdlogj(case.true_field, body),
+    }
+
+
 def result_row(spec: Spec, case, run: dict) -> dict:
     """A table row from a run record: its figures when it finished, else its status and reason."""
     row = {"case": spec.name, "set": spec.set, "unseen": spec.unseen, **{k: v for k, v in run.items() if k != "field"}}
@@ -183,7 +196,7 @@ def run_case(spec: Spec, methods: list, args: argparse.Namespace, timeout: float
     print(f"case {spec.name}: building ...", flush=True)
     folder = spec.build(args.data, args.work)
     case = load_case(folder)
-    rows = [identity_row(spec, case)]
+    rows = [identity_row(spec, case), truth_row(spec, case)]
     for method in methods:
         print(f"case {spec.name}: {method.name} ...", flush=True)
         out = args.work / "runs" / spec.name / method.name
