@@ -43,7 +43,7 @@ GRAPH_NEIGHBOURS = 8  # G: the keys a key's change is compared with by the smoot
 class KeyOptimisationSettings:
     """How the key displacements are optimised (see the module docstring); iterations 0 switches it off."""
 
-    iterations: int = 50
+    iterations: int = 25
     learning_rate: float = 0.05
     points: int = 16384
     smoothness: float = 0.01
