@@ -32,9 +32,9 @@ from .kernel import control_axes
 class ResidualSettings:
     """How the residual is fitted (see the module docstring); iterations 0 switches it off."""
 
-    iterations: int = 30
+    iterations: int = 20
     step_vox: int = 3
-    learning_rate: float = 0.03
+    learning_rate: float = 0.045
     smoothness: float = 0.5
     points: int = 131072
     robust: float = 2.0
