@@ -97,7 +97,8 @@ def liver_pair(liver_case):
     """The liver case registered at 3 mm without and with the key optimisation (same settings otherwise)."""
     common = {"spacing_mm": 3.0, "alignment": "none", "residual_iterations": 0}  # the stage's mechanics alone
     off = register(liver_case.fixed, liver_case.moving, RegistrationConfig(**common, key_iterations=0))
-    on = register(liver_case.fixed, liver_case.moving, RegistrationConfig(**common, key_iterations=50))
+    on = register(liver_case.fixed, liver_case.moving, RegistrationConfig(**common))
+    assert RegistrationConfig().key_iterations > 0
     return off, on
 
 
