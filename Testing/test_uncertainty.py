@@ -247,3 +247,39 @@ def test_fit_recovers_a_log_linear_law():
     model = fit_uncertainty(x, y, names=("bias", "log_flow", "log_flow_coarse"), ridge=0.0)
     np.testing.assert_allclose(model.coef, [0.5, 1.0, -0.5], atol=0.05)
     assert model.residual_q05 < 0.0 < model.residual_q95
+
+
+def test_log_residual_measures_the_residual_fitted_to_the_images(phantom_registration):
+    """log_residual: the floor without a residual, its length where it is constant, high only around a local one."""
+    import copy
+
+    import torch
+
+    from ImplicitKernelRegistrationLib.review.uncertainty import EPS_MM, control_features
+
+    names = ("bias", "log_residual")
+    assert phantom_registration.model.residual is not None  # on by default
+    shape = phantom_registration.model.residual.shape
+    model = copy.copy(phantom_registration.model)  # the fixture's model is shared: set the residual on a copy
+    model.residual = None
+    np.testing.assert_allclose(control_features(model, names=names)[:, 1], np.log(EPS_MM))
+
+    model.residual = torch.zeros(shape)
+    model.residual[0, 0] = 2.0  # 2 working voxels along x everywhere
+    flat = control_features(model, names=names)[:, 1]
+    np.testing.assert_allclose(np.exp(flat) - EPS_MM, 2.0 * model.working.spacing_mm[0], rtol=1e-4)
+
+    bump = torch.zeros(shape)
+    z, y, x = (n // 2 for n in shape[2:])
+    bump[0, :, z - 1 : z + 2, y - 1 : y + 2, x - 1 : x + 2] = 2.0  # a local correction in the middle
+    model.residual = bump
+    local = control_features(model, names=names)[:, 1]
+    centre = model.working.index_to_lps(
+        (np.array([x, y, z]) * (np.asarray(model.working.size) - 1) / (np.array(shape[2:][::-1]) - 1))[None]
+    )[0]
+    lps = model.working.index_to_lps(model.points[: len(local)].numpy().astype(np.float64))
+    dist = np.linalg.norm(lps - centre, axis=1)
+    near, far = dist < dist.min() + 1.0, dist > 40.0  # the control point(s) nearest the bump; far from it
+    assert near.any() and far.sum() > 10
+    assert local[near].min() > np.log(1.0 + EPS_MM)  # over a millimetre at the bump
+    np.testing.assert_allclose(local[far], np.log(EPS_MM))  # nothing beyond the residual grid's reach

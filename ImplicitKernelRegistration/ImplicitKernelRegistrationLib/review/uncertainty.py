@@ -6,7 +6,8 @@ Signals, per key then per control point of the DenseModel (all cheap: one kernel
   a clicked (user) key counts as exact (residual 0);
 - the key's match confidence (0..1; the forward/backward check lowers it, user keys are 1);
 - the distance to the nearest key and to the K-th nearest key (local key density), mm;
-- the local displacement gradient (Frobenius norm of the field's Jacobian minus identity).
+- the local displacement gradient (Frobenius norm of the field's Jacobian minus identity);
+- the length of the residual fitted to the images (DenseModel.residual; zero when off), mm.
 The per-key signals are averaged over each control point's K nearest keys with Shepard weights
 1 / (SHEPARD_VOX^2 + r^2). A log-linear model maps them to log(error + EPS_MM); its coefficients and
 the empirical quantiles of its residuals (for the 90 % interval and the mean) were fitted on synthetic
@@ -56,6 +57,7 @@ KEY_FEATURES = (
     "log_spread",
     "log_disp",
     "log_border",
+    "log_residual",
 )
 IMAGE_FEATURES = (  # need the moving image
     "log_mismatch",
@@ -251,12 +253,18 @@ def _control_spacing_mm(model: DenseModel) -> np.ndarray:
     return np.asarray(model.working.spacing_mm) * (n - 1) / np.maximum(m - 1, 1)
 
 
-def _key_signals(model: DenseModel, n_user: int, seed: int) -> dict[str, np.ndarray]:
-    """The features drawn from the keys and the field, at every control point: name -> (P,)."""
-    loo = key_loo_residuals(model, seed=seed)
+def _residual_length(model: DenseModel) -> np.ndarray:
+    """The length (mm) of the residual fitted to the images (DenseModel.residual; 0 when off) at every control point."""
+    with torch.no_grad():
+        values = model.residual_at(model.points[: math.prod(model.control_shape)]).cpu().numpy()
+    return np.linalg.norm(voxels_to_mm(values, model.working), axis=1)
+
+
+def _key_signals(model: DenseModel, n_user: int, seed: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The features drawn from the keys and the field, at every control point: name -> (P,). The leave-fold-out
+    residuals (N_FOLDS kernel passes, most of the cost) only when `names` holds log_loo."""
     conf = np.clip(model.conf.cpu().numpy(), 0.0, 1.0)
     if n_user:
-        loo[-n_user:] = 0.0
         conf[-n_user:] = 1.0
     vox_mm = float(np.mean(model.working.spacing_mm))
     grid = math.prod(model.control_shape)  # the control grid's rows (region ghosts follow them; dense.py)
@@ -272,9 +280,8 @@ def _key_signals(model: DenseModel, n_user: int, seed: int) -> dict[str, np.ndar
     values = np.linalg.norm(voxels_to_mm(model.values[:grid].cpu().numpy(), model.working), axis=1)
     size = np.asarray(model.working.size, dtype=np.float64)
     border = np.min(np.minimum(points, size - 1 - points) * np.asarray(model.working.spacing_mm), axis=1)
-    return {
+    signals = {
         "bias": np.ones(len(nb)),
-        "log_loo": np.log(np.sum(w * loo[nb], axis=1) + EPS_MM),
         "log_nearest": np.log(r[:, 0] * vox_mm + 1.0),
         "log_kth": np.log(kth + 1.0),
         "unconfidence": np.sum(w * (1.0 - conf[nb]), axis=1),
@@ -282,7 +289,14 @@ def _key_signals(model: DenseModel, n_user: int, seed: int) -> dict[str, np.ndar
         "log_spread": np.log(spread + EPS_MM),
         "log_disp": np.log(values + 1.0),
         "log_border": np.log(np.maximum(border, 0.0) + 1.0),
+        "log_residual": np.log(_residual_length(model) + EPS_MM),
     }
+    if "log_loo" in names:
+        loo = key_loo_residuals(model, seed=seed)
+        if n_user:
+            loo[-n_user:] = 0.0
+        signals["log_loo"] = np.log(np.sum(w * loo[nb], axis=1) + EPS_MM)
+    return signals
 
 
 def _gradient(volume: torch.Tensor, dim: int) -> torch.Tensor:
@@ -397,7 +411,7 @@ def control_features(
     wanted = [n for n in names if n in IMAGE_FEATURES]
     if wanted and (moving is None or model.features is None):
         raise IkrError(f"the image features {wanted} need the moving image and the fixed image's features")
-    signals = _key_signals(model, n_user, seed) if any(n in KEY_FEATURES[1:] for n in names) else {}
+    signals = _key_signals(model, n_user, seed, tuple(names)) if any(n in KEY_FEATURES[1:] for n in names) else {}
     signals["bias"] = np.ones(math.prod(model.control_shape))
     if wanted:
         signals.update(image_signals(model, moving, tuple(wanted)))
