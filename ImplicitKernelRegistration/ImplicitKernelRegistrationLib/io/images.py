@@ -327,7 +327,9 @@ def write_image(image: Image, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         try:
             write_sitk_image(image.to_sitk(), tmp)
-        except (RuntimeError, OSError) as err:
+        except OSError as err:  # our gzip of a float image (ITK's writers report a full disk only on stderr)
+            raise IkrError(f"was not written completely ({err.strerror or err}; disk full?)", path) from err
+        except RuntimeError as err:
             raise IkrError(f"cannot write image: {first_line(err)}", path) from err
     return path
 

@@ -56,7 +56,10 @@ def write_field(field: Field, path: str | os.PathLike) -> Path:
     vectors = np.asarray(field.displacement_mm, dtype=np.float32)  # no float64 copy on the way
     image = field.geometry.apply_to_sitk(sitk.GetImageFromArray(vectors, isVector=True))
     with atomic_path(path) as tmp:
-        write_sitk_image(image, tmp)
+        try:
+            write_sitk_image(image, tmp)
+        except OSError as err:  # our gzip (ITK's writers report a full disk only on stderr)
+            raise IkrError(f"was not written completely ({err.strerror or err}; disk full?)", path) from err
     return path
 
 
