@@ -319,18 +319,28 @@ def write_sitk_image(image: sitk.Image, path: Path) -> None:
     sitk.WriteImage(image, str(path), useCompression=not name.endswith(".nii"))
 
 
+def write_sitk_atomic(image: sitk.Image, path: Path) -> None:
+    """Write a SimpleITK image atomically (`write_sitk_image` on a temporary path, then renamed).
+
+    A file our gzip could not write whole (a full disk, a file-size limit; ITK's writers report those only on
+    stderr) is an error naming `path`.
+    """
+    with atomic_path(path) as tmp:
+        try:
+            write_sitk_image(image, tmp)
+        except OSError as err:
+            raise IkrError(f"was not written completely ({err.strerror or err}; disk full?)", path) from err
+
+
 def write_image(image: Image, path: str | os.PathLike) -> Path:
     """Write an Image atomically to .nii, .nii.gz, .nrrd or .mha (single-file formats) and return the path."""
     path = Path(path)
     if not path.name.lower().endswith(WRITE_SUFFIXES):
         raise IkrError(f"cannot write this format; use one of {', '.join(WRITE_SUFFIXES)}", path)
-    with atomic_path(path) as tmp:
-        try:
-            write_sitk_image(image.to_sitk(), tmp)
-        except OSError as err:  # our gzip of a float image (ITK's writers report a full disk only on stderr)
-            raise IkrError(f"was not written completely ({err.strerror or err}; disk full?)", path) from err
-        except RuntimeError as err:
-            raise IkrError(f"cannot write image: {first_line(err)}", path) from err
+    try:
+        write_sitk_atomic(image.to_sitk(), path)
+    except RuntimeError as err:
+        raise IkrError(f"cannot write image: {first_line(err)}", path) from err
     return path
 
 

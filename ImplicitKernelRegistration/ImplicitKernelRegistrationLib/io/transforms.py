@@ -31,7 +31,7 @@ from ..core.errors import IkrError
 from ..core.fields import Field, field_from_transform
 from ..core.geometry import Geometry
 from .atomic import atomic_path
-from .images import write_sitk_image
+from .images import write_sitk_atomic
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt")
@@ -55,11 +55,7 @@ def write_field(field: Field, path: str | os.PathLike) -> Path:
     _check_suffix(path, IMAGE_SUFFIXES, "displacement field")
     vectors = np.asarray(field.displacement_mm, dtype=np.float32)  # no float64 copy on the way
     image = field.geometry.apply_to_sitk(sitk.GetImageFromArray(vectors, isVector=True))
-    with atomic_path(path) as tmp:
-        try:
-            write_sitk_image(image, tmp)
-        except OSError as err:  # our gzip (ITK's writers report a full disk only on stderr)
-            raise IkrError(f"was not written completely ({err.strerror or err}; disk full?)", path) from err
+    write_sitk_atomic(image, path)
     return path
 
 
