@@ -37,6 +37,7 @@ from ImplicitKernelRegistrationLib.registration.refine import session_from_resul
 from ImplicitKernelRegistrationLib.review.uncertainty import (
     DEFAULT_PARAMS,
     FEATURE_NAMES,
+    UncertaintyModel,
     expected_error_at,
     expected_error_map,
     fit_uncertainty,
@@ -147,6 +148,15 @@ def loco_spearman(xs: list[np.ndarray], ys: list[np.ndarray], names: tuple[str, 
     return out
 
 
+def held_out_spearman(
+    xs: list[np.ndarray], ys: list[np.ndarray], held: list[tuple[np.ndarray, np.ndarray]], names: tuple[str, ...]
+) -> tuple[list[float], UncertaintyModel]:
+    """Spearman per held-out case of the model on the features `names` fitted on every training case; and the model."""
+    cols = [FEATURE_NAMES.index(n) for n in names]
+    model = fit_uncertainty(np.concatenate(xs)[:, cols], np.concatenate(ys))
+    return [float(stats.spearmanr(model.log_error(x[:, cols]), y).statistic) for x, y in held], model
+
+
 def select(args: argparse.Namespace) -> None:
     """Greedy forward selection of the image model's features by leave-one-case-out Spearman on the training
     cases (min, then mean), then each step's fit on all of them scored on the held-out synth cases' points."""
@@ -166,9 +176,7 @@ def select(args: argparse.Namespace) -> None:
             print(f"  + {name}: LOCO min {lo:.3f} mean {mean:.3f}")
         chosen = (*chosen, best[2])
         candidates.remove(best[2])
-        cols = [FEATURE_NAMES.index(n) for n in chosen]
-        model = fit_uncertainty(np.concatenate(xs)[:, cols], np.concatenate(ys))
-        per_held = [float(stats.spearmanr(model.log_error(x[:, cols]), y).statistic) for x, y in held]
+        per_held, _ = held_out_spearman(xs, ys, held, chosen)
         print(
             f"{chosen}: LOCO per case {', '.join(f'{v:.2f}' for v in best[3])}; held-out per case "
             f"{', '.join(f'{v:.2f}' for v in per_held)} (min {min(per_held):.2f}, mean {np.mean(per_held):.2f})",
@@ -176,9 +184,7 @@ def select(args: argparse.Namespace) -> None:
         )
     for names in args.compare or ():
         feats = ("bias", *names.split(","))
-        cols = [FEATURE_NAMES.index(n) for n in feats]
-        model = fit_uncertainty(np.concatenate(xs)[:, cols], np.concatenate(ys))
-        per_held = [float(stats.spearmanr(model.log_error(x[:, cols]), y).statistic) for x, y in held]
+        per_held, model = held_out_spearman(xs, ys, held, feats)
         per = loco_spearman(xs, ys, feats)
         print(
             f"{feats}: LOCO {', '.join(f'{v:.2f}' for v in per)}; held-out {', '.join(f'{v:.2f}' for v in per_held)}"
