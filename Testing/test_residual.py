@@ -8,6 +8,7 @@ import torch
 
 from ImplicitKernelRegistrationLib.core.fields import transform_points
 from ImplicitKernelRegistrationLib.core.geometry import mm_to_voxels
+from ImplicitKernelRegistrationLib.registration.adam import Adam
 from ImplicitKernelRegistrationLib.registration.pipeline import RegistrationConfig, register
 from ImplicitKernelRegistrationLib.registration.refine import open_session, session_from_result
 from ImplicitKernelRegistrationLib.registration.residual import (
@@ -105,6 +106,22 @@ def test_sparse_maps_match_grid_sample_and_their_transpose():
     out.sum().backward()
     expected = torch.zeros(7).index_add_(0, columns.reshape(-1), weights.reshape(-1))
     assert torch.allclose(rows.grad, expected[:, None].expand(7, 2), atol=1e-6)
+
+
+def test_adam_steps_equal_torch_optim_adam():
+    target = torch.linspace(-2.0, 3.0, 12).reshape(4, 3)
+    ours = torch.zeros(4, 3, requires_grad=True)
+    theirs = torch.zeros(4, 3, requires_grad=True)
+    optimiser, reference = Adam(ours, lr=0.05), torch.optim.Adam([theirs], lr=0.05)
+    for _ in range(30):
+        for param in (ours, theirs):
+            ((param - target) ** 4).sum().backward()  # a gradient that changes scale along the way
+        optimiser.step()
+        reference.step()
+        reference.zero_grad(set_to_none=True)
+        assert ours.grad is None
+        assert torch.allclose(ours, theirs, atol=1e-6)
+    assert float((ours - target).abs().max()) < float(target.abs().max())  # it moved towards the target
 
 
 def test_sample_points_are_mask_voxels_and_seeded():

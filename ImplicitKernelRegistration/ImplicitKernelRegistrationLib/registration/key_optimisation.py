@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .adam import Adam
 from .dense import DenseModel
 from .features import sample_features
 from .kernel import knn
@@ -124,10 +125,9 @@ def optimise_keys(
         share = torch.full(graph.shape, 1.0 / graph.shape[1], device=graph.device)
         neighbour_mean = sparse_map(graph, share, keys.shape[0])
     change = torch.zeros_like(matched, requires_grad=True)
-    optimiser = torch.optim.Adam([change], lr=settings.learning_rate)
+    optimiser = Adam(change, lr=settings.learning_rate)
     with torch.enable_grad():  # the pipeline runs under no_grad
         for _ in range(settings.iterations):
-            optimiser.zero_grad(set_to_none=True)
             loss = objective(matched + change)
             if smooth:
                 rough = change - apply_map(neighbour_mean, change)

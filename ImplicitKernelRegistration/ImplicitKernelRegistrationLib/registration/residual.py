@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .adam import Adam
 from .features import points_to_grid
 from .kernel import control_axes
 
@@ -296,10 +297,9 @@ def fit_residual(
     if settings.robust > 0:  # Geman-McClure, as the key optimisation
         with torch.no_grad():
             scale2 = robust_scale(squared_residuals(torch.zeros_like(params)), settings.robust)
-    optimiser = torch.optim.Adam([params], lr=settings.learning_rate)
+    optimiser = Adam(params, lr=settings.learning_rate)
     history = []
     for _ in range(settings.iterations):
-        optimiser.zero_grad(set_to_none=True)
         grid = smooth(params)
         r2 = squared_residuals(grid)
         image = geman_mcclure(r2, scale2).mean() if scale2 > 0 else r2.mean()
