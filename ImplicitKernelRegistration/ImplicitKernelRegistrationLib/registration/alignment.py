@@ -24,7 +24,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import SimpleITK as sitk
@@ -44,6 +46,7 @@ N_REFINED_STARTS = 3  # the best starts that are optimised on the search grid
 ITERATIONS = 40
 FINE_ITERATIONS = 80
 _LINEARITY_TOLERANCE_MM = 1e-3
+T = TypeVar("T")
 _MIN_SIZE = 8  # voxels kept along each axis at every level (ITK's smoothing needs 4; a thin slab stays usable)
 
 
@@ -173,13 +176,13 @@ class _Pair:
     moving: sitk.Image
     fixed_mask: sitk.Image
     bins: int
-    samples: int
+    fraction: float  # of the grid sampled by the metric, about the `samples` asked of _pair in the body
 
 
 def _pair(fixed: Image, mask: np.ndarray, moving: Image, bins: int, samples: int) -> _Pair:
     """One level of the pyramid as SimpleITK images."""
     mask_image = Image(mask.astype(np.uint8), fixed.geometry).to_sitk()
-    return _Pair(_to_sitk(fixed), _to_sitk(moving), mask_image, bins, samples)
+    return _Pair(_to_sitk(fixed), _to_sitk(moving), mask_image, bins, _sampling(mask_image, samples))
 
 
 def _sampling(fixed_mask: sitk.Image, samples: int) -> float:
@@ -198,15 +201,26 @@ def _mask_centre(mask: sitk.Image) -> np.ndarray:
     return Geometry.from_sitk(mask).centre_lps()
 
 
-def _method(level: _Pair, iterations: int = 0, learning_rate: float = 4.0) -> sitk.ImageRegistrationMethod:
-    """Mattes MI inside the fixed body; regular-step gradient descent with physical-shift scales."""
+def _method(
+    level: _Pair, iterations: int = 0, learning_rate: float = 4.0, threads: int = 0
+) -> sitk.ImageRegistrationMethod:
+    """Mattes MI inside the fixed body; regular-step gradient descent with physical-shift scales.
+
+    Without iterations (the metric's value only) no gradient images are made: the value is the same,
+    and making them was most of an evaluation's cost on the 3 mm level. `threads` > 0 sets ITK's threads.
+    """
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=level.bins)
     method.SetMetricSamplingStrategy(method.REGULAR)
-    method.SetMetricSamplingPercentage(_sampling(level.fixed_mask, level.samples), seed=1)
+    method.SetMetricSamplingPercentage(level.fraction, seed=1)
     method.SetMetricFixedMask(level.fixed_mask)
     method.SetInterpolator(sitk.sitkLinear)
-    if iterations:
+    if threads > 0:
+        method.SetNumberOfThreads(threads)
+    if not iterations:
+        method.SetMetricUseFixedImageGradientFilter(False)
+        method.SetMetricUseMovingImageGradientFilter(False)
+    else:
         method.SetOptimizerAsRegularStepGradientDescent(
             learningRate=learning_rate,
             minStep=0.02,
@@ -218,9 +232,9 @@ def _method(level: _Pair, iterations: int = 0, learning_rate: float = 4.0) -> si
     return method
 
 
-def _metric(level: _Pair, transform: sitk.Transform) -> float:
+def _metric(level: _Pair, transform: sitk.Transform, threads: int = 0) -> float:
     """Mattes MI (negative: lower is better) of the pair under `transform`, on the fixed body."""
-    method = _method(level)
+    method = _method(level, threads=threads)
     method.SetInitialTransform(transform, inPlace=False)
     try:
         return float(method.MetricEvaluate(level.fixed, level.moving))
@@ -228,16 +242,26 @@ def _metric(level: _Pair, transform: sitk.Transform) -> float:
         return math.inf
 
 
-def _optimise(level: _Pair, transform: sitk.Transform, iterations: int, learning_rate: float) -> float:
+def _optimise(
+    level: _Pair, transform: sitk.Transform, iterations: int, learning_rate: float, threads: int = 0
+) -> float:
     """Optimise `transform` in place on one level; the final metric."""
     start = transform.GetParameters()
-    method = _method(level, iterations, learning_rate)
+    method = _method(level, iterations, learning_rate, threads)
     method.SetInitialTransform(transform, inPlace=True)
     try:
         method.Execute(level.fixed, level.moving)
     except RuntimeError:  # the optimiser left the moving image: keep the start
         transform.SetParameters(start)
-    return _metric(level, transform)
+    return _metric(level, transform, threads)
+
+
+def _in_threads(run: Callable[[T], float], items: list[T]) -> list[float]:
+    """run(item) for each item, in as many threads as ITK would use (each call on one ITK thread; SimpleITK
+    releases the GIL): the search's metric evaluations are small, and one call barely keeps two cores busy."""
+    workers = max(1, min(len(items), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(run, items))
 
 
 def _rigid(centre: np.ndarray, start: Alignment) -> sitk.Euler3DTransform:
@@ -299,16 +323,12 @@ def align(
     # 1. a search over start rotations and shifts along the body's long axis (for cut fields of view)
     extent_z = float(np.ptp(fixed_m.geometry.corners_lps()[:, 2]))
     candidates = [initial] if user_start else _start_candidates(fixed_centre, initial, extent_z)
-    scored = sorted((_metric(search, c.to_sitk()), i) for i, c in enumerate(candidates))
+    values = _in_threads(lambda c: _metric(search, c.to_sitk(), threads=1), candidates)
+    order = sorted(range(len(candidates)), key=lambda i: values[i])
     # 2. rigid from the best few starts on the search grid; the best of them again on the middle grid
-    best: tuple[float, sitk.Euler3DTransform] | None = None
-    for _, i in scored[:N_REFINED_STARTS]:
-        rigid = _rigid(fixed_centre, candidates[i])
-        value = _optimise(search, rigid, ITERATIONS, 4.0)
-        if best is None or value < best[0]:
-            best = (value, rigid)
-    assert best is not None
-    rigid = best[1]
+    starts = [_rigid(fixed_centre, candidates[i]) for i in order[:N_REFINED_STARTS]]
+    refined = _in_threads(lambda rigid: _optimise(search, rigid, ITERATIONS, 4.0, threads=1), starts)
+    rigid = starts[min(range(len(starts)), key=lambda k: refined[k])]
     _optimise(mid, rigid, ITERATIONS, 2.0)
     # 3. the chosen model (rigid or affine) on the fine grid, kept when it improves the metric there
     result, metric_final = Alignment.from_sitk(rigid), _metric(fine, rigid)
