@@ -16,6 +16,7 @@ from ImplicitKernelRegistrationLib.registration.preprocess import (
     body_mask,
     lung_mask,
     make_working_pair,
+    moving_view,
     normalise_ct,
     resample_to,
     to_tensor,
@@ -159,3 +160,26 @@ def test_to_tensor_shape_and_device() -> None:
     t = to_tensor(np.arange(24, dtype=np.int16).reshape(2, 3, 4), torch.device("cpu"))
     assert t.shape == (1, 1, 2, 3, 4) and t.dtype == torch.float32
     assert float(t[0, 0, 1, 2, 3]) == 23.0
+
+
+def test_moving_view_matches_each_voxel_mapped_one_by_one() -> None:
+    working = Geometry((14, 11, 9), (2.0, 2.0, 3.0), (-10.0, 4.0, 2.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    moving = Geometry((12, 13, 8), (2.5, 1.5, 3.0), (-4.0, 0.0, 30.0), (0, 1.0, 0, 1.0, 0, 0, 0, 0, -1.0))
+    turn = sitk.Euler3DTransform((0.0, 10.0, 15.0), 0.1, -0.2, 0.3, (2.0, -3.0, 1.0))
+    margin = 4.0
+    view = moving_view(working, moving, turn, margin)
+    z, y, x = np.meshgrid(*(np.arange(n) for n in working.shape_zyx), indexing="ij")
+    index_xyz = np.stack([x, y, z], axis=-1).reshape(-1, 3).astype(float)
+    mapped = np.array([turn.TransformPoint(p.tolist()) for p in working.index_to_lps(index_xyz)])
+    at = moving.lps_to_index(mapped)
+    size = np.asarray(moving.size)
+    inside = np.all((at >= -0.5) & (at <= size - 0.5), axis=1)
+    well = np.all((at >= margin / np.asarray(moving.spacing_mm) - 0.5), axis=1) & np.all(
+        at <= size - 0.5 - margin / np.asarray(moving.spacing_mm), axis=1
+    )
+    edge = margin / np.asarray(working.spacing_mm)
+    n = np.asarray(working.size)
+    near = np.any(np.minimum(index_xyz, n - 1 - index_xyz) < edge, axis=1)
+    expected = (inside & (well | near)).reshape(working.shape_zyx)
+    assert 0 < expected.sum() < expected.size  # the test cuts through the grid
+    assert np.array_equal(view, expected)

@@ -284,6 +284,9 @@ def _working_mask(
     return torch.from_numpy(np.ascontiguousarray(arr)).to(device)[None, None]
 
 
+_BROADCAST = ((1, 1, -1), (1, -1, 1), (-1, 1, 1))  # x, y, z in a (z, y, x) array
+
+
 def moving_view(working: Geometry, moving: Geometry, transform: sitk.Transform | None, margin_mm: float) -> np.ndarray:
     """Bool (z, y, x) on the working grid: where the moving image (seen through `transform`) has data,
     at least `margin_mm` inside its edge (a cut field of view gives no matches beyond it). Near the
@@ -297,18 +300,18 @@ def moving_view(working: Geometry, moving: Geometry, transform: sitk.Transform |
     margin = margin_mm / np.asarray(moving.spacing_mm)
     lo, hi = margin - 0.5, np.asarray(moving.size) - 0.5 - margin
     edge = margin_mm / np.asarray(working.spacing_mm)
-    nz, ny, nx = working.shape_zyx
-    yy, xx = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
-    in_plane = offset + xx[..., None] * steps[0] + yy[..., None] * steps[1]
-    near_edge_xy = (np.minimum(xx, nx - 1 - xx) < edge[0]) | (np.minimum(yy, ny - 1 - yy) < edge[1])
-    out = np.empty((nz, ny, nx), dtype=bool)
-    for z in range(nz):
-        index = in_plane + z * steps[2]
-        has_data = np.all((index >= -0.5) & (index <= np.asarray(moving.size) - 0.5), axis=-1)
-        well_inside = np.all((index >= lo) & (index <= hi), axis=-1)
-        near_edge = near_edge_xy | (min(z, nz - 1 - z) < edge[2])
-        out[z] = has_data & (well_inside | near_edge)
-    return out
+    size = np.asarray(moving.size)
+    # each axis's index (x, y, z) broadcast to its place in a (z, y, x) array
+    axes = [np.arange(n, dtype=np.float64).reshape(shape) for n, shape in zip(working.size, _BROADCAST, strict=True)]
+    has_data, well_inside = np.ones(working.shape_zyx, dtype=bool), np.ones(working.shape_zyx, dtype=bool)
+    for k in range(3):  # moving axis k: its index is affine in the working index
+        index = offset[k] + axes[0] * steps[0, k] + axes[1] * steps[1, k] + axes[2] * steps[2, k]
+        has_data &= (index >= -0.5) & (index <= size[k] - 0.5)
+        well_inside &= (index >= lo[k]) & (index <= hi[k])
+    near_edge = np.zeros(working.shape_zyx, dtype=bool)
+    for a, n, e in zip(axes, working.size, edge, strict=True):
+        near_edge |= np.minimum(a, n - 1 - a) < e
+    return has_data & (well_inside | near_edge)
 
 
 def make_working_pair(
