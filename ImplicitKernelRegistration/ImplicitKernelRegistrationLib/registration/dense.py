@@ -381,11 +381,18 @@ class DenseModel:
         if self.residual is not None:
             grids.append(torch.einsum("kc,czyx->kzyx", m, self.residual[0]))
         parts = self._planes(grids, box, to_working)
-        slab = max(1, 4_000_000 // max(1, (y1 - y0) * (x1 - x0)))
+        ny, nx = y1 - y0, x1 - x0
+        if not out.displacement_mm.flags.writeable:
+            raise ValueError("the field to write into is read-only")
+        target = torch.from_numpy(out.displacement_mm)  # the field's own memory: written in place
+        slab = max(1, 4_000_000 // max(1, ny * nx))
         for start in range(z0, z1, slab):
             stop = min(z1, start + slab)
-            values = sum(torch.einsum("zc,kcyx->zyxk", wz[start - z0 : stop - z0], plane) for wz, plane in parts)
-            out.displacement_mm[start:stop, y0:y1, x0:x1] = values.cpu().numpy()
+            values = sum(  # (3, z, y * x): a batched matrix product per grid, no permuted copy
+                torch.matmul(wz[start - z0 : stop - z0], plane.flatten(2)) for wz, plane in parts
+            )
+            # one strided copy into the (z, y, x, 3) field (numpy's copy of a permuted view took 0.5 s on the thorax)
+            target[start:stop, y0:y1, x0:x1].copy_(values.reshape(3, stop - start, ny, nx).permute(1, 2, 3, 0))
 
     def _separable_regions_into(self, out: Field, box: Box, to_working: np.ndarray, m: torch.Tensor) -> None:
         """The separable interpolation with regions: each region's control values, each voxel its region's."""
