@@ -78,7 +78,11 @@ class RegistrationConfig(Config):
     lattice_keys: int = 0
     device: str = setting("auto", choices=DEVICES, help="where to compute (auto: CUDA when available)")
     seed: int = setting(0, help="seed of the keypoint sampling and the residual's points")
-    control_step_vox: int = 5
+    # The kernel is evaluated every `control_step_vox` working voxels and interpolated between. 6 (12 mm at 2 mm)
+    # since session 8: on bench's six independent cases and two liver pairs each TRE within 0.006 mm of 5's
+    # (bench/results/accuracy_dev.md, session 8), with 0.58x the control points (the kernel on the control grid
+    # 1.15 -> 0.74 s on the 1.5 mm thorax). A saved session keeps the step it was registered with.
+    control_step_vox: int = 6
     consistency_threshold_vox: float = 1.5
     # Instance optimisation of the key displacements through the kernel against the images, after the last
     # scale (key_optimisation.py); 0 iterations: none. The field stays kernel(keys), so clicks stay exact. On by
