@@ -62,9 +62,9 @@ def sample_field(field: Field, points_lps: np.ndarray) -> np.ndarray:
     size = np.asarray(field.geometry.size, dtype=np.float64)
     inside = np.all((idx >= -0.5) & (idx < size - 0.5), axis=-1)
     out = np.zeros((pts.shape[0], 3), dtype=np.float64)
-    for c in range(3):
+    for c in range(3):  # read in place (no float64 copy of the grid); ndimage interpolates in float64
         out[:, c] = ndimage.map_coordinates(
-            field.displacement_mm[..., c].astype(np.float64), coords, order=1, mode="nearest"
+            field.displacement_mm[..., c], coords, order=1, mode="nearest", output=np.float64
         )
     out[~inside] = 0.0
     return out
