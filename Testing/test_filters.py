@@ -7,7 +7,14 @@ import pytest
 import torch
 from scipy import ndimage
 
-from ImplicitKernelRegistrationLib.core.filters import box_filter, box_filter_, filter_1d, gaussian_smooth, max_filter
+from ImplicitKernelRegistrationLib.core.filters import (
+    box_filter,
+    box_filter_,
+    filter_1d,
+    gaussian_smooth,
+    gaussian_smooth_,
+    max_filter,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +55,16 @@ def test_box_filter_matches_uniform_filter(volume: np.ndarray, radius: int) -> N
     """The cube mean equals scipy's uniform_filter over the spatial axes."""
     expected = ndimage.uniform_filter(volume, size=(1, *(2 * radius + 1,) * 3), mode="nearest")
     np.testing.assert_allclose(_run(box_filter, volume, radius), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("sigma", [1.0, (0.8, 0.0, 1.3), (0.0, 0.0, 0.7)])
+def test_gaussian_smooth_in_place_equals_gaussian_smooth(volume: np.ndarray, sigma) -> None:
+    """The in-place variant gives the same values, written into its input (an odd or even number of passes)."""
+    expected = _run(gaussian_smooth, volume, sigma)
+    tensor = torch.from_numpy(volume.copy())[None]
+    out = gaussian_smooth_(tensor, sigma)
+    assert out is tensor
+    np.testing.assert_array_equal(out[0].numpy(), expected)
 
 
 def test_gaussian_smooth_matches_scipy(volume: np.ndarray) -> None:

@@ -90,6 +90,20 @@ def gaussian_smooth(volume: torch.Tensor, sigma: float | tuple[float, float, flo
     return volume
 
 
+def gaussian_smooth_(volume: torch.Tensor, sigma: float | tuple[float, float, float]) -> torch.Tensor:
+    """`gaussian_smooth` written back into `volume`, through one buffer of its size: the same values, with one new
+    volume in all instead of one per axis (new memory costs the kernel's page zeroing as well as its size)."""
+    sigmas = (sigma,) * 3 if isinstance(sigma, (int, float)) else tuple(sigma)
+    source, target = volume, torch.empty_like(volume)
+    for axis, s in enumerate(sigmas):
+        if s > 0:
+            filter_1d(source, gaussian_weights(float(s)), axis, out=target)
+            source, target = target, source
+    if source is not volume:
+        volume.copy_(source)
+    return volume
+
+
 def max_filter(volume: torch.Tensor, radius: int) -> torch.Tensor:
     """Maximum over a (2r+1)^3 cube around every voxel (separable; voxels outside the volume are ignored).
 

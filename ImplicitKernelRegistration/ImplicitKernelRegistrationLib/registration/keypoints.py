@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..core.filters import binary_erode, filter_1d, gaussian_smooth, max_filter
+from ..core.filters import binary_erode, filter_1d, gaussian_smooth_, max_filter
 
 
 def forstner_distinctiveness(image: torch.Tensor, sigma: float = 1.4) -> torch.Tensor:
@@ -22,8 +22,11 @@ def forstner_distinctiveness(image: torch.Tensor, sigma: float = 1.4) -> torch.T
     img = image.float()
     diff = torch.tensor([1.0, -8.0, 0.0, 8.0, -1.0], dtype=img.dtype, device=img.device) / 12.0
     gz, gy, gx = (filter_1d(img, diff, axis) for axis in range(3))
-    products = torch.cat([gx * gx, gx * gy, gx * gz, gy * gy, gy * gz, gz * gz], dim=1)
-    a, b, c, e, f, i = gaussian_smooth(products, sigma).unbind(dim=1)
+    products = torch.empty((img.shape[0], 6, *img.shape[2:]), dtype=img.dtype, device=img.device)
+    for k, (p, q) in enumerate(((gx, gx), (gx, gy), (gx, gz), (gy, gy), (gy, gz), (gz, gz))):
+        torch.mul(p, q, out=products[:, k : k + 1])
+    del gz, gy, gx
+    a, b, c, e, f, i = gaussian_smooth_(products, sigma).unbind(dim=1)
     cof_a = e * i - f * f
     cof_e = a * i - c * c
     cof_i = a * e - b * b
