@@ -281,25 +281,31 @@ def _write_files(
 ) -> None:
     """Write every output file into an existing folder, each atomically; report.json, then session.json last.
 
-    The NIfTI files are written by two threads (ITK's writers and zlib release the GIL): on 2 cores
+    The large files are written by two threads (ITK's writers, HDF5 and zlib release the GIL): on 2 cores
     this takes about 60 % of the time of one after the other; more threads were no faster there and held
-    every file's buffers at once (+500 MB peak on the 1.5 mm thorax, against +250 MB for two). Each is
-    checked whole. `warped` may be a function that makes the warped image: it then runs in the second
-    thread while the first gzips the field (the slowest file). transform.h5 comes
-    after them: HDF5 can crash the process at exit when its write fails (a full disk), so it is only
-    started once the others are known to be written.
+    every file's buffers at once (+500 MB peak on the 1.5 mm thorax, against +250 MB for two). Each NIfTI
+    file is checked whole. The first thread writes the field: displacement.nii.gz, then transform.h5 (the
+    two largest); the second makes and writes the warped image (`warped` may be a function that makes it),
+    then the expected-error map. transform.h5 is only started once displacement.nii.gz is known to be
+    written whole: HDF5 can crash the process at exit when its own write fails, and a full disk (or a
+    file-size limit) fails the NIfTI file first, half the size.
     """
-    jobs: list[tuple[Callable[..., object], tuple]] = [
-        (_written_whole, (write_field, field, folder / OUTPUT_FILES["displacement"])),
-        (_written_whole, (_write_made, warped, folder / OUTPUT_FILES["warped"])),
-    ]
-    if uncertainty is not None:
-        jobs.append((_written_whole, (write_image, uncertainty, folder / OUTPUT_FILES["uncertainty"])))
+
+    def field_files() -> None:
+        """displacement.nii.gz, checked whole, then transform.h5."""
+        _written_whole(write_field, field, folder / OUTPUT_FILES["displacement"])
+        write_transform(field, folder / OUTPUT_FILES["transform"])
+
+    def image_files() -> None:
+        """warped.nii.gz, then uncertainty.nii.gz when there is a map; each checked whole."""
+        _written_whole(_write_made, warped, folder / OUTPUT_FILES["warped"])
+        if uncertainty is not None:
+            _written_whole(write_image, uncertainty, folder / OUTPUT_FILES["uncertainty"])
+
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [pool.submit(fn, *args) for fn, args in jobs]
+        futures = [pool.submit(field_files), pool.submit(image_files)]
         for future in futures:
             future.result()  # the first failure is raised here, after every thread has ended
-    write_transform(field, folder / OUTPUT_FILES["transform"])
     if residual is not None:
         with atomic_path(folder / RESIDUAL_FILE) as tmp:
             tmp.write_bytes(residual)
