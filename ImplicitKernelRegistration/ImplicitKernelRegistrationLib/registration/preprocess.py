@@ -16,7 +16,7 @@ import torch
 from scipy import ndimage
 
 from ..core.errors import IkrError
-from ..core.filters import binary_open, gaussian_smooth
+from ..core.filters import binary_open, gaussian_smooth_
 from ..core.geometry import Geometry, Image
 
 MIN_SPACING_MM = 0.1
@@ -60,8 +60,9 @@ def _antialias(image: sitk.Image, target_spacing: tuple[float, ...]) -> sitk.Ima
     if max(sigmas_mm) <= 0.0:
         return image
     sigmas_vox_xyz = [m / s for m, s in zip(sigmas_mm, image.GetSpacing(), strict=True)]
+    # GetArrayFromImage returns a copy of its own: smoothed in place (one new volume, not one per axis)
     array = torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32, copy=False))[None, None]
-    smoothed = gaussian_smooth(array, tuple(sigmas_vox_xyz[::-1]))[0, 0].numpy()
+    smoothed = gaussian_smooth_(array, tuple(sigmas_vox_xyz[::-1]))[0, 0].numpy()
     out = sitk.GetImageFromArray(smoothed)
     out.CopyInformation(image)
     return out
