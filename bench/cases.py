@@ -1,10 +1,11 @@
 """The benchmark's cases: seeded deformations of the real CTs by two generators, and the translation check case.
 
-Four sets: `synth` (the project's own generator, `synth.make_case`), `independent` (bench's
+Five sets: `synth` (the project's own generator, `synth.make_case`), `independent` (bench's
 evaluation generator, `eval_generator.make_eval_case`: stationary velocity fields, never used in
 training) and `clinical` (`clinical_cases.make_clinical_case`: the independent generator's
 deformation plus repositioning, own moving grid, field-of-view cut, contrast change, ablation) and
-`sliding` (the evaluation generator's kind "sliding" on the thorax: lungs sliding along the chest wall).
+`sliding` (the evaluation generator's kind "sliding" on the thorax: lungs sliding along the chest wall), and
+`clean` (the independent generator on other seeds without its intensity model: no noise, gamma or bias).
 Cases are written once under bench/work/cases/<name>/ (synth.write_case layout) and read back.
 """
 
@@ -73,12 +74,16 @@ class EvalSpec:
     kind: str
     seed: int = 0
     clinical: Clinical | None = None
+    clean: bool = False  # no intensity model: no gamma change, bias field or noise (the 'clean' set)
 
     @property
     def name(self) -> str:
-        """'ev-abdomen-random-s0', or 'cl-abdomen-breathing-s0-r20-t60-fov60-2x2x5-contrast' for a clinical case."""
+        """'ev-abdomen-random-s0', 'ev-abdomen-random-s1-clean' (the clean set), or
+        'cl-abdomen-breathing-s0-r20-t60-fov60-2x2x5-contrast' for a clinical case."""
         base = f"{self.ct.split('_')[0]}-{self.kind}-s{self.seed}"
-        return f"ev-{base}" if self.clinical is None else f"cl-{base}-{self.clinical.label()}"
+        if self.clinical is not None:
+            return f"cl-{base}-{self.clinical.label()}"
+        return f"ev-{base}-clean" if self.clean else f"ev-{base}"
 
     @property
     def unseen(self) -> str:
@@ -87,9 +92,11 @@ class EvalSpec:
 
     @property
     def set(self) -> str:
-        """The case set: 'independent', 'sliding' (the independent generator's sliding kind) or 'clinical'."""
+        """The case set: 'independent', 'sliding' (the independent generator's sliding kind), 'clean' or 'clinical'."""
         if self.clinical is not None:
             return "clinical"
+        if self.clean:
+            return "clean"
         return "sliding" if self.kind == "sliding" else "independent"
 
     def build(self, data_dir: Path, work_dir: Path) -> Path:
@@ -98,7 +105,7 @@ class EvalSpec:
         if not (folder / "case.json").exists():
             ct = read_image(data_dir / "ct" / self.ct)
             if self.clinical is None:
-                case = make_eval_case(ct, self.kind, self.seed)
+                case = make_eval_case(ct, self.kind, self.seed, intensity=not self.clean)
             else:
                 case = make_clinical_case(ct, self.kind, self.seed, self.clinical)
             write_eval_case(case, folder)
@@ -139,6 +146,21 @@ CLINICAL_CASES = (
 )
 QUICK_CLINICAL_CASES = CLINICAL_CASES[3:5]
 
+# The independent generator's kinds on other seeds with identical intensities and no noise: a registration's
+# floor where the images differ by the deformation alone (what the noise of the 'independent' set hides).
+CLEAN_CASES = tuple(
+    EvalSpec(ct, kind, 1, clean=True)
+    for ct, kind in (
+        (ABDOMEN, "breathing"),
+        (ABDOMEN, "random"),
+        (ABDOMEN, "local"),
+        (THORAX, "breathing"),
+        (LIVER, "mixed"),
+        (LIVER, "local"),
+    )
+)
+QUICK_CLEAN_CASES = CLEAN_CASES[4:]
+
 # Lungs sliding along the chest wall (eval_generator kind "sliding"; needs lungs in view: the thorax).
 SLIDING_CASES = (EvalSpec(THORAX, "sliding", 0), EvalSpec(THORAX, "sliding", 1))
 QUICK_SLIDING_CASES = SLIDING_CASES[:1]
@@ -148,12 +170,14 @@ CASE_SETS = {
     "independent": INDEPENDENT_CASES,
     "clinical": CLINICAL_CASES,
     "sliding": SLIDING_CASES,
+    "clean": CLEAN_CASES,
 }
 QUICK_SETS = {
     "synth": QUICK_CASES,
     "independent": QUICK_INDEPENDENT_CASES,
     "clinical": QUICK_CLINICAL_CASES,
     "sliding": QUICK_SLIDING_CASES,
+    "clean": QUICK_CLEAN_CASES,
 }
 
 

@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["synth"],
         choices=tuple(CASE_SETS),
         dest="sets",
-        help="case sets: synth (the project's generator), independent (bench's SVF generator), clinical, sliding",
+        help="case sets: synth (the project's generator), independent (bench's SVF generator), clinical, sliding,"
+        " clean (the SVF generator without noise or intensity change)",
     )
     parser.add_argument(
         "--device", default="cpu", choices=("cpu", "cuda", "auto"), help="for this project and ConvexAdam"
@@ -247,7 +248,9 @@ def markdown(results: dict) -> str:
         " generator plus repositioning, the moving scan's own grid, a field-of-view cut, a contrast"
         " change and an ablation-like region (`bench/clinical_cases.py`). 'sliding': the evaluation generator's"
         " kind 'sliding' (lungs move inferiorly and slide along the chest wall and mediastinum, which stay"
-        " nearly still; 'TRE pleura': the landmarks 2-12 mm from the lungs' boundary, both sides)."
+        " nearly still; 'TRE pleura': the landmarks 2-12 mm from the lungs' boundary, both sides). 'clean': the"
+        " evaluation generator's kinds on seed 1 with no intensity model (no noise, gamma or bias): where the"
+        " images differ by the deformation alone."
         " 'verdict': ikr's own quality verdict of its run (review/quality.py, as `ikr register` reports"
         " it; '—' for the peers). TRE at the case's landmarks (mm);"
         " SDlogJ (std of log J over J > 0) and folding (% of J <= 0) inside the fixed image's body"
