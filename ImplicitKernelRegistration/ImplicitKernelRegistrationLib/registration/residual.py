@@ -36,7 +36,7 @@ class ResidualSettings:
     iterations: int = 20
     step_vox: int = 3
     learning_rate: float = 0.045
-    smoothness: float = 0.5
+    smoothness: float = 0.2
     points: int = 131072
     robust: float = 2.0
 
