@@ -64,7 +64,8 @@ def test_closed_form_jacobian_equals_numpy_det(geometry: Geometry) -> None:
     got = jacobian_determinant(field, slab=7)  # slabs that do not divide the grid, halos included
     assert got.dtype == np.float32
     assert np.min(expected) < 0 < np.max(expected)  # folds and non-folds both tested
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # float32 arithmetic (the field's own type): within 1e-5 where these random fields' gradients reach several units
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_float_nifti_gz_holds_itks_own_bytes_and_reads_back(tmp_path: Path) -> None:
