@@ -8,7 +8,15 @@ import numpy as np
 
 from ImplicitKernelRegistrationLib.cli import EXIT_QUALITY, main
 from ImplicitKernelRegistrationLib.core.correspondences import Correspondences
-from ImplicitKernelRegistrationLib.review.quality import QUALITY_THRESHOLDS, coherent_fraction, verdict
+from ImplicitKernelRegistrationLib.core.fields import Field
+from ImplicitKernelRegistrationLib.core.geometry import Geometry, Image
+from ImplicitKernelRegistrationLib.registration.preprocess import block_average, block_factors
+from ImplicitKernelRegistrationLib.review.quality import (
+    QUALITY_THRESHOLDS,
+    _block_average_field,
+    coherent_fraction,
+    verdict,
+)
 
 
 def test_verdict_follows_the_thresholds():
@@ -22,6 +30,20 @@ def test_verdict_follows_the_thresholds():
     first, second = list(QUALITY_THRESHOLDS)[:2]
     two = {name: (d + f) / 2 for name, (d, f) in QUALITY_THRESHOLDS.items() if name in (first, second)}
     assert verdict({**good, **two})["verdict"] == "failed"  # two doubtful signs at once
+
+
+def test_block_averaged_field_is_the_mean_of_each_block_on_block_averages_grid():
+    geometry = Geometry((23, 17, 11), (1.5, 1.0, 2.5), (4.0, -3.0, 9.0))  # sizes the blocks do not divide
+    d = np.random.default_rng(1).normal(scale=5.0, size=(*geometry.shape_zyx, 3)).astype(np.float32)
+    factors = block_factors(geometry, 4.0)
+    grid = block_average(Image(d[..., 0], geometry), 4.0).geometry  # the grid the verdict compares on
+    fx, fy, fz = factors
+    nx, ny, nz = grid.size
+    blocks = d[: nz * fz, : ny * fy, : nx * fx].reshape(nz, fz, ny, fy, nx, fx, 3)
+    expected = blocks.mean(axis=(1, 3, 5), dtype=np.float64)
+    got = _block_average_field(Field(d, geometry), factors, grid)
+    assert got.geometry == grid and got.displacement_mm.dtype == np.float32
+    np.testing.assert_allclose(got.displacement_mm, expected, atol=1e-5)
 
 
 def test_keys_that_move_unlike_their_neighbours_are_counted():
