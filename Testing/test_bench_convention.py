@@ -95,3 +95,27 @@ def test_tables_show_ikr_verdict_and_pleura_tre() -> None:
     greedy_line = next(line for line in table.splitlines() if "| greedy |" in line)
     assert "| 1.23 |" in ikr_line and "| doubtful |" in ikr_line
     assert "| 2.34 |" in greedy_line and "| — |" in greedy_line
+
+
+def test_case_sets_have_distinct_names_and_the_clean_set_is_named_and_seeded_apart() -> None:
+    from cases import CASE_SETS, CLEAN_CASES, INDEPENDENT_CASES, QUICK_SETS
+
+    names = [spec.name for specs in CASE_SETS.values() for spec in specs]
+    assert len(names) == len(set(names))  # one folder per case under bench/work/cases
+    assert set(QUICK_SETS) == set(CASE_SETS)
+    assert {(s.ct, s.kind) for s in CLEAN_CASES} == {(s.ct, s.kind) for s in INDEPENDENT_CASES}
+    for spec in CLEAN_CASES:
+        assert spec.clean and spec.set == "clean" and spec.name.endswith(f"-s{spec.seed}-clean")
+        assert spec.seed not in {s.seed for s in INDEPENDENT_CASES}  # other deformations, not the same ones
+
+
+def test_a_clean_case_keeps_the_ct_as_its_fixed_image_and_has_no_intensity_model(tmp_path: Path) -> None:
+    from cases import CLEAN_CASES, LIVER, load_case
+
+    ct_path = shared_path("ct", LIVER)
+    spec = next(s for s in CLEAN_CASES if s.ct == LIVER and s.kind == "local")
+    case = load_case(spec.build(ct_path.parents[1], tmp_path))
+    ct = read_image(ct_path)
+    np.testing.assert_array_equal(case.fixed.array, ct.array.astype(case.fixed.array.dtype))  # no noise added
+    assert case.params["intensity_params"] == {}
+    assert len(case.landmarks_fixed_lps) > 0
