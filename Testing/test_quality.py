@@ -41,7 +41,7 @@ def test_block_averaged_field_is_the_mean_of_each_block_on_block_averages_grid()
     nx, ny, nz = grid.size
     blocks = d[: nz * fz, : ny * fy, : nx * fx].reshape(nz, fz, ny, fy, nx, fx, 3)
     expected = blocks.mean(axis=(1, 3, 5), dtype=np.float64)
-    got = _block_average_field(Field(d, geometry), factors, grid)
+    got = _block_average_field(Field(d, geometry), factors)
     assert got.geometry == grid and got.displacement_mm.dtype == np.float32
     np.testing.assert_allclose(got.displacement_mm, expected, atol=1e-5)
 

